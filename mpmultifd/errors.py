@@ -1,0 +1,127 @@
+"""The error tree of mpmultifd.
+
+Everything the library raises on purpose derives from :class:`MigrationError`,
+so an agent can catch one name. The branches say who is at fault:
+
+- :class:`ConfigError`: the caller asked for something invalid; raised before
+  any byte moves.
+- :class:`ProtocolError`: bytes that break the wire protocol.
+  :class:`LocalProtocolError` means we were about to send them,
+  :class:`RemoteProtocolError` means the peer sent them (``field`` names the
+  offending field).
+- :class:`ChannelError`: a connection ended. :class:`ChannelClosed` is an
+  orderly end at the wrong moment, :class:`ChannelBroken` a reset, timeout or
+  dead peer, with the cause chained.
+- :class:`AuthenticationError`: a peer failed to prove it belongs to the session.
+- :class:`VerificationError`: the destination's bytes differ from the source's.
+- :class:`MigrationCancelled`: someone called ``cancel()``.
+- :class:`RingError`: a shared-memory ring was closed or timed out.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "MigrationError",
+    "ConfigError",
+    "ProtocolError",
+    "LocalProtocolError",
+    "RemoteProtocolError",
+    "ChannelError",
+    "ChannelClosed",
+    "ChannelBroken",
+    "AuthenticationError",
+    "VerificationError",
+    "MigrationCancelled",
+    "RingError",
+    "RingClosed",
+    "RingTimeout",
+    "WorkerDied",
+]
+
+
+class MigrationError(Exception):
+    """Base class of every error mpmultifd raises on purpose.
+
+    ``channel`` is the data channel index the error belongs to, or ``None``
+    for the control channel and the coordinators.
+    """
+
+    def __init__(self, message: str, *, channel: int | None = None) -> None:
+        super().__init__(message)
+        self.channel = channel
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        if self.channel is not None:
+            return f"channel {self.channel}: {text}"
+        return text
+
+
+class ConfigError(MigrationError, ValueError):
+    """An invalid configuration or argument, rejected before any byte moves."""
+
+
+class ProtocolError(MigrationError):
+    """Bytes that violate the wire protocol.
+
+    ``field`` names the header or message field that was wrong, when one was.
+    """
+
+    def __init__(self, message: str, *, field: str | None = None, channel: int | None = None) -> None:
+        super().__init__(message, channel=channel)
+        self.field = field
+
+
+class LocalProtocolError(ProtocolError):
+    """We were asked to encode something the protocol cannot carry."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent bytes that fail validation."""
+
+
+class ChannelError(MigrationError):
+    """A control or data connection ended."""
+
+
+class ChannelClosed(ChannelError):
+    """The peer closed the connection in an orderly way, but at the wrong moment."""
+
+
+class ChannelBroken(ChannelError):
+    """The connection was reset, timed out, or its process died; the cause is chained."""
+
+
+class AuthenticationError(MigrationError):
+    """A connection failed to prove it belongs to the session."""
+
+
+class VerificationError(MigrationError):
+    """The destination's RAM differs from the source's at switchover.
+
+    ``mismatches`` maps block names to the first differing page indices.
+    """
+
+    def __init__(self, message: str, *, mismatches: dict[str, list[int]] | None = None) -> None:
+        super().__init__(message)
+        self.mismatches = mismatches or {}
+
+
+class MigrationCancelled(MigrationError):
+    """The migration was cancelled by ``cancel()``."""
+
+
+class WorkerDied(ChannelBroken):
+    """A channel worker process ended without saying why (killed or crashed)."""
+
+
+class RingError(MigrationError):
+    """A shared-memory ring could not be used."""
+
+
+class RingClosed(RingError):
+    """The other end closed the ring."""
+
+
+class RingTimeout(RingError, TimeoutError):
+    """A ring operation did not complete within its timeout."""

@@ -1,0 +1,778 @@
+"""The mpmultifd wire format: a pure codec, bytes in and typed messages out.
+
+Nothing here touches a socket, a process or a clock. Workers and coordinators
+drive it; tests feed it bytes. Every field that arrives from the network is
+checked before use, and a violation raises :class:`RemoteProtocolError` whose
+``field`` names what was wrong (DESIGN.md invariant 5). ``docs/protocol.md`` is
+the specification, with byte-level test vectors that the tests check.
+
+All integers are big-endian. Three kinds of bytes travel:
+
+- a fixed 32-byte **hello** opens every connection (control and data);
+- a data channel then carries **data packets**: a fixed-size header (32 bytes
+  plus 8 bytes per page slot) followed by ``payload_len`` payload bytes;
+- the control channel carries **framed messages**: a 12-byte frame header and
+  a body whose shape depends on the message type.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import numpy as np
+
+from .errors import LocalProtocolError, RemoteProtocolError
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "HELLO_MAGIC",
+    "DATA_MAGIC",
+    "CONTROL_MAGIC",
+    "HELLO_SIZE",
+    "CONTROL_CHANNEL",
+    "KIND_CONTROL",
+    "KIND_DATA",
+    "MAX_CHANNELS",
+    "MAX_PACKET_PAGES",
+    "FLAG_SYNC",
+    "FLAG_EOS",
+    "ENCODING_RAW",
+    "Hello",
+    "encode_hello",
+    "decode_hello",
+    "data_header_size",
+    "DataHeader",
+    "DataHeaderEncoder",
+    "DataHeaderDecoder",
+    "ChannelState",
+    "BlockSpec",
+    "Config",
+    "ConfigAck",
+    "RoundEnd",
+    "Complete",
+    "Verify",
+    "Result",
+    "ErrorMessage",
+    "RoundAck",
+    "Cancel",
+    "ControlMessage",
+    "encode_control",
+    "ControlDecoder",
+    "MAX_CONTROL_BODY",
+]
+
+PROTOCOL_VERSION = 1
+HELLO_MAGIC = 0x4D504D48  # "MPMH"
+DATA_MAGIC = 0x4D504D44  # "MPMD"
+CONTROL_MAGIC = 0x4D504D43  # "MPMC"
+
+KIND_CONTROL = 0
+KIND_DATA = 1
+CONTROL_CHANNEL = 0xFFFF
+MAX_CHANNELS = 256
+# one header IOV plus one per page must fit IOV_MAX (1024) when no page is coalesced
+MAX_PACKET_PAGES = 1023
+MAX_BLOCKS = 1024
+MAX_BLOCK_NAME = 255
+MAX_BLOCK_SIZE = 1 << 52
+
+FLAG_SYNC = 0x0001
+FLAG_EOS = 0x0002
+_KNOWN_FLAGS = FLAG_SYNC | FLAG_EOS
+
+ENCODING_RAW = 0
+MAX_ENCODING = 255
+
+
+def _fail(field_name: str, message: str) -> RemoteProtocolError:
+    return RemoteProtocolError(f"{field_name}: {message}", field=field_name)
+
+
+# --------------------------------------------------------------------------- hello
+
+_HELLO = struct.Struct(">IHBB16sHHI")
+HELLO_SIZE = _HELLO.size  # 32
+
+
+@dataclass(frozen=True)
+class Hello:
+    """The first bytes on every connection.
+
+    ``channel`` is the data channel index, or :data:`CONTROL_CHANNEL` on the
+    control connection; ``nchannels`` is the number of data channels.
+    """
+
+    kind: int
+    session_id: bytes
+    channel: int
+    nchannels: int
+    flags: int = 0
+
+
+def encode_hello(hello: Hello) -> bytes:
+    """Encode a hello; raises :class:`LocalProtocolError` for values the format cannot carry."""
+    if hello.kind not in (KIND_CONTROL, KIND_DATA):
+        raise LocalProtocolError(f"kind: unknown connection kind {hello.kind}", field="kind")
+    if len(hello.session_id) != 16:
+        raise LocalProtocolError("session_id: must be 16 bytes", field="session_id")
+    if not 1 <= hello.nchannels <= MAX_CHANNELS:
+        raise LocalProtocolError(f"nchannels: {hello.nchannels} not in 1..{MAX_CHANNELS}", field="nchannels")
+    if hello.kind == KIND_CONTROL and hello.channel != CONTROL_CHANNEL:
+        raise LocalProtocolError("channel: a control hello carries channel 0xFFFF", field="channel")
+    if hello.kind == KIND_DATA and not 0 <= hello.channel < hello.nchannels:
+        raise LocalProtocolError(f"channel: {hello.channel} not below nchannels {hello.nchannels}", field="channel")
+    if not 0 <= hello.flags <= 0xFF:
+        raise LocalProtocolError("flags: must fit one byte", field="flags")
+    return _HELLO.pack(
+        HELLO_MAGIC, PROTOCOL_VERSION, hello.kind, hello.flags, hello.session_id, hello.channel, hello.nchannels, 0
+    )
+
+
+def decode_hello(
+    data: bytes | bytearray | memoryview,
+    *,
+    session_id: bytes | None = None,
+    nchannels: int | None = None,
+) -> Hello:
+    """Decode and validate a hello.
+
+    With ``session_id`` and ``nchannels`` given (the destination knows both once
+    the control connection is set up), the hello must match them.
+    """
+    if len(data) != HELLO_SIZE:
+        raise _fail("hello", f"expected {HELLO_SIZE} bytes, got {len(data)}")
+    magic, version, kind, flags, sid, channel, nch, reserved = _HELLO.unpack(data)
+    if magic != HELLO_MAGIC:
+        raise _fail("magic", f"0x{magic:08x} is not the hello magic 0x{HELLO_MAGIC:08x}")
+    if version != PROTOCOL_VERSION:
+        raise _fail("version", f"protocol version {version} is not supported (this end speaks {PROTOCOL_VERSION})")
+    if kind not in (KIND_CONTROL, KIND_DATA):
+        raise _fail("kind", f"unknown connection kind {kind}")
+    if flags != 0:
+        raise _fail("flags", f"unknown hello flags 0x{flags:02x}")
+    if reserved != 0:
+        raise _fail("reserved", "reserved hello bytes must be zero")
+    if not 1 <= nch <= MAX_CHANNELS:
+        raise _fail("nchannels", f"{nch} not in 1..{MAX_CHANNELS}")
+    if nchannels is not None and nch != nchannels:
+        raise _fail("nchannels", f"{nch} does not match the session's {nchannels} channels")
+    if kind == KIND_CONTROL:
+        if channel != CONTROL_CHANNEL:
+            raise _fail("channel", f"a control hello must carry 0xFFFF, got {channel}")
+    elif channel >= nch:
+        # QEMU checks "id > channels"; an id equal to the count is one past the end.
+        raise _fail("channel", f"channel id {channel} is not below the channel count {nch}")
+    if session_id is not None and sid != session_id:
+        raise _fail("session_id", f"session {sid.hex()} is not this session")
+    return Hello(kind=kind, session_id=bytes(sid), channel=channel, nchannels=nch, flags=flags)
+
+
+# --------------------------------------------------------------------------- data packets
+
+_DATA_FIXED = struct.Struct(">IHBBHHHHIIQ")
+DATA_FIXED_SIZE = _DATA_FIXED.size  # 32
+
+
+def data_header_size(packet_pages: int) -> int:
+    """Size of a data packet header with ``packet_pages`` page slots."""
+    return DATA_FIXED_SIZE + 8 * packet_pages
+
+
+@dataclass(frozen=True, eq=False)
+class DataHeader:
+    """A decoded data packet header.
+
+    ``offsets`` holds the ``normal`` data pages' byte offsets first (in payload
+    order), then the ``zero`` zero pages' offsets. It is a view into the buffer
+    the header was decoded from: copy it if the buffer will be reused.
+    """
+
+    flags: int
+    encoding: int
+    block: int
+    round: int
+    packet_num: int
+    normal: int
+    zero: int
+    payload_len: int
+    offsets: np.ndarray
+
+    @property
+    def is_sync(self) -> bool:
+        return bool(self.flags & FLAG_SYNC)
+
+    @property
+    def is_eos(self) -> bool:
+        return bool(self.flags & FLAG_EOS)
+
+    @property
+    def normal_offsets(self) -> np.ndarray:
+        return self.offsets[: self.normal]
+
+    @property
+    def zero_offsets(self) -> np.ndarray:
+        return self.offsets[self.normal : self.normal + self.zero]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, DataHeader):
+            return NotImplemented
+        return (
+            self.flags,
+            self.encoding,
+            self.block,
+            self.round,
+            self.packet_num,
+            self.normal,
+            self.zero,
+            self.payload_len,
+        ) == (
+            other.flags,
+            other.encoding,
+            other.block,
+            other.round,
+            other.packet_num,
+            other.normal,
+            other.zero,
+            other.payload_len,
+        ) and np.array_equal(self.offsets, other.offsets)
+
+
+class DataHeaderEncoder:
+    """Encodes data packet headers into a reusable buffer.
+
+    ``encode`` returns a memoryview of the encoder's own buffer, valid until the
+    next call: a sender that must keep several headers alive (zero-copy sends)
+    uses several encoders.
+    """
+
+    def __init__(self, packet_pages: int) -> None:
+        if not 1 <= packet_pages <= MAX_PACKET_PAGES:
+            raise LocalProtocolError(f"packet_pages: {packet_pages} not in 1..{MAX_PACKET_PAGES}", field="packet_pages")
+        self.packet_pages = packet_pages
+        self.size = data_header_size(packet_pages)
+        self._buf = bytearray(self.size)
+        self._offsets = np.frombuffer(self._buf, dtype=">u8", offset=DATA_FIXED_SIZE)
+        self._view = memoryview(self._buf)
+
+    def encode(
+        self,
+        *,
+        flags: int = 0,
+        encoding: int = ENCODING_RAW,
+        block: int = 0,
+        round: int = 0,
+        packet_num: int = 0,
+        normal_offsets: np.ndarray | None = None,
+        zero_offsets: np.ndarray | None = None,
+        payload_len: int = 0,
+    ) -> memoryview:
+        normal = 0 if normal_offsets is None else len(normal_offsets)
+        zero = 0 if zero_offsets is None else len(zero_offsets)
+        if normal + zero > self.packet_pages:
+            raise LocalProtocolError(
+                f"count: {normal} + {zero} pages exceed the packet's {self.packet_pages} slots", field="count"
+            )
+        if flags & ~_KNOWN_FLAGS:
+            raise LocalProtocolError(f"flags: unknown bits 0x{flags:04x}", field="flags")
+        if not 0 <= encoding <= MAX_ENCODING:
+            raise LocalProtocolError(f"encoding: {encoding} does not fit a byte", field="encoding")
+        if not 0 <= block <= 0xFFFF or not 0 <= round <= 0xFFFFFFFF or not 0 <= payload_len <= 0xFFFFFFFF:
+            raise LocalProtocolError("block, round or payload_len out of range", field="header")
+        _DATA_FIXED.pack_into(
+            self._buf, 0, DATA_MAGIC, flags, encoding, 0, block, normal, zero, 0, round, payload_len, packet_num
+        )
+        offs = self._offsets
+        if normal:
+            offs[:normal] = normal_offsets
+        if zero:
+            offs[normal : normal + zero] = zero_offsets
+        if normal + zero < self.packet_pages:
+            offs[normal + zero :] = 0
+        return self._view
+
+
+class DataHeaderDecoder:
+    """Stateless validation of one data packet header against the session's layout.
+
+    ``block_sizes`` are the sizes in bytes of the session's blocks, in order;
+    ``max_payload`` bounds ``payload_len`` for encoded (compressed) packets;
+    ``encodings`` is the set of encodings the session's method may use.
+    """
+
+    def __init__(
+        self,
+        *,
+        packet_pages: int,
+        page_size: int,
+        block_sizes: list[int] | tuple[int, ...],
+        encodings: frozenset[int] | set[int] = frozenset({ENCODING_RAW}),
+        max_payload: int | None = None,
+    ) -> None:
+        self.packet_pages = packet_pages
+        self.page_size = page_size
+        self.size = data_header_size(packet_pages)
+        self.block_sizes = tuple(int(s) for s in block_sizes)
+        self.encodings = frozenset(encodings)
+        self.max_payload = packet_pages * page_size if max_payload is None else max_payload
+
+    def decode(self, data: bytes | bytearray | memoryview) -> DataHeader:
+        if len(data) != self.size:
+            raise _fail("header", f"expected {self.size} bytes, got {len(data)}")
+        (magic, flags, encoding, reserved1, block, normal, zero, reserved2, rnd, payload_len, packet_num) = (
+            _DATA_FIXED.unpack_from(data, 0)
+        )
+        if magic != DATA_MAGIC:
+            raise _fail("magic", f"0x{magic:08x} is not the data packet magic 0x{DATA_MAGIC:08x}")
+        if flags & ~_KNOWN_FLAGS:
+            raise _fail("flags", f"unknown flag bits 0x{flags & ~_KNOWN_FLAGS:04x}")
+        if reserved1 or reserved2:
+            raise _fail("reserved", "reserved header fields must be zero")
+        if encoding not in self.encodings:
+            raise _fail("encoding", f"encoding {encoding} is not one this session's method uses")
+        count = normal + zero
+        if count > self.packet_pages:
+            raise _fail("count", f"{normal} normal + {zero} zero pages exceed the {self.packet_pages} slots")
+        offsets = np.frombuffer(data, dtype=">u8", count=self.packet_pages, offset=DATA_FIXED_SIZE)
+        if flags:
+            # SYNC and EOS packets are markers: no pages, no payload
+            if count or payload_len or block or encoding:
+                raise _fail("flags", "a SYNC/EOS packet must carry no pages, payload, block or encoding")
+            if offsets.any():
+                raise _fail("offsets", "a SYNC/EOS packet must carry zero offsets")
+            return DataHeader(flags, encoding, block, rnd, packet_num, 0, 0, 0, offsets[:0])
+        if count == 0:
+            raise _fail("count", "a data packet must carry at least one page")
+        if block >= len(self.block_sizes):
+            raise _fail("block", f"block {block} does not exist (the session has {len(self.block_sizes)})")
+        used = offsets[:count]
+        if (used % self.page_size).any():
+            bad = int(used[(used % self.page_size) != 0][0])
+            raise _fail("offsets", f"offset {bad} is not aligned to the page size {self.page_size}")
+        limit = self.block_sizes[block] - self.page_size
+        if (used > limit).any():
+            bad = int(used[used > limit][0])
+            raise _fail("offsets", f"offset {bad} is outside block {block} ({self.block_sizes[block]} bytes)")
+        if count < self.packet_pages and offsets[count:].any():
+            raise _fail("offsets", "unused offset slots must be zero")
+        if np.unique(used).size != count:
+            raise _fail("offsets", "a page appears twice in one packet")
+        raw_len = normal * self.page_size
+        if encoding == ENCODING_RAW:
+            if payload_len != raw_len:
+                raise _fail("payload_len", f"{payload_len} bytes for {normal} raw pages of {self.page_size} bytes")
+        elif normal == 0:
+            if payload_len:
+                raise _fail("payload_len", "an encoded packet without normal pages must carry no payload")
+        elif payload_len == 0 or payload_len > self.max_payload:
+            raise _fail("payload_len", f"{payload_len} bytes is not in 1..{self.max_payload}")
+        return DataHeader(flags, encoding, block, rnd, packet_num, normal, zero, payload_len, used)
+
+
+class ChannelState:
+    """The per-channel ordering rules a receiver enforces (sans-IO).
+
+    Rounds start at 0. Within a round, data packets carry the current round and
+    strictly increasing packet numbers; a SYNC ends the round (the receiver then
+    parks until every channel reached it, and calls :meth:`next_round`); an EOS
+    ends the stream, after which nothing may arrive.
+    """
+
+    def __init__(self) -> None:
+        self.round = 0
+        self.last_packet = -1
+        self.packets_in_round = 0
+        self.at_sync = False
+        self.finished = False
+
+    def check(self, header: DataHeader) -> None:
+        """Validate ordering; raises :class:`RemoteProtocolError` naming ``round`` or ``packet_num``."""
+        if self.finished:
+            raise _fail("flags", "packet after end of stream")
+        if self.at_sync:
+            raise _fail("flags", "packet while parked at a SYNC")
+        if header.round != self.round:
+            raise _fail("round", f"round {header.round} where round {self.round} was expected")
+        if header.packet_num <= self.last_packet:
+            raise _fail("packet_num", f"packet {header.packet_num} is not after packet {self.last_packet}")
+        self.last_packet = header.packet_num
+        if header.is_eos:
+            self.finished = True
+        elif header.is_sync:
+            self.at_sync = True
+        else:
+            self.packets_in_round += 1
+
+    def next_round(self) -> None:
+        """Leave a SYNC: every channel reached it."""
+        if not self.at_sync:
+            raise LocalProtocolError("next_round outside a SYNC", field="round")
+        self.at_sync = False
+        self.round += 1
+        self.packets_in_round = 0
+
+
+# --------------------------------------------------------------------------- control messages
+
+_FRAME = struct.Struct(">IBBHI")
+FRAME_SIZE = _FRAME.size  # 12
+MAX_CONTROL_BODY = 1 << 28
+
+T_CONFIG = 1
+T_CONFIG_ACK = 2
+T_ROUND_END = 3
+T_COMPLETE = 4
+T_VERIFY = 5
+T_RESULT = 6
+T_ERROR = 7
+T_ROUND_ACK = 8
+T_CANCEL = 9
+
+_ZERO_PAGE_MODES = ("multifd", "none")
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    name: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Config:
+    """Source → destination, first message: what is about to be migrated and how."""
+
+    session_id: bytes
+    page_size: int
+    channels: int
+    packet_pages: int
+    blocks: tuple[BlockSpec, ...]
+    method: str = "none"
+    method_options: dict[str, Any] = field(default_factory=dict)
+    zero_page: str = "multifd"
+    verify: bool = True
+
+
+@dataclass(frozen=True)
+class ConfigAck:
+    """Destination → source: the configuration is accepted; data channels may connect."""
+
+
+@dataclass(frozen=True)
+class RoundEnd:
+    """Source → destination: round ``round`` ended; ``packets[i]`` data packets went on channel i."""
+
+    round: int
+    packets: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Complete:
+    """Source → destination: ``round`` was the final round; every channel then sent EOS."""
+
+    round: int
+    packets: tuple[int, ...]
+
+
+@dataclass(frozen=True, eq=False)
+class Verify:
+    """Source → destination: per-page fingerprints of one block at switchover."""
+
+    block: int
+    fingerprints: np.ndarray
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Verify):
+            return NotImplemented
+        return self.block == other.block and np.array_equal(self.fingerprints, other.fingerprints)
+
+
+@dataclass(frozen=True)
+class Result:
+    """Destination → source, last message: did the region arrive intact."""
+
+    ok: bool
+    verified: bool | None = None
+    error: str | None = None
+    mismatches: dict[str, list[int]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ErrorMessage:
+    """Either direction: the sender failed; ``code`` is a short machine word."""
+
+    code: str
+    message: str
+    channel: int | None = None
+
+
+@dataclass(frozen=True)
+class RoundAck:
+    """Destination → source: every channel passed the SYNC of ``round``."""
+
+    round: int
+
+
+@dataclass(frozen=True)
+class Cancel:
+    """Source → destination: the source cancelled; release everything."""
+
+
+ControlMessage = Union[Config, ConfigAck, RoundEnd, Complete, Verify, Result, ErrorMessage, RoundAck, Cancel]
+
+_ROUND = struct.Struct(">IHH")
+_VERIFY = struct.Struct(">HHI")
+_ACK = struct.Struct(">I")
+
+
+def _json(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _frame(mtype: int, body: bytes) -> bytes:
+    return _FRAME.pack(CONTROL_MAGIC, mtype, 0, 0, len(body)) + body
+
+
+def encode_control(msg: ControlMessage) -> bytes:
+    """Encode one control message with its frame header."""
+    if isinstance(msg, Config):
+        _validate_config(msg, LocalProtocolError)
+        body = _json(
+            {
+                "session": msg.session_id.hex(),
+                "page_size": msg.page_size,
+                "channels": msg.channels,
+                "packet_pages": msg.packet_pages,
+                "blocks": [{"name": b.name, "size": b.size} for b in msg.blocks],
+                "method": msg.method,
+                "method_options": msg.method_options,
+                "zero_page": msg.zero_page,
+                "verify": msg.verify,
+            }
+        )
+        return _frame(T_CONFIG, body)
+    if isinstance(msg, ConfigAck):
+        return _frame(T_CONFIG_ACK, b"")
+    if isinstance(msg, (RoundEnd, Complete)):
+        if not 1 <= len(msg.packets) <= MAX_CHANNELS or not 0 <= msg.round <= 0xFFFFFFFF:
+            raise LocalProtocolError("packets: 1..256 channel counts and a 32-bit round required", field="packets")
+        counts = np.asarray(msg.packets, dtype=">u8")
+        body = _ROUND.pack(msg.round, len(msg.packets), 0) + counts.tobytes()
+        return _frame(T_ROUND_END if isinstance(msg, RoundEnd) else T_COMPLETE, body)
+    if isinstance(msg, Verify):
+        fps = np.asarray(msg.fingerprints, dtype=">u8")
+        return _frame(T_VERIFY, _VERIFY.pack(msg.block, 0, len(fps)) + fps.tobytes())
+    if isinstance(msg, Result):
+        return _frame(
+            T_RESULT,
+            _json({"ok": msg.ok, "verified": msg.verified, "error": msg.error, "mismatches": msg.mismatches}),
+        )
+    if isinstance(msg, ErrorMessage):
+        return _frame(T_ERROR, _json({"code": msg.code, "message": msg.message, "channel": msg.channel}))
+    if isinstance(msg, RoundAck):
+        return _frame(T_ROUND_ACK, _ACK.pack(msg.round))
+    if isinstance(msg, Cancel):
+        return _frame(T_CANCEL, b"")
+    raise LocalProtocolError(f"not a control message: {type(msg).__name__}", field="type")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _validate_config(cfg: Config, err: type) -> None:
+    def bad(name: str, text: str) -> Exception:
+        e = err(f"{name}: {text}", field=name)
+        return e
+
+    if len(cfg.session_id) != 16:
+        raise bad("session", "must be 16 bytes")
+    ps = cfg.page_size
+    if not _is_int(ps) or ps < 512 or ps > (1 << 30) or ps & (ps - 1):
+        raise bad("page_size", f"{ps!r} is not a power of two in 512..1 GiB")
+    if not _is_int(cfg.channels) or not 1 <= cfg.channels <= MAX_CHANNELS:
+        raise bad("channels", f"{cfg.channels!r} not in 1..{MAX_CHANNELS}")
+    if not _is_int(cfg.packet_pages) or not 1 <= cfg.packet_pages <= MAX_PACKET_PAGES:
+        raise bad("packet_pages", f"{cfg.packet_pages!r} not in 1..{MAX_PACKET_PAGES}")
+    if not 1 <= len(cfg.blocks) <= MAX_BLOCKS:
+        raise bad("blocks", f"{len(cfg.blocks)} blocks, expected 1..{MAX_BLOCKS}")
+    names = set()
+    for i, b in enumerate(cfg.blocks):
+        if not isinstance(b.name, str) or not b.name or "\0" in b.name or len(b.name.encode()) > MAX_BLOCK_NAME:
+            raise bad(f"blocks[{i}].name", f"{b.name!r} is not a name of 1..{MAX_BLOCK_NAME} bytes")
+        if b.name in names:
+            raise bad(f"blocks[{i}].name", f"{b.name!r} appears twice")
+        names.add(b.name)
+        if not _is_int(b.size) or b.size <= 0 or b.size % ps or b.size > MAX_BLOCK_SIZE:
+            raise bad(f"blocks[{i}].size", f"{b.size!r} is not a positive multiple of the page size {ps}")
+    if not isinstance(cfg.method, str) or not cfg.method or len(cfg.method) > 64:
+        raise bad("method", f"{cfg.method!r} is not a method name")
+    if not isinstance(cfg.method_options, dict):
+        raise bad("method_options", "must be an object")
+    if cfg.zero_page not in _ZERO_PAGE_MODES:
+        raise bad("zero_page", f"{cfg.zero_page!r} is not one of {', '.join(_ZERO_PAGE_MODES)}")
+    if not isinstance(cfg.verify, bool):
+        raise bad("verify", f"{cfg.verify!r} is not a boolean")
+
+
+_CONFIG_KEYS = {"session", "page_size", "channels", "packet_pages", "blocks", "method", "method_options", "zero_page", "verify"}
+
+
+def _load_json(body: bytes, what: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise _fail(what, f"body is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise _fail(what, "body must be a JSON object")
+    return obj
+
+
+def _decode_config(body: bytes) -> Config:
+    obj = _load_json(body, "config")
+    missing = _CONFIG_KEYS - obj.keys()
+    if missing:
+        raise _fail(sorted(missing)[0], "missing from the config")
+    extra = obj.keys() - _CONFIG_KEYS
+    if extra:
+        raise _fail(sorted(extra)[0], "is not a config field")
+    session = obj["session"]
+    try:
+        if not isinstance(session, str) or len(session) != 32:
+            raise ValueError
+        sid = bytes.fromhex(session)
+    except ValueError:
+        raise _fail("session", "must be 32 hex digits") from None
+    blocks_raw = obj["blocks"]
+    if not isinstance(blocks_raw, list):
+        raise _fail("blocks", "must be a list")
+    blocks = []
+    for i, b in enumerate(blocks_raw[: MAX_BLOCKS + 1]):
+        if not isinstance(b, dict) or set(b) != {"name", "size"}:
+            raise _fail(f"blocks[{i}]", "must be an object with exactly name and size")
+        blocks.append(BlockSpec(b["name"], b["size"]))
+    cfg = Config(
+        session_id=sid,
+        page_size=obj["page_size"],
+        channels=obj["channels"],
+        packet_pages=obj["packet_pages"],
+        blocks=tuple(blocks),
+        method=obj["method"],
+        method_options=obj["method_options"],
+        zero_page=obj["zero_page"],
+        verify=obj["verify"],
+    )
+    _validate_config(cfg, RemoteProtocolError)
+    return cfg
+
+
+def _decode_counts(body: bytes, what: str) -> tuple[int, tuple[int, ...]]:
+    if len(body) < _ROUND.size:
+        raise _fail(what, f"body of {len(body)} bytes is shorter than {_ROUND.size}")
+    rnd, n, reserved = _ROUND.unpack_from(body)
+    if reserved:
+        raise _fail("reserved", "must be zero")
+    if not 1 <= n <= MAX_CHANNELS:
+        raise _fail("nchannels", f"{n} not in 1..{MAX_CHANNELS}")
+    if len(body) != _ROUND.size + 8 * n:
+        raise _fail("packets", f"{len(body) - _ROUND.size} bytes for {n} channel counts")
+    counts = np.frombuffer(body, dtype=">u8", offset=_ROUND.size)
+    return rnd, tuple(int(c) for c in counts)
+
+
+def _decode_body(mtype: int, body: bytes) -> ControlMessage:
+    if mtype == T_CONFIG:
+        return _decode_config(body)
+    if mtype == T_CONFIG_ACK:
+        if body:
+            raise _fail("length", "CONFIG_ACK carries no body")
+        return ConfigAck()
+    if mtype in (T_ROUND_END, T_COMPLETE):
+        rnd, counts = _decode_counts(body, "round_end" if mtype == T_ROUND_END else "complete")
+        return RoundEnd(rnd, counts) if mtype == T_ROUND_END else Complete(rnd, counts)
+    if mtype == T_VERIFY:
+        if len(body) < _VERIFY.size:
+            raise _fail("verify", "body too short")
+        block, reserved, n = _VERIFY.unpack_from(body)
+        if reserved:
+            raise _fail("reserved", "must be zero")
+        if len(body) != _VERIFY.size + 8 * n:
+            raise _fail("npages", f"{n} fingerprints announced, {(len(body) - _VERIFY.size) / 8} present")
+        fps = np.frombuffer(body, dtype=">u8", offset=_VERIFY.size).astype(np.uint64)
+        return Verify(block, fps)
+    if mtype == T_RESULT:
+        obj = _load_json(body, "result")
+        if set(obj) != {"ok", "verified", "error", "mismatches"}:
+            raise _fail("result", "must carry exactly ok, verified, error, mismatches")
+        if not isinstance(obj["ok"], bool):
+            raise _fail("ok", "must be a boolean")
+        if obj["verified"] is not None and not isinstance(obj["verified"], bool):
+            raise _fail("verified", "must be a boolean or null")
+        if obj["error"] is not None and not isinstance(obj["error"], str):
+            raise _fail("error", "must be a string or null")
+        mm = obj["mismatches"]
+        if not isinstance(mm, dict) or not all(
+            isinstance(k, str) and isinstance(v, list) and all(_is_int(p) and p >= 0 for p in v) for k, v in mm.items()
+        ):
+            raise _fail("mismatches", "must map block names to lists of page indices")
+        return Result(obj["ok"], obj["verified"], obj["error"], mm)
+    if mtype == T_ERROR:
+        obj = _load_json(body, "error")
+        if set(obj) != {"code", "message", "channel"}:
+            raise _fail("error", "must carry exactly code, message, channel")
+        if not isinstance(obj["code"], str) or not isinstance(obj["message"], str):
+            raise _fail("code", "code and message must be strings")
+        ch = obj["channel"]
+        if ch is not None and (not _is_int(ch) or not 0 <= ch < MAX_CHANNELS):
+            raise _fail("channel", f"{ch!r} is not a channel index")
+        return ErrorMessage(obj["code"], obj["message"], ch)
+    if mtype == T_ROUND_ACK:
+        if len(body) != _ACK.size:
+            raise _fail("length", f"ROUND_ACK body must be {_ACK.size} bytes")
+        return RoundAck(_ACK.unpack(body)[0])
+    if mtype == T_CANCEL:
+        if body:
+            raise _fail("length", "CANCEL carries no body")
+        return Cancel()
+    raise _fail("type", f"unknown control message type {mtype}")
+
+
+class ControlDecoder:
+    """Incremental decoder for the control channel (sans-IO, like h11).
+
+    Feed it whatever bytes arrived with :meth:`feed`; call :meth:`next_message`
+    until it returns ``None`` (it needs more bytes). ``max_body`` bounds the
+    body a frame may announce, so a hostile length cannot make us buffer
+    without limit.
+    """
+
+    def __init__(self, *, max_body: int = MAX_CONTROL_BODY) -> None:
+        self._buf = bytearray()
+        self.max_body = max_body
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        self._buf += data
+
+    @property
+    def pending(self) -> int:
+        """Bytes received but not yet decoded."""
+        return len(self._buf)
+
+    def next_message(self) -> ControlMessage | None:
+        if len(self._buf) < FRAME_SIZE:
+            return None
+        magic, mtype, flags, reserved, length = _FRAME.unpack_from(self._buf)
+        if magic != CONTROL_MAGIC:
+            raise _fail("magic", f"0x{magic:08x} is not the control magic 0x{CONTROL_MAGIC:08x}")
+        if flags or reserved:
+            raise _fail("reserved", "frame flags and reserved bytes must be zero")
+        if not T_CONFIG <= mtype <= T_CANCEL:
+            raise _fail("type", f"unknown control message type {mtype}")
+        if length > self.max_body:
+            raise _fail("length", f"body of {length} bytes exceeds the limit of {self.max_body}")
+        if len(self._buf) < FRAME_SIZE + length:
+            return None
+        body = bytes(self._buf[FRAME_SIZE : FRAME_SIZE + length])
+        del self._buf[: FRAME_SIZE + length]
+        return _decode_body(mtype, body)
