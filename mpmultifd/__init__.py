@@ -1,0 +1,50 @@
+"""mpmultifd: live migration of shared-memory regions over parallel channel worker processes.
+
+A :class:`Source` walks the dirty pages of a :class:`GuestRAM` and hands
+batches to channel worker processes through lock-free rings; each worker
+sends a header plus IOVs that point straight into the shared RAM. A
+:class:`Destination` receives them straight into its own shared memory.
+"""
+
+from .config import MigrationConfig
+from .destination import Destination
+from .errors import (
+    AuthenticationError,
+    ChannelBroken,
+    ChannelClosed,
+    ChannelError,
+    ConfigError,
+    LocalProtocolError,
+    MigrationCancelled,
+    MigrationError,
+    ProtocolError,
+    RemoteProtocolError,
+    VerificationError,
+    WorkerDied,
+)
+from .ram import BlockInfo, GuestRAM
+from .source import Source
+from .stats import MigrationResult
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GuestRAM",
+    "BlockInfo",
+    "Source",
+    "Destination",
+    "MigrationConfig",
+    "MigrationResult",
+    "MigrationError",
+    "ConfigError",
+    "ProtocolError",
+    "LocalProtocolError",
+    "RemoteProtocolError",
+    "ChannelError",
+    "ChannelClosed",
+    "ChannelBroken",
+    "WorkerDied",
+    "AuthenticationError",
+    "VerificationError",
+    "MigrationCancelled",
+]

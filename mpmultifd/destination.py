@@ -1,0 +1,664 @@
+"""The destination side: accept the session, run receiver workers, enforce the round barrier."""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+from multiprocessing.connection import wait as mp_wait
+from typing import Any
+
+import numpy as np
+
+from ._shm import Segment, unique_name
+from .config import MigrationConfig
+from .digest import fingerprint_pages
+from .errors import (
+    ChannelBroken,
+    ChannelClosed,
+    ConfigError,
+    MigrationCancelled,
+    MigrationError,
+    ProtocolError,
+    RemoteProtocolError,
+    VerificationError,
+    WorkerDied,
+)
+from .methods import get_method
+from .ram import GuestRAM
+from .source import mp_context
+from .stats import MigrationResult
+from .transport import listen as tcp_listen
+from .transport import recv_exact, tune_accepted
+from .wire import (
+    HELLO_SIZE,
+    KIND_CONTROL,
+    KIND_DATA,
+    Cancel,
+    Complete,
+    Config,
+    ControlDecoder,
+    ErrorMessage,
+    Result,
+    RoundAck,
+    RoundEnd,
+    Verify,
+    decode_hello,
+    encode_control,
+    ConfigAck,
+)
+from .worker import (
+    C_NORMAL,
+    C_WIRE_BYTES,
+    C_ZERO,
+    COUNTERS,
+    STATS_WORDS,
+    WorkerSpec,
+    error_from_report,
+    receiver_main,
+    received_offsets,
+)
+
+__all__ = ["Destination"]
+
+log = logging.getLogger("mpmultifd.destination")
+
+_MAX_PENDING_HANDSHAKES = 64
+_JOIN_GRACE = 2.0
+_MAX_MISMATCHES_REPORTED = 32
+
+
+def _allocated_pages(path: str, npages: int, page_size: int, out: np.ndarray) -> None:
+    """Mark pages of ``path`` that hold data (not holes); holes read as zeros and need no zeroing."""
+    out[:] = 0
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = npages * page_size
+        pos = 0
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: no data after pos
+                break
+            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+            out[start // page_size : (end + page_size - 1) // page_size] = 1
+            pos = end
+    except OSError:
+        out[:] = 1  # no hole information: assume every page may hold data
+    finally:
+        os.close(fd)
+
+
+class _Receiver:
+    def __init__(self, index: int, sock: socket.socket, proc: Any, conn: Any) -> None:
+        self.index = index
+        self.sock = sock
+        self.proc = proc
+        self.conn = conn
+        self.at_sync: int | None = None  # round it is parked at
+        self.sync_count = 0
+        self.eos: tuple[int, int] | None = None
+        self.exited = False
+
+
+class Destination:
+    """Receives one migration into a :class:`GuestRAM`; listens as soon as it is made.
+
+    The region's blocks must have the same names, sizes and page size as the
+    source's. ``wait()`` returns the :class:`MigrationResult` once every
+    channel reached end of stream and (with ``verify``) the fingerprints
+    matched; until then, and after any failure (``valid`` is ``False``), the
+    region must not be treated as migrated.
+    """
+
+    def __init__(
+        self,
+        ram: GuestRAM,
+        listen: tuple[str, int] = ("127.0.0.1", 0),
+        config: MigrationConfig | None = None,
+    ) -> None:
+        self.ram = ram
+        self.config = config if config is not None else MigrationConfig()
+        self._lsock = tcp_listen(listen)
+        self.address: tuple[str, int] = self._lsock.getsockname()[:2]
+        self._status = "setup"
+        self._valid = False
+        self._result: MigrationResult | None = None
+        self._error: MigrationError | None = None
+        self._done = threading.Event()
+        self._cancel_requested = False
+        self._closing = False
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self._incoming: queue.Queue[tuple[str, socket.socket, Any]] = queue.Queue()
+        self._handshakes = threading.BoundedSemaphore(_MAX_PENDING_HANDSHAKES)
+        self._session: Config | None = None
+        self._receivers: dict[int, _Receiver] = {}
+        self._control: socket.socket | None = None
+        self._received: Segment | None = None
+        self._stats: Segment | None = None
+        self._t_start = time.monotonic()
+        self._t_end: float | None = None
+        self._rounds = 0
+        self._rejected = 0
+        self._acceptor = threading.Thread(target=self._accept_loop, name="mpmultifd-accept", daemon=True)
+        self._coordinator = threading.Thread(target=self._run, name="mpmultifd-destination", daemon=True)
+        self._acceptor.start()
+        self._coordinator.start()
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def status(self) -> str:
+        return self._status
+
+    @property
+    def valid(self) -> bool:
+        """True only once the region arrived whole (and verified, when verification is on)."""
+        return self._valid
+
+    def wait(self, timeout: float | None = None) -> MigrationResult:
+        """Block until the migration ends; returns its result or raises its :class:`MigrationError`.
+
+        Raises :class:`TimeoutError` if ``timeout`` seconds pass first (the
+        migration goes on).
+        """
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"migration still running after {timeout} s")
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
+
+    def cancel(self) -> None:
+        """Stop receiving; idempotent, safe from any thread or a signal handler."""
+        self._cancel_requested = True
+        if self._status in ("setup", "active", "device"):
+            self._status = "cancelling"
+        try:
+            os.write(self._wake_w, b"c")
+        except OSError:
+            pass
+
+    def query(self) -> dict[str, Any]:
+        """Counters of the receiving side, shaped like the source's ``query()``."""
+        per = self._counters()
+        end = self._t_end if self._t_end is not None else time.monotonic()
+        return {
+            "status": self._status,
+            "total-time": int((end - self._t_start) * 1000),
+            "ram": {
+                "transferred": sum(c["bytes"] for c in per),
+                "normal": sum(c["normal"] for c in per),
+                "duplicate": sum(c["duplicate"] for c in per),
+                "total": self.ram.total_size,
+                "page-size": self.ram.page_size,
+            },
+            "rounds": self._rounds,
+            "rejected-connections": self._rejected,
+            "channels": per,
+        }
+
+    def close(self) -> None:
+        """Stop everything and release workers and segments; works while ``wait()`` blocks elsewhere."""
+        self._closing = True
+        if not self._done.is_set():
+            self.cancel()
+        self._coordinator.join(self.config.timeout + 2 * _JOIN_GRACE)
+        try:
+            self._lsock.close()
+        except OSError:
+            pass
+        self._acceptor.join(2.0)
+        # connections accepted but never claimed
+        while True:
+            try:
+                _, sock, _ = self._incoming.get_nowait()
+            except queue.Empty:
+                break
+            sock.close()
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._wake_r = self._wake_w = -1
+
+    def __enter__(self) -> "Destination":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ accepting
+
+    def _accept_loop(self) -> None:
+        lsock = self._lsock
+        while not self._done.is_set():
+            try:
+                ready = mp_wait([lsock], 0.2)
+            except (OSError, ValueError):
+                return
+            if not ready or self._done.is_set():
+                continue
+            try:
+                sock, peer = lsock.accept()
+            except OSError:
+                if self._done.is_set():
+                    return
+                continue
+            if not self._handshakes.acquire(blocking=False):
+                log.warning("dropping connection from %s: too many pending handshakes", peer)
+                self._rejected += 1
+                sock.close()
+                continue
+            threading.Thread(target=self._handshake, args=(sock, peer), daemon=True).start()
+
+    def _handshake(self, sock: socket.socket, peer: Any) -> None:
+        """Read and check a hello; a connection that fails it is dropped without touching the session."""
+        try:
+            tune_accepted(sock)
+            sock.settimeout(self.config.timeout)
+            hello = decode_hello(recv_exact(sock, HELLO_SIZE))
+            sock.settimeout(None)
+            self._incoming.put(("hello", sock, hello))
+            os.write(self._wake_w, b"h")
+        except (MigrationError, OSError) as e:
+            log.warning("dropping connection from %s: %s", peer, e)
+            self._rejected += 1
+            sock.close()
+        finally:
+            self._handshakes.release()
+
+    # ------------------------------------------------------------------ the run
+
+    def _run(self) -> None:
+        error: BaseException | None = None
+        try:
+            self._serve()
+        except BaseException as exc:
+            error = exc
+        finally:
+            self._finish(error)
+
+    def _serve(self) -> None:
+        cfg = self.config
+        # 1. the control connection and the session's configuration
+        while self._control is None:
+            self._wait([], None)
+            self._take_incoming(accept_data=False)
+        ctrl = self._control
+        decoder = ControlDecoder()
+        ctrl.setblocking(False)
+        deadline = time.monotonic() + cfg.timeout
+        msg = self._next_message(decoder, deadline)
+        if not isinstance(msg, Config):
+            raise RemoteProtocolError(f"expected CONFIG first, got {type(msg).__name__}", field="type")
+        try:
+            self._check_config(msg)
+        except MigrationError as e:
+            self._send(ErrorMessage("config-refused", str(e)))
+            raise
+        self._session = msg
+        self._make_segments(msg)
+        self._send(ConfigAck())
+        self._status = "active"
+        log.info("session %s: %d channels, method %s", msg.session_id.hex(), msg.channels, msg.method)
+        # 2. data channels, rounds and the final result
+        self._serve_session(msg, decoder)
+
+    def _check_config(self, c: Config) -> None:
+        ram = self.ram
+        if c.page_size != ram.page_size:
+            raise ConfigError(f"page_size: source uses {c.page_size}, this region {ram.page_size}")
+        mine = [(b.name, b.size) for b in ram.blocks]
+        theirs = [(b.name, b.size) for b in c.blocks]
+        if mine != theirs:
+            raise ConfigError(f"blocks: source sends {theirs}, this region has {mine}")
+        get_method(c.method)  # ConfigError names the methods this end has
+
+    def _make_segments(self, c: Config) -> None:
+        ram = self.ram
+        roffs = received_offsets(ram)
+        self._received = Segment.create(unique_name("rcv"), max(roffs[-1], 64))
+        for b in ram.blocks:
+            m = np.frombuffer(self._received.buf, dtype=np.uint8, count=b.npages, offset=roffs[b.index])
+            path = b.segment if os.sep in b.segment else os.path.join("/dev/shm", b.segment)
+            _allocated_pages(path, b.npages, b.page_size, m)
+            del m
+        self._stats = Segment.create(unique_name("rst"), c.channels * STATS_WORDS * 8)
+
+    def _serve_session(self, c: Config, decoder: ControlDecoder) -> None:
+        cfg = self.config
+        ctx = mp_context(cfg.start_method)
+        spec_base = dict(
+            page_size=c.page_size,
+            packet_pages=c.packet_pages,
+            block_sizes=tuple(b.size for b in c.blocks),
+            method=c.method,
+            level=c.method_options.get("level"),
+            options={},
+            zero_page=c.zero_page,
+        )
+        round_ends: dict[int, tuple[int, ...]] = {}
+        complete: Complete | None = None
+        verify: dict[int, np.ndarray] = {}
+        rnd = 0
+        setup_deadline = time.monotonic() + cfg.timeout
+        while True:
+            # new data channels
+            for sock, hello in self._take_incoming(accept_data=True):
+                parent_conn, child_conn = ctx.Pipe()
+                proc = ctx.Process(
+                    target=receiver_main,
+                    args=(
+                        WorkerSpec(channel=hello.channel, **spec_base),
+                        self.ram,
+                        self._received.name,
+                        self._stats.name,
+                        sock,
+                        child_conn,
+                    ),
+                    name=f"mpmultifd-recv-{hello.channel}",
+                    daemon=True,
+                )
+                proc.start()
+                child_conn.close()
+                self._receivers[hello.channel] = _Receiver(hello.channel, sock, proc, parent_conn)
+            if len(self._receivers) < c.channels and time.monotonic() > setup_deadline:
+                missing = sorted(set(range(c.channels)) - set(self._receivers))
+                raise ChannelBroken(f"data channels {missing} did not connect within {cfg.timeout} s")
+            # control messages
+            while True:
+                msg = decoder.next_message()
+                if msg is None:
+                    break
+                if isinstance(msg, RoundEnd):
+                    # the source does not wait for our barrier, so markers may run ahead of it
+                    if msg.round < rnd or msg.round in round_ends or complete is not None:
+                        raise RemoteProtocolError(f"ROUND_END for round {msg.round} during round {rnd}", field="round")
+                    if len(msg.packets) != c.channels:
+                        raise RemoteProtocolError("ROUND_END counts do not match the channels", field="packets")
+                    round_ends[msg.round] = msg.packets
+                elif isinstance(msg, Complete):
+                    if msg.round < rnd or len(msg.packets) != c.channels or complete is not None:
+                        raise RemoteProtocolError(f"COMPLETE for round {msg.round} during round {rnd}", field="round")
+                    complete = msg
+                    self._status = "device"
+                elif isinstance(msg, Verify):
+                    if not c.verify or complete is None:
+                        raise RemoteProtocolError("VERIFY before COMPLETE or without verification", field="type")
+                    if msg.block >= len(self.ram.blocks) or msg.block in verify:
+                        raise RemoteProtocolError(f"VERIFY for block {msg.block}", field="block")
+                    if len(msg.fingerprints) != self.ram.blocks[msg.block].npages:
+                        raise RemoteProtocolError("VERIFY fingerprint count differs from the block", field="npages")
+                    verify[msg.block] = msg.fingerprints
+                elif isinstance(msg, Cancel):
+                    raise MigrationCancelled("the source cancelled the migration")
+                elif isinstance(msg, ErrorMessage):
+                    raise MigrationError(f"source failed: {msg.message}")
+                else:
+                    raise RemoteProtocolError(f"unexpected {type(msg).__name__} on the control channel", field="type")
+            recv = self._receivers
+            # the round barrier: every channel parked at this round's SYNC, and the marker arrived
+            if len(recv) == c.channels and rnd in round_ends and all(r.at_sync == rnd for r in recv.values()):
+                expected = round_ends.pop(rnd)
+                got = tuple(recv[i].sync_count for i in range(c.channels))
+                if got != expected:
+                    raise RemoteProtocolError(
+                        f"round {rnd}: channels received {got} packets, the source sent {expected}", field="packets"
+                    )
+                for r in recv.values():
+                    r.at_sync = None
+                    r.conn.send(("go",))
+                self._send(RoundAck(rnd))
+                rnd += 1
+                self._rounds = rnd
+                log.info("round %d passed the barrier", rnd - 1)
+            # the end: every channel at end of stream, counts match, fingerprints compared
+            if (
+                complete is not None
+                and len(recv) == c.channels
+                and all(r.eos is not None for r in recv.values())
+                and (not c.verify or len(verify) == len(self.ram.blocks))
+            ):
+                got = tuple(recv[i].eos[1] for i in range(c.channels))
+                if got != complete.packets or any(r.eos[0] != complete.round for r in recv.values()):
+                    raise RemoteProtocolError(
+                        f"final round: channels received {got} packets, the source sent {complete.packets}",
+                        field="packets",
+                    )
+                self._finish_session(c, complete, verify)
+                return
+            self._wait([r for r in recv.values()], self._control)
+            if self._control is not None:
+                self._read(self._control, decoder)
+
+    def _finish_session(self, c: Config, complete: Complete, verify: dict[int, np.ndarray]) -> None:
+        verified: bool | None = None
+        if c.verify:
+            mismatches: dict[str, list[int]] = {}
+            for b in self.ram.blocks:
+                mine = fingerprint_pages(self.ram.pages(b.index))
+                bad = np.flatnonzero(mine != verify[b.index])
+                if len(bad):
+                    mismatches[b.name] = bad[:_MAX_MISMATCHES_REPORTED].tolist()
+            if mismatches:
+                text = "; ".join(f"{k}: pages {v}" for k, v in mismatches.items())
+                self._send(Result(False, False, f"pages differ after migration: {text}", mismatches))
+                raise VerificationError(f"pages differ after migration: {text}", mismatches=mismatches)
+            verified = True
+        self._valid = True
+        self._send(Result(True, verified, None, {}))
+        self._t_end = time.monotonic()
+        per = self._counters()
+        self._result = MigrationResult(
+            status="completed",
+            total_time=self._t_end - self._t_start,
+            setup_time=0.0,
+            downtime=0.0,
+            rounds=complete.round + 1,
+            total=self.ram.total_size,
+            transferred=sum(x["bytes"] for x in per),
+            normal=sum(x["normal"] for x in per),
+            duplicate=sum(x["duplicate"] for x in per),
+            verified=verified,
+            channels=c.channels,
+            method=c.method,
+            per_channel=tuple(per),
+        )
+
+    # ------------------------------------------------------------------ events
+
+    def _take_incoming(self, *, accept_data: bool) -> list[tuple[socket.socket, Any]]:
+        """Claim handshaken connections: the first control hello opens the session, data hellos join it."""
+        out = []
+        while True:
+            try:
+                _, sock, hello = self._incoming.get_nowait()
+            except queue.Empty:
+                return out
+            reason = None
+            s = self._session
+            if hello.kind == KIND_CONTROL:
+                if self._control is None:
+                    self._control = sock
+                    self._control_hello = hello
+                    continue
+                reason = "a control connection already exists"
+            elif not accept_data or s is None:
+                reason = "data channel before the session was configured"
+            elif hello.session_id != s.session_id:
+                reason = f"session {hello.session_id.hex()} is not this session"
+            elif hello.nchannels != s.channels or hello.channel >= s.channels:
+                reason = f"channel {hello.channel}/{hello.nchannels} does not fit {s.channels} channels"
+            elif hello.channel in self._receivers:
+                reason = f"channel {hello.channel} is already connected"
+            if reason is not None:
+                log.warning("dropping connection: %s", reason)
+                self._rejected += 1
+                sock.close()
+                continue
+            out.append((sock, hello))
+
+    def _wait(self, receivers: list[_Receiver], ctrl: socket.socket | None, timeout: float | None = 1.0) -> None:
+        waitables: list[Any] = [self._wake_r]
+        for r in receivers:
+            waitables.append(r.conn)
+            if not r.exited:
+                waitables.append(r.proc.sentinel)
+        if ctrl is not None:
+            waitables.append(ctrl)
+        ready = mp_wait(waitables, timeout)
+        if self._wake_r in ready:
+            try:
+                os.read(self._wake_r, 4096)
+            except OSError:
+                pass
+        if self._cancel_requested:
+            raise MigrationCancelled("cancelled")
+        for r in receivers:
+            if r.conn in ready:
+                self._receiver_message(r)
+        for r in receivers:
+            if not r.exited and r.proc.sentinel in ready:
+                r.exited = True
+                if r.conn.poll(0.2):
+                    self._receiver_message(r)
+                if r.eos is None:
+                    raise WorkerDied(f"receiver exited with code {r.proc.exitcode}", channel=r.index)
+
+    def _receiver_message(self, r: _Receiver) -> None:
+        try:
+            msg = r.conn.recv()
+        except (EOFError, OSError):
+            if r.eos is not None:
+                return
+            r.proc.join(0.5)
+            raise WorkerDied(f"receiver exited with code {r.proc.exitcode}", channel=r.index) from None
+        kind = msg[0]
+        if kind == "sync":
+            r.at_sync, r.sync_count = msg[1], msg[2]
+        elif kind == "eos":
+            r.eos = (msg[1], msg[2])
+        elif kind == "error":
+            raise error_from_report(r.index, msg)
+
+    def _read(self, ctrl: socket.socket, decoder: ControlDecoder) -> None:
+        try:
+            data = ctrl.recv(1 << 20)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            raise ChannelBroken(f"control connection failed: {e}") from e
+        if not data:
+            raise ChannelClosed("the source closed the control connection before completion")
+        decoder.feed(data)
+
+    def _next_message(self, decoder: ControlDecoder, deadline: float) -> Any:
+        assert self._control is not None
+        while True:
+            msg = decoder.next_message()
+            if msg is not None:
+                return msg
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ChannelBroken("timed out waiting for the source's configuration")
+            self._wait([], self._control, min(left, 1.0))
+            self._read(self._control, decoder)
+
+    def _send(self, msg: Any) -> None:
+        ctrl = self._control
+        if ctrl is None:
+            return
+        ctrl.setblocking(True)
+        ctrl.settimeout(self.config.timeout)
+        try:
+            ctrl.sendall(encode_control(msg))
+        except OSError as e:
+            raise ChannelBroken(f"control connection failed: {e}") from e
+        finally:
+            ctrl.setblocking(False)
+
+    def _counters(self) -> list[dict[str, int]]:
+        st = self._stats
+        if st is None or st.closed or self._session is None:
+            return list(getattr(self, "_final_counters", []))
+        words = np.frombuffer(st.buf, dtype=np.uint64, count=self._session.channels * STATS_WORDS)
+        out = []
+        for i in range(self._session.channels):
+            c = words[i * STATS_WORDS : (i + 1) * STATS_WORDS]
+            out.append({"channel": i, **{name: int(c[j]) for name, j in COUNTERS.items()}})
+        del words
+        return out
+
+    # ------------------------------------------------------------------ teardown
+
+    def _finish(self, error: BaseException | None) -> None:
+        if error is not None:
+            if isinstance(error, MigrationCancelled):
+                err: MigrationError = error
+                status = "cancelled"
+            elif isinstance(error, MigrationError):
+                err, status = error, "failed"
+            elif isinstance(error, OSError):
+                err, status = ChannelBroken(f"{type(error).__name__}: {error}"), "failed"
+                err.__cause__ = error
+            else:
+                err, status = MigrationError(f"{type(error).__name__}: {error}"), "failed"
+                err.__cause__ = error
+            if not isinstance(error, (MigrationCancelled, VerificationError)) and not (
+                isinstance(error, MigrationError) and str(error).startswith("source failed")
+            ):
+                try:
+                    self._send(ErrorMessage("destination-failed", str(err)[:1000], err.channel))
+                except MigrationError:
+                    pass
+            self._valid = False
+            self._error = err
+            log.warning("migration %s: %s", status, err)
+        else:
+            status = "completed"
+        self._final_counters = self._counters()
+        recv, self._receivers = self._receivers, {}
+        for r in recv.values():
+            if r.proc.is_alive():
+                try:
+                    r.conn.send(("stop",))
+                except (OSError, ValueError):
+                    pass
+                try:
+                    r.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        deadline = time.monotonic() + _JOIN_GRACE
+        for r in recv.values():
+            r.proc.join(max(0.0, deadline - time.monotonic()))
+        for r in recv.values():
+            if r.proc.is_alive():
+                r.proc.kill()
+                r.proc.join(5.0)
+            r.conn.close()
+            r.sock.close()
+        if self._control is not None:
+            self._control.close()
+            self._control = None
+        for seg in (self._received, self._stats):
+            if seg is not None:
+                seg.close()
+                seg.unlink()
+        self._received = self._stats = None
+        if self._t_end is None:
+            self._t_end = time.monotonic()
+        self._status = status
+        self._done.set()
+        try:
+            self._lsock.close()
+        except OSError:
+            pass
+
+
+

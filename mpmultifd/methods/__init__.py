@@ -1,0 +1,235 @@
+"""Payload methods: how a batch of pages becomes bytes on the wire and back.
+
+A method pairs a sender side, ``send_prepare(batch) -> Prepared`` (the IOVs
+that follow the packet header), with a receiver side, ``recv(header, sock,
+sink)`` (read the payload and put the pages in place). Zero-page detection runs
+before ``send_prepare`` in the channel worker, so a method only sees the
+normal pages.
+
+Methods are found by name through the ``mpmultifd.methods`` entry-point group,
+so a separate package can add one (an accelerator, say) without touching
+mpmultifd::
+
+    [project.entry-points."mpmultifd.methods"]
+    mycodec = "mypkg.codec:MyCodec"
+
+:func:`register` adds one at run time (tests, embedded use).
+"""
+
+from __future__ import annotations
+
+import socket
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any, ClassVar, Sequence
+
+import numpy as np
+
+from ..errors import ConfigError
+from ..wire import DataHeader
+
+__all__ = [
+    "PageBatch",
+    "Prepared",
+    "PageSink",
+    "Method",
+    "MethodSender",
+    "MethodReceiver",
+    "register",
+    "get_method",
+    "available_methods",
+    "page_runs",
+]
+
+ENTRY_POINT_GROUP = "mpmultifd.methods"
+
+
+def page_runs(pages: np.ndarray) -> tuple[list[int], list[int]]:
+    """Split page indices (in order) into runs of consecutive pages: (starts, lengths)."""
+    if len(pages) == 0:
+        return [], []
+    breaks = np.flatnonzero(np.diff(pages) != 1) + 1
+    starts = np.concatenate(([0], breaks))
+    ends = np.concatenate((breaks, [len(pages)]))
+    return pages[starts].tolist(), (ends - starts).tolist()
+
+
+@dataclass
+class PageBatch:
+    """The normal (non-zero) pages of one packet, as a method's sender sees them.
+
+    ``pages`` are page indices into block ``block`` in payload order; ``data``
+    is the whole block's memory (shared RAM: it may change while being read);
+    ``grid`` is the same memory as a ``(npages, page_size)`` uint8 array.
+    """
+
+    block: int
+    page_size: int
+    pages: np.ndarray
+    data: memoryview
+    grid: np.ndarray
+
+    def iovs(self) -> list[memoryview]:
+        """Memoryview slices of the shared RAM, one per run of consecutive pages (no copy)."""
+        ps = self.page_size
+        starts, lengths = page_runs(self.pages)
+        data = self.data
+        return [data[s * ps : (s + n) * ps] for s, n in zip(starts, lengths)]
+
+    def gather(self, out: np.ndarray | None = None) -> np.ndarray:
+        """A private contiguous copy of the pages (what a compressor must read from)."""
+        if out is None:
+            return self.grid[self.pages]
+        return np.take(self.grid, self.pages, axis=0, out=out[: len(self.pages)])
+
+
+@dataclass
+class Prepared:
+    """What follows the header: ``iovs`` holding ``payload_len`` bytes in ``encoding``."""
+
+    encoding: int
+    iovs: Sequence[Any]
+    payload_len: int
+
+
+class PageSink:
+    """Where a receiver puts pages: the destination's blocks plus a "received" map.
+
+    ``received[block][page]`` is non-zero once the page holds data that is not
+    all zeros (or may not be): only such pages need writing when a zero page
+    arrives, so untouched shared memory is never faulted in for nothing.
+    """
+
+    def __init__(self, grids: Sequence[np.ndarray], datas: Sequence[memoryview], received: Sequence[np.ndarray]):
+        self.grids = list(grids)
+        self.datas = list(datas)
+        self.received = list(received)
+
+    def write_pages(self, block: int, pages: np.ndarray, src: np.ndarray) -> None:
+        """Scatter ``src`` (``len(pages)`` rows of a page each) into the block."""
+        self.grids[block][pages] = src
+        self.received[block][pages] = 1
+
+    def mark_received(self, block: int, pages: np.ndarray) -> None:
+        self.received[block][pages] = 1
+
+    def write_zero(self, block: int, pages: np.ndarray) -> int:
+        """Zero the pages that hold data; returns how many were written."""
+        rec = self.received[block]
+        dirty = pages[rec[pages] != 0]
+        if len(dirty):
+            self.grids[block][dirty] = 0
+            rec[dirty] = 0
+        return len(dirty)
+
+
+class MethodSender(ABC):
+    """Per-worker sender state of a method (contexts, buffers). Lives in one process."""
+
+    @abstractmethod
+    def send_prepare(self, batch: PageBatch) -> Prepared:
+        """Turn the batch into payload IOVs. Must not keep references past the next call."""
+
+    def cleanup(self) -> None:
+        """Release what the sender holds; called once when the worker ends."""
+
+
+class MethodReceiver(ABC):
+    """Per-worker receiver state of a method."""
+
+    @abstractmethod
+    def recv(self, header: DataHeader, sock: socket.socket, sink: PageSink) -> None:
+        """Read exactly ``header.payload_len`` bytes from ``sock`` and write the normal pages into ``sink``.
+
+        Must bound every decoding by ``header.normal * page_size`` and raise
+        :class:`mpmultifd.errors.RemoteProtocolError` for a payload that does
+        not decode to exactly that.
+        """
+
+    def cleanup(self) -> None:
+        """Release what the receiver holds."""
+
+
+class Method(ABC):
+    """A named payload method: a factory for its sender and receiver sides.
+
+    Subclasses set ``name`` and ``encodings`` (the header encoding values they
+    may put on the wire; 0 is raw pages, which every method may fall back to).
+    ``level`` and ``options`` come from the configuration and travel to the
+    destination, so both ends build the same method.
+    """
+
+    name: ClassVar[str]
+    encodings: ClassVar[frozenset[int]] = frozenset({0})
+
+    def __init__(self, level: int | None = None, options: dict[str, Any] | None = None) -> None:
+        self.level = level
+        self.options = dict(options or {})
+
+    def max_payload(self, page_size: int, packet_pages: int) -> int:
+        """The largest payload a packet of this method may announce."""
+        return page_size * packet_pages
+
+    @abstractmethod
+    def sender(self, page_size: int, packet_pages: int) -> MethodSender: ...
+
+    @abstractmethod
+    def receiver(self, page_size: int, packet_pages: int) -> MethodReceiver: ...
+
+
+_REGISTRY: dict[str, type[Method]] = {}
+_ENTRY_POINTS_LOADED = False
+
+
+def register(name: str, method: type[Method]) -> None:
+    """Make ``method`` available under ``name`` in this process (and its forked children)."""
+    if not (isinstance(method, type) and issubclass(method, Method)):
+        raise TypeError(f"{method!r} is not a Method subclass")
+    _REGISTRY[name] = method
+
+
+def _load_entry_points() -> None:
+    global _ENTRY_POINTS_LOADED
+    if _ENTRY_POINTS_LOADED:
+        return
+    _ENTRY_POINTS_LOADED = True
+    try:
+        eps = metadata.entry_points(group=ENTRY_POINT_GROUP)
+    except TypeError:  # pragma: no cover - Python < 3.10 signature
+        eps = metadata.entry_points().get(ENTRY_POINT_GROUP, [])  # type: ignore[attr-defined]
+    for ep in eps:
+        if ep.name in _REGISTRY:
+            continue
+        try:
+            cls = ep.load()
+        except Exception:  # a broken plugin must not break the others
+            continue
+        if isinstance(cls, type) and issubclass(cls, Method):
+            _REGISTRY[ep.name] = cls
+
+
+def _builtins() -> None:
+    from .nocomp import NoCompression
+
+    _REGISTRY.setdefault("none", NoCompression)
+
+
+def available_methods() -> list[str]:
+    """Names of every method this process can use."""
+    _builtins()
+    _load_entry_points()
+    return sorted(_REGISTRY)
+
+
+def get_method(name: str) -> type[Method]:
+    """The method class registered under ``name``; :class:`ConfigError` names the ones that exist."""
+    _builtins()
+    if name not in _REGISTRY:
+        _load_entry_points()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ConfigError(
+            f"compression: no method named {name!r} here; available: {', '.join(available_methods())}"
+        ) from None

@@ -1,0 +1,668 @@
+"""The source side: the precopy coordinator and its channel workers."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import secrets
+import socket
+import threading
+import time
+from multiprocessing.connection import wait as mp_wait
+from typing import Any, Callable
+
+import numpy as np
+
+from .config import MigrationConfig
+from .digest import fingerprint_pages
+from .errors import (
+    ChannelBroken,
+    ChannelClosed,
+    MigrationCancelled,
+    MigrationError,
+    RemoteProtocolError,
+    RingClosed,
+    RingTimeout,
+    VerificationError,
+    WorkerDied,
+)
+from .methods import get_method
+from .ram import GuestRAM
+from .ring import KIND_DATA, KIND_EOS, KIND_STOP, KIND_SYNC, Ring
+from .stats import MigrationResult
+from .transport import connect
+from .wire import (
+    CONTROL_CHANNEL,
+    KIND_CONTROL,
+    KIND_DATA as HELLO_DATA,
+    BlockSpec,
+    Cancel,
+    Complete,
+    Config,
+    ConfigAck,
+    ControlDecoder,
+    ErrorMessage,
+    Hello,
+    Result,
+    RoundAck,
+    RoundEnd,
+    Verify,
+    encode_control,
+    encode_hello,
+)
+from .worker import C_WIRE_BYTES, COUNTERS, WorkerSpec, error_from_report, sender_main
+
+__all__ = ["Source"]
+
+log = logging.getLogger("mpmultifd.source")
+
+Address = tuple[str, int]
+_JOIN_GRACE = 2.0
+
+
+def mp_context(method: str) -> multiprocessing.context.BaseContext:
+    """The multiprocessing context for workers; forkserver preloads numpy and the worker module."""
+    ctx = multiprocessing.get_context(method)
+    if method == "forkserver":
+        ctx.set_forkserver_preload(["numpy", "mpmultifd.worker"])
+    return ctx
+
+
+class _Channel:
+    """The source's handle on one data channel: ring, socket, worker and its connection."""
+
+    def __init__(self, index: int, ring: Ring, sock: socket.socket, proc: Any, conn: Any) -> None:
+        self.index = index
+        self.ring = ring
+        self.sock = sock
+        self.proc = proc
+        self.conn = conn
+        self.synced = -1  # last round whose SYNC this worker sent
+        self.done = False
+        self.packets_in_round = 0
+
+
+class Source:
+    """Migrates a :class:`GuestRAM` to a :class:`~mpmultifd.Destination` while its owner keeps writing.
+
+    ``migrate()`` blocks the calling thread, which runs the precopy loop;
+    ``query()`` and ``cancel()`` may be called from any other thread meanwhile.
+    A Source runs one migration at a time; workers it starts end with the
+    migration, and ``close()`` releases whatever is left.
+    """
+
+    def __init__(self, ram: GuestRAM, config: MigrationConfig | None = None) -> None:
+        self.ram = ram
+        self.config = config if config is not None else MigrationConfig()
+        self._lock = threading.Lock()
+        self._status = "none"
+        self._cancel_requested = False
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self._channels: list[_Channel] = []
+        self._control: socket.socket | None = None
+        self._decoder = ControlDecoder()
+        self._early: list[Any] = []
+        self._running = False
+        self._closed = False
+        self._reset_stats()
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def status(self) -> str:
+        """QEMU's status word: none, setup, active, device, completed, failed, cancelling, cancelled."""
+        return self._status
+
+    def migrate(
+        self,
+        address: Address,
+        pause: Callable[[], Any] | None = None,
+        resume: Callable[[], Any] | None = None,
+    ) -> MigrationResult:
+        """Migrate the region to the destination listening at ``address``; blocks until done.
+
+        ``pause()`` is called once, when the remaining dirty pages fit in the
+        downtime limit: the writer must stop dirtying pages until the migration
+        ends. ``resume()`` is called only if the migration fails or is
+        cancelled after ``pause()``. Raises :class:`MigrationError` (a
+        subclass says what went wrong) on failure.
+        """
+        with self._lock:
+            if self._closed:
+                raise MigrationError("this Source is closed")
+            if self._running:
+                raise MigrationError("a migration is already running on this Source")
+            self._running = True
+            self._reset_stats()
+            cancelled_early = self._cancel_requested
+        if cancelled_early:
+            self._set_status("cancelled")
+            self._running = False
+            raise MigrationCancelled("cancelled before the migration started")
+        paused = False
+        error: BaseException | None = None
+        try:
+            get_method(self.config.compression)  # an unknown method fails before any byte moves
+            self._t_start = time.monotonic()
+            self._set_status("setup")
+            result, paused = self._run(address, pause)
+            self._set_status("completed")
+            return result
+        except BaseException as exc:
+            error = exc
+            raise self._fail(exc) from (None if isinstance(exc, MigrationError) else exc)
+        finally:
+            self._shutdown(error)
+            if error is not None and self._paused_at is not None and resume is not None:
+                try:
+                    resume()
+                except Exception:
+                    log.exception("resume() failed after a failed migration")
+            self._t_end = time.monotonic()
+            self._running = False
+
+    def cancel(self) -> None:
+        """Ask the running migration to stop; idempotent, and safe from any thread or a signal handler.
+
+        The migration ends with :class:`MigrationCancelled` and status
+        ``cancelled``; a cancel before ``migrate()`` makes it fail at once.
+        """
+        self._cancel_requested = True
+        if self._status in ("setup", "active", "device"):
+            self._status = "cancelling"
+        try:
+            os.write(self._wake_w, b"c")
+        except (BlockingIOError, OSError):
+            pass
+
+    def query(self) -> dict[str, Any]:
+        """A ``query-migrate``-shaped snapshot; cheap, callable from any thread at any time."""
+        now = time.monotonic()
+        t_end = self._t_end if self._t_end is not None else now
+        total_time = (t_end - self._t_start) if self._t_start is not None else 0.0
+        per_channel = self._channel_counters()
+        transferred = sum(c["bytes"] for c in per_channel) + self._bytes_before
+        normal = sum(c["normal"] for c in per_channel) + self._normal_before
+        duplicate = sum(c["duplicate"] for c in per_channel) + self._dup_before
+        ps = self.ram.page_size
+        elapsed_active = max(total_time - self._setup_time, 1e-9)
+        info: dict[str, Any] = {
+            "status": self._status,
+            "total-time": int(total_time * 1000),
+            "setup-time": int(self._setup_time * 1000),
+            "expected-downtime": int(self._expected_downtime * 1000),
+            "ram": {
+                "transferred": transferred,
+                "remaining": self._remaining_pages * ps,
+                "total": self.ram.total_size,
+                "duplicate": duplicate,
+                "normal": normal,
+                "normal-bytes": normal * ps,
+                "page-size": ps,
+                "dirty-pages-rate": int(self._dirty_rate),
+                "mbps": transferred * 8 / 1e6 / elapsed_active if self._setup_time else 0.0,
+                "dirty-sync-count": self._dirty_syncs,
+                "multifd-bytes": transferred,
+                "dirty-sync-missed-zero-copy": 0,
+            },
+            "rounds": self._round,
+            "channels": per_channel,
+            "config": self.config.to_dict(),
+        }
+        if self._downtime is not None:
+            info["downtime"] = int(self._downtime * 1000)
+        if self._error is not None:
+            info["error-desc"] = str(self._error)
+        return info
+
+    def close(self) -> None:
+        """Release workers and shared memory; idempotent. Cancels a running migration first."""
+        if self._running:
+            self.cancel()
+            deadline = time.monotonic() + self.config.timeout + _JOIN_GRACE
+            while self._running and time.monotonic() < deadline:
+                time.sleep(0.01)
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._shutdown(None)
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def __enter__(self) -> "Source":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ state
+
+    def _reset_stats(self) -> None:
+        self._t_start: float | None = None
+        self._t_end: float | None = None
+        self._paused_at: float | None = None
+        self._setup_time = 0.0
+        self._downtime: float | None = None
+        self._expected_downtime = 0.0
+        self._remaining_pages = self.ram.total_pages
+        self._dirty_rate = 0.0
+        self._dirty_syncs = 0
+        self._round = 0
+        self._error: BaseException | None = None
+        self._bytes_before = self._normal_before = self._dup_before = 0
+        self._confirmed_round = -1
+
+    def _set_status(self, status: str) -> None:
+        if self._status != status:
+            log.info("migration status %s -> %s", self._status, status)
+            self._status = status
+
+    def _channel_counters(self) -> list[dict[str, int]]:
+        out = []
+        for ch in list(self._channels):
+            try:
+                c = ch.ring.counters
+                out.append({"channel": ch.index, **{name: int(c[i]) for name, i in COUNTERS.items()}})
+            except (ValueError, AttributeError):  # ring already closed
+                pass
+        return out
+
+    def _fail(self, exc: BaseException) -> MigrationError:
+        if isinstance(exc, MigrationCancelled) or (self._cancel_requested and not isinstance(exc, MigrationError)):
+            err: MigrationError = exc if isinstance(exc, MigrationCancelled) else MigrationCancelled("cancelled")
+            self._set_status("cancelled")
+        else:
+            if isinstance(exc, MigrationError):
+                err = exc
+            elif isinstance(exc, OSError):
+                err = ChannelBroken(f"{type(exc).__name__}: {exc}")
+            else:
+                err = MigrationError(f"{type(exc).__name__}: {exc}")
+            self._set_status("failed")
+        self._error = err
+        log.warning("migration %s: %s", self._status, err)
+        return err
+
+    # ------------------------------------------------------------------ the run
+
+    def _run(self, address: Address, pause: Callable[[], Any] | None) -> tuple[MigrationResult, bool]:
+        cfg = self.config
+        ram = self.ram
+        session = secrets.token_bytes(16)
+        self._check_cancel()
+        ctrl = connect(address, cfg.timeout)
+        self._control = ctrl
+        config_msg = Config(
+            session_id=session,
+            page_size=ram.page_size,
+            channels=cfg.channels,
+            packet_pages=cfg.packet_pages,
+            blocks=tuple(BlockSpec(b.name, b.size) for b in ram.blocks),
+            method=cfg.compression,
+            method_options={"level": cfg.compression_level},
+            zero_page=cfg.zero_page,
+            verify=cfg.verify,
+        )
+        ctrl.sendall(encode_hello(Hello(KIND_CONTROL, session, CONTROL_CHANNEL, cfg.channels)) + encode_control(config_msg))
+        ctrl.setblocking(False)
+        reply = self._next_control(time.monotonic() + cfg.timeout, "the destination's answer to the configuration")
+        if not isinstance(reply, ConfigAck):
+            raise RemoteProtocolError(f"expected CONFIG_ACK, got {type(reply).__name__}", field="type")
+        self._start_channels(address, session)
+        self._setup_time = time.monotonic() - self._t_start
+        self._set_status("active")
+        return self._precopy(pause), self._paused_at is not None
+
+    def _start_channels(self, address: Address, session: bytes) -> None:
+        cfg = self.config
+        ctx = mp_context(cfg.start_method)
+        spec_base = dict(
+            page_size=self.ram.page_size,
+            packet_pages=cfg.packet_pages,
+            block_sizes=tuple(b.size for b in self.ram.blocks),
+            method=cfg.compression,
+            level=cfg.compression_level,
+            options={},
+            zero_page=cfg.zero_page,
+        )
+        for i in range(cfg.channels):
+            self._check_cancel()
+            ring = Ring.create(nslots=cfg.ring_slots, capacity=cfg.packet_pages)
+            try:
+                sock = connect(address, cfg.timeout)
+            except BaseException:
+                ring.close()
+                ring.unlink()
+                raise
+            try:
+                sock.sendall(encode_hello(Hello(HELLO_DATA, session, i, cfg.channels)))
+                parent_conn, child_conn = ctx.Pipe()
+                proc = ctx.Process(
+                    target=sender_main,
+                    args=(WorkerSpec(channel=i, **spec_base), self.ram, ring, sock, child_conn),
+                    name=f"mpmultifd-send-{i}",
+                    daemon=True,
+                )
+                proc.start()
+                child_conn.close()
+            except BaseException:
+                ring.close()
+                ring.unlink()
+                sock.close()
+                raise
+            self._channels.append(_Channel(i, ring, sock, proc, parent_conn))
+
+    def _precopy(self, pause: Callable[[], Any] | None) -> MigrationResult:
+        cfg = self.config
+        ram = self.ram
+        ps = ram.page_size
+        nblocks = len(ram.blocks)
+        self._packet_num = 0
+        # round 0 sends everything; clear the marks first so writes made from now on are seen again
+        for b in ram.blocks:
+            ram.snapshot_dirty(b.index)
+        pending = [np.arange(b.npages, dtype=np.int64) for b in ram.blocks]
+        rnd = 0
+        bytes_sent_total = 0
+        send_time_total = 0.0
+        converged = True
+        while True:
+            t_round = time.monotonic()
+            before = self._wire_bytes()
+            self._round = rnd
+            self._send_round(rnd, pending, final=False)
+            self._wait_synced(rnd)
+            elapsed = time.monotonic() - t_round
+            sent = self._wire_bytes() - before
+            bytes_sent_total += sent
+            send_time_total += elapsed
+            bandwidth = bytes_sent_total / send_time_total if send_time_total > 0 else 0.0
+            # dirty sync: what the writer changed while this round was on the wire
+            pending = [ram.snapshot_dirty(i) for i in range(nblocks)]
+            self._dirty_syncs += 1
+            remaining = sum(len(p) for p in pending)
+            self._remaining_pages = remaining
+            self._dirty_rate = remaining / elapsed if elapsed > 0 else 0.0
+            self._expected_downtime = remaining * ps / bandwidth if bandwidth > 0 else float("inf")
+            log.info(
+                "round %d: %d bytes in %.3f s, %d pages dirty, expected downtime %.3f s",
+                rnd,
+                sent,
+                elapsed,
+                remaining,
+                self._expected_downtime,
+            )
+            rnd += 1
+            if self._expected_downtime <= cfg.downtime_limit:
+                break
+            if rnd >= cfg.max_rounds:
+                converged = False
+                log.warning(
+                    "max_rounds=%d reached with expected downtime %.3f s above the limit %.3f s; switching over",
+                    cfg.max_rounds,
+                    self._expected_downtime,
+                    cfg.downtime_limit,
+                )
+                break
+        return self._switchover(rnd, pending, pause, converged)
+
+    def _switchover(
+        self, rnd: int, pending: list[np.ndarray], pause: Callable[[], Any] | None, converged: bool
+    ) -> MigrationResult:
+        cfg = self.config
+        ram = self.ram
+        self._check_cancel()
+        expected = self._expected_downtime
+        self._paused_at = time.monotonic()
+        if pause is not None:
+            pause()
+        self._set_status("device")
+        # pages dirtied between the last sync and the pause
+        final = [np.union1d(p, ram.snapshot_dirty(i)) for i, p in enumerate(pending)]
+        self._dirty_syncs += 1
+        self._round = rnd
+        self._send_round(rnd, final, final=True)
+        if cfg.verify:
+            for b in ram.blocks:
+                self._control_send(Verify(b.index, fingerprint_pages(ram.pages(b.index))))
+        self._wait_done()
+        deadline = time.monotonic() + cfg.timeout + 2.0 * ram.total_size / (1 << 30)
+        while True:
+            msg = self._next_control(deadline, "the destination's result")
+            if isinstance(msg, Result):
+                break
+            if not isinstance(msg, RoundAck):
+                raise RemoteProtocolError(f"expected RESULT, got {type(msg).__name__}", field="type")
+        self._downtime = time.monotonic() - self._paused_at
+        self._remaining_pages = 0
+        if not msg.ok:
+            if msg.mismatches:
+                raise VerificationError(msg.error or "verification failed", mismatches=msg.mismatches)
+            raise MigrationError(f"destination reported failure: {msg.error}")
+        self._t_end = time.monotonic()
+        q = self.query()
+        return MigrationResult(
+            status="completed",
+            total_time=self._t_end - self._t_start,
+            setup_time=self._setup_time,
+            downtime=self._downtime,
+            rounds=rnd + 1,
+            total=ram.total_size,
+            transferred=q["ram"]["transferred"],
+            normal=q["ram"]["normal"],
+            duplicate=q["ram"]["duplicate"],
+            verified=msg.verified,
+            converged=converged,
+            expected_downtime=expected,
+            channels=cfg.channels,
+            method=cfg.compression,
+            per_channel=tuple(q["channels"]),
+        )
+
+    # ------------------------------------------------------------------ rounds
+
+    def _wire_bytes(self) -> int:
+        return sum(int(ch.ring.counters[C_WIRE_BYTES]) for ch in self._channels)
+
+    def _send_round(self, rnd: int, pending: list[np.ndarray], *, final: bool) -> None:
+        """Cut the round's pages into batches and hand them to the emptiest rings, then SYNC (or EOS)."""
+        chans = self._channels
+        n = self.config.packet_pages
+        for ch in chans:
+            ch.packets_in_round = 0
+        for block, pages in enumerate(pending):
+            for start in range(0, len(pages), n):
+                ch = min(chans, key=lambda c: len(c.ring))
+                self._push(ch, KIND_DATA, block, rnd, pages[start : start + n])
+                ch.packets_in_round += 1
+        kind = KIND_EOS if final else KIND_SYNC
+        for ch in chans:
+            self._push(ch, kind, 0, rnd, None)
+        counts = tuple(ch.packets_in_round for ch in chans)
+        self._control_send(Complete(rnd, counts) if final else RoundEnd(rnd, counts))
+
+    def _push(self, ch: _Channel, kind: int, block: int, rnd: int, pages: np.ndarray | None) -> None:
+        num = self._packet_num
+        self._packet_num += 1
+        while True:
+            try:
+                ch.ring.push(kind, block, rnd, num, pages, timeout=0.1)
+                return
+            except RingTimeout:
+                self._pump(0)  # full ring: is anyone failing, or cancelling?
+            except RingClosed:
+                self._pump(0.5)
+                raise WorkerDied("worker stopped taking batches", channel=ch.index) from None
+
+    def _wait_synced(self, rnd: int) -> None:
+        while any(ch.synced < rnd for ch in self._channels):
+            self._pump(1.0)
+
+    def _wait_done(self) -> None:
+        while not all(ch.done for ch in self._channels):
+            self._pump(1.0)
+
+    # ------------------------------------------------------------------ events
+
+    def _check_cancel(self) -> None:
+        if self._cancel_requested:
+            raise MigrationCancelled("cancelled")
+
+    def _pump(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for worker, control or cancel events and handle them; raises on failure."""
+        self._check_cancel()
+        waitables: list[Any] = [self._wake_r]
+        for ch in self._channels:
+            waitables.append(ch.conn)
+            waitables.append(ch.proc.sentinel)
+        if self._control is not None:
+            waitables.append(self._control)
+        ready = mp_wait(waitables, timeout)
+        if not ready:
+            return
+        self._check_cancel()
+        for ch in self._channels:
+            if ch.conn in ready:
+                self._worker_message(ch)
+        if self._control is not None and self._control in ready:
+            self._read_control()
+            msg = self._decoder.next_message()
+            while msg is not None:
+                self._control_message(msg)
+                msg = self._decoder.next_message()
+        for ch in self._channels:
+            if ch.proc.sentinel in ready and not ch.done:
+                # give its last report a moment to arrive, then blame the death
+                if ch.conn.poll(0.2):
+                    self._worker_message(ch)
+                raise WorkerDied(f"worker process exited with code {ch.proc.exitcode}", channel=ch.index)
+
+    def _worker_message(self, ch: _Channel) -> None:
+        try:
+            msg = ch.conn.recv()
+        except (EOFError, OSError):
+            if ch.done:
+                return
+            ch.proc.join(0.5)
+            raise WorkerDied(f"worker process exited with code {ch.proc.exitcode}", channel=ch.index) from None
+        kind = msg[0]
+        if kind == "synced":
+            ch.synced = msg[1]
+        elif kind == "done":
+            ch.synced = msg[1]
+            ch.done = True
+        elif kind == "error":
+            raise error_from_report(ch.index, msg)
+
+    def _read_control(self) -> None:
+        assert self._control is not None
+        try:
+            data = self._control.recv(1 << 20)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            raise ChannelBroken(f"control connection failed: {e}") from e
+        if not data:
+            raise ChannelClosed("the destination closed the control connection")
+        self._decoder.feed(data)
+
+    def _control_message(self, msg: Any) -> None:
+        if isinstance(msg, ErrorMessage):
+            raise MigrationError(f"destination failed: {msg.message}", channel=msg.channel)
+        if isinstance(msg, RoundAck):
+            self._confirmed_round = max(self._confirmed_round, msg.round)
+            return
+        self._early.append(msg)
+
+    def _next_control(self, deadline: float, what: str) -> Any:
+        """The next control message that is not a progress note, waiting until ``deadline``."""
+        while True:
+            if self._early:
+                return self._early.pop(0)
+            msg = self._decoder.next_message()
+            if msg is not None:
+                self._control_message(msg)
+                continue
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ChannelBroken(f"timed out waiting for {what}")
+            self._pump(min(left, 1.0))
+
+    def _control_send(self, msg: Any) -> None:
+        assert self._control is not None
+        data = memoryview(encode_control(msg))
+        while data:
+            try:
+                n = self._control.send(data)
+                data = data[n:]
+            except BlockingIOError:
+                mp_wait([self._control], 0.1)  # a big VERIFY can fill the buffer
+                self._pump(0)
+            except OSError as e:
+                raise ChannelBroken(f"control connection failed: {e}") from e
+
+    # ------------------------------------------------------------------ teardown
+
+    def _shutdown(self, error: BaseException | None) -> None:
+        """Stop workers, close sockets, release rings: every path ends here."""
+        chans, self._channels = self._channels, []
+        if chans:
+            # keep the last counters for query() after the rings are gone
+            for c in self._channel_counters_of(chans):
+                self._bytes_before += c["bytes"]
+                self._normal_before += c["normal"]
+                self._dup_before += c["duplicate"]
+        ctrl, self._control = self._control, None
+        if error is not None and ctrl is not None:
+            msg = Cancel() if isinstance(error, MigrationCancelled) or self._cancel_requested else ErrorMessage(
+                "source-failed", str(error)[:1000]
+            )
+            try:
+                ctrl.setblocking(True)
+                ctrl.settimeout(0.5)
+                ctrl.sendall(encode_control(msg))
+            except OSError:
+                pass
+        for ch in chans:
+            if not ch.done:
+                ch.ring.try_push(KIND_STOP, 0, 0, 0, None)
+                try:
+                    ch.conn.send(("stop",))
+                except (OSError, ValueError):
+                    pass
+                try:
+                    ch.sock.shutdown(socket.SHUT_RDWR)  # unblocks a worker stuck in sendmsg
+                except OSError:
+                    pass
+            ch.ring.close_producer()
+        deadline = time.monotonic() + _JOIN_GRACE
+        for ch in chans:
+            ch.proc.join(max(0.0, deadline - time.monotonic()))
+        for ch in chans:
+            if ch.proc.is_alive():
+                ch.proc.kill()
+                ch.proc.join(5.0)
+            ch.proc.close() if ch.proc.exitcode is not None else None
+            ch.conn.close()
+            ch.sock.close()
+            ch.ring.close()
+            ch.ring.unlink()
+        if ctrl is not None:
+            ctrl.close()
+        self._decoder = ControlDecoder()
+        self._early = []
+
+    @staticmethod
+    def _channel_counters_of(chans: list[_Channel]) -> list[dict[str, int]]:
+        out = []
+        for ch in chans:
+            c = ch.ring.counters
+            out.append({name: int(c[i]) for name, i in COUNTERS.items()})
+        return out
+

@@ -1,0 +1,205 @@
+"""Helpers for demos, benchmarks and tests: synthetic guests, a dirtying writer, a destination process.
+
+These are real components (processes, sockets, shared memory), not fakes:
+``DirtyingWriter`` is a separate process that writes pages and marks them the
+way a cooperating guest would, and ``RemoteDestination`` runs a
+:class:`~mpmultifd.Destination` in its own process, as on another host.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from typing import Any
+
+import numpy as np
+
+from .config import MigrationConfig
+from .errors import MigrationError
+from .ram import GuestRAM
+
+__all__ = ["CONTENTS", "fill", "DirtyingWriter", "RemoteDestination"]
+
+CONTENTS = ("random", "half-zero", "zero", "mixed")
+
+
+def fill(ram: GuestRAM, content: str = "half-zero", seed: int = 0) -> None:
+    """Fill every block: ``random`` (incompressible), ``half-zero`` (random pages, half of them
+    zero), ``zero``, or ``mixed`` (a quarter each of zero, random, text-like and repeated-word pages)."""
+    if content not in CONTENTS:
+        raise ValueError(f"content must be one of {', '.join(CONTENTS)}, not {content!r}")
+    rng = np.random.default_rng(seed)
+    for b in ram.blocks:
+        grid = ram.pages(b.index)
+        if content == "zero":
+            grid[:] = 0
+            continue
+        chunk = 4096  # pages at a time, so no temporary grows with the region
+        for start in range(0, b.npages, chunk):
+            g = grid[start : start + chunk]
+            g[:] = rng.integers(0, 256, size=g.shape, dtype=np.uint8)
+            if content == "half-zero":
+                g[rng.random(len(g)) < 0.5] = 0
+            elif content == "mixed":
+                kind = rng.integers(0, 4, size=len(g))
+                g[kind == 0] = 0
+                text = rng.integers(97, 123, size=(int((kind == 2).sum()), g.shape[1]), dtype=np.uint8)
+                text[:, ::7] = 32
+                g[kind == 2] = text
+                words = g[kind == 3].view(np.uint64)
+                words[:] = words[:, :1]
+                g[kind == 3] = words.view(np.uint8)
+
+
+def _writer_main(ram_name: str, stop: Any, stopped: Any, started: Any, count: Any, seed: int, rate: float) -> None:
+    ram = GuestRAM.attach(ram_name)
+    rng = np.random.default_rng(seed)
+    ps = ram.page_size
+    blocks = [(b.index, b.npages) for b in ram.blocks]
+    n = 0
+    group = 16
+    t_next = time.monotonic()
+    try:
+        while not stop.is_set():
+            for _ in range(group):
+                block, npages = blocks[n % len(blocks)]
+                length = int(rng.integers(1, 3 * ps))
+                off = int(rng.integers(0, npages * ps - length + 1))
+                ram.write(block, off, rng.integers(0, 256, size=length, dtype=np.uint8).tobytes())
+                n += 1
+            count.value = n
+            if n >= 64:
+                started.set()
+            if rate:
+                t_next += group / rate
+                pause = t_next - time.monotonic()
+                if pause > 0:
+                    time.sleep(pause)
+                else:
+                    t_next = time.monotonic()
+    finally:
+        count.value = n
+        started.set()
+        stopped.set()
+        ram.close()
+
+
+class DirtyingWriter:
+    """A process that keeps writing random bytes into a region and marking them dirty.
+
+    ``rate`` is writes per second (each of 1 byte to 3 pages at a random
+    offset); 0 means as fast as it can.
+
+    Use :meth:`pause` as the migration's ``pause`` callback: it stops the
+    writer and returns once it has stopped writing.
+    """
+
+    def __init__(self, ram_name: str, *, seed: int = 1, rate: float = 5000.0, start_method: str = "spawn") -> None:
+        ctx = multiprocessing.get_context(start_method)
+        self._stop, self._stopped, self._started = ctx.Event(), ctx.Event(), ctx.Event()
+        self._count = ctx.Value("q", 0, lock=False)
+        self._proc = ctx.Process(
+            target=_writer_main,
+            args=(ram_name, self._stop, self._stopped, self._started, self._count, seed, rate),
+            name="mpmultifd-writer",
+            daemon=True,
+        )
+        self.pauses = 0
+
+    def start(self, timeout: float = 30.0) -> "DirtyingWriter":
+        self._proc.start()
+        if not self._started.wait(timeout):
+            raise RuntimeError("writer did not start")
+        return self
+
+    @property
+    def writes(self) -> int:
+        return int(self._count.value)
+
+    def pause(self) -> None:
+        """Stop writing; returns once the writer wrote its last byte."""
+        self.pauses += 1
+        self._stop.set()
+        if not self._stopped.wait(30):
+            raise RuntimeError("writer did not stop")
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._proc.pid is not None:
+            self._proc.join(10)
+            if self._proc.is_alive():
+                self._proc.kill()
+                self._proc.join()
+
+    def __enter__(self) -> "DirtyingWriter":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _destination_main(ram_name: str, listen: tuple[str, int], config: MigrationConfig, conn: Any) -> None:
+    from .destination import Destination
+
+    ram = GuestRAM.attach(ram_name)
+    try:
+        with Destination(ram, listen, config) as dst:
+            conn.send(("address", dst.address))
+            try:
+                res = dst.wait()
+                conn.send(("ok", res, dst.valid))
+            except MigrationError as e:
+                conn.send(("error", e, dst.valid))
+    finally:
+        ram.close()
+
+
+class RemoteDestination:
+    """A :class:`~mpmultifd.Destination` receiving into ``ram_name`` in its own process."""
+
+    def __init__(
+        self,
+        ram_name: str,
+        config: MigrationConfig | None = None,
+        *,
+        listen: tuple[str, int] = ("127.0.0.1", 0),
+        start_method: str = "spawn",
+        timeout: float = 60.0,
+    ) -> None:
+        ctx = multiprocessing.get_context(start_method)
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(
+            target=_destination_main,
+            args=(ram_name, listen, config or MigrationConfig(), child),
+            name="mpmultifd-destination",  # not a daemon: it starts worker processes
+        )
+        self._proc.start()
+        child.close()
+        if not self._conn.poll(timeout):
+            self.close()
+            raise RuntimeError("destination process did not start")
+        _, self.address = self._conn.recv()
+        self.valid: bool | None = None
+
+    def result(self, timeout: float = 120.0):
+        """The destination's MigrationResult; raises its MigrationError."""
+        if not self._conn.poll(timeout):
+            raise TimeoutError("destination did not report")
+        kind, value, self.valid = self._conn.recv()
+        if kind == "error":
+            raise value
+        return value
+
+    def close(self) -> None:
+        if self._proc.is_alive():
+            self._proc.join(30)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join()
+        self._conn.close()
+
+    def __enter__(self) -> "RemoteDestination":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

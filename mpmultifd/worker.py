@@ -1,0 +1,327 @@
+"""Channel worker processes: one per data channel on each end.
+
+A **sender** pops page batches from its ring, detects zero pages, lets the
+method turn the rest into IOVs (``send_prepare``), and writes header + IOVs
+with one ``sendmsg``. A **receiver** reads a header, validates it, and puts
+the pages into the destination's shared RAM; at a SYNC it parks until its
+coordinator says every channel got there.
+
+Workers talk to their coordinator through a ``multiprocessing`` connection
+(rare events: synced, done, error) and publish counters in shared memory (the
+ring's counter words), which the coordinator reads at any time for ``query()``.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import time
+import traceback
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any
+
+import numpy as np
+
+from . import errors
+from ._shm import Segment
+from .errors import ChannelBroken, ChannelClosed, MigrationError, RemoteProtocolError
+from .methods import PageBatch, PageSink, Prepared, get_method
+from .ram import GuestRAM
+from .ring import KIND_DATA, KIND_EOS, KIND_STOP, KIND_SYNC, Ring
+from .transport import recv_exact_into, sendmsg_all
+from .wire import (
+    ENCODING_RAW,
+    FLAG_EOS,
+    FLAG_SYNC,
+    ChannelState,
+    DataHeaderDecoder,
+    DataHeaderEncoder,
+)
+
+__all__ = ["WorkerSpec", "sender_main", "receiver_main", "COUNTERS", "error_from_report"]
+
+# counter words (in the channel's ring segment on the source, in a stats
+# segment on the destination); written by the worker only
+C_PACKETS = 0
+C_NORMAL = 1
+C_ZERO = 2
+C_WIRE_BYTES = 3
+C_PAYLOAD = 4
+C_ROUND_DONE = 5  # last round whose SYNC was handled, plus one
+C_SYSCALLS = 6
+C_BUSY_NS = 7
+C_ZERO_WRITTEN = 8
+COUNTERS = {
+    "packets": C_PACKETS,
+    "normal": C_NORMAL,
+    "duplicate": C_ZERO,
+    "bytes": C_WIRE_BYTES,
+    "payload-bytes": C_PAYLOAD,
+    "syscalls": C_SYSCALLS,
+    "busy-ns": C_BUSY_NS,
+}
+
+_POLL = 0.25  # seconds between liveness checks while idle
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker needs besides its RAM, socket, ring and connection (picklable)."""
+
+    channel: int
+    page_size: int
+    packet_pages: int
+    block_sizes: tuple[int, ...]
+    method: str = "none"
+    level: int | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    zero_page: str = "multifd"
+
+
+def _child_setup() -> None:
+    # Ctrl-C belongs to the agent: the coordinator cancels and stops us in order
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _report(conn: Connection, exc: BaseException) -> None:
+    field_name = getattr(exc, "field", None)
+    try:
+        conn.send(("error", type(exc).__name__, str(exc), field_name, traceback.format_exc(limit=8)))
+    except (OSError, ValueError):
+        pass  # the coordinator is gone; it will notice our exit instead
+
+
+def error_from_report(channel: int, report: tuple) -> MigrationError:
+    """Rebuild a worker's error report as a typed exception naming the channel."""
+    _, cls_name, message, field_name, tb = report
+    cls = getattr(errors, cls_name, None)
+    if isinstance(cls, type) and issubclass(cls, errors.ProtocolError):
+        err: MigrationError = cls(message, field=field_name, channel=channel)
+    elif isinstance(cls, type) and issubclass(cls, MigrationError) and cls is not errors.VerificationError:
+        err = cls(message, channel=channel)
+    elif cls_name in ("ConnectionResetError", "BrokenPipeError", "ConnectionAbortedError", "TimeoutError", "OSError"):
+        err = ChannelBroken(f"{cls_name}: {message}", channel=channel)
+    else:
+        err = MigrationError(f"worker failed with {cls_name}: {message}", channel=channel)
+    err.worker_traceback = tb  # type: ignore[attr-defined]
+    return err
+
+
+def _parent_gone(conn: Connection) -> bool:
+    """True when the coordinator closed our connection or asked us to stop."""
+    try:
+        if conn.poll():
+            msg = conn.recv()
+            return msg == ("stop",)
+    except (EOFError, OSError):
+        return True
+    return False
+
+
+# --------------------------------------------------------------------------- sender
+
+
+def sender_main(spec: WorkerSpec, ram: GuestRAM, ring: Ring, sock: socket.socket, conn: Connection) -> None:
+    """Entry point of a source channel worker."""
+    _child_setup()
+    try:
+        _run_sender(spec, ram, ring, sock, conn)
+    except BaseException as exc:  # every failure is reported, then the process ends
+        _report(conn, exc)
+        raise SystemExit(1) from None
+    finally:
+        ring.close_consumer()
+        ring.close()
+        ram.close()
+        sock.close()
+
+
+def _run_sender(spec: WorkerSpec, ram: GuestRAM, ring: Ring, sock: socket.socket, conn: Connection) -> None:
+    ps = spec.page_size
+    grids = [ram.pages(b.index) for b in ram.blocks]
+    words = [g.view(np.uint64) for g in grids]
+    datas = [memoryview(ram.view(b.index)).cast("B") for b in ram.blocks]
+    method = get_method(spec.method)(spec.level, spec.options)
+    sender = method.sender(ps, spec.packet_pages)
+    detect_zero = spec.zero_page == "multifd"
+    encoder = DataHeaderEncoder(spec.packet_pages)
+    counters = ring.counters
+    no_pages = np.empty(0, dtype=np.int64)
+    try:
+        while True:
+            batch = ring.pop(timeout=_POLL)
+            if batch is None:
+                if _parent_gone(conn):
+                    return
+                continue
+            t0 = time.perf_counter_ns()
+            if batch.kind == KIND_DATA:
+                blk = batch.block
+                pages = batch.pages.astype(np.intp, copy=False)
+                n = len(pages)
+                if detect_zero and n:
+                    first = int(pages[0])
+                    if int(pages[-1]) - first == n - 1:  # batches are sorted: a range is one run
+                        nonzero = words[blk][first : first + n].any(axis=1)
+                    else:
+                        nonzero = words[blk][pages].any(axis=1)
+                    normal = pages[nonzero]
+                    zero = pages[~nonzero]
+                else:
+                    normal, zero = pages, no_pages
+                if len(normal):
+                    prep = sender.send_prepare(PageBatch(blk, ps, normal, datas[blk], grids[blk]))
+                else:
+                    prep = Prepared(ENCODING_RAW, (), 0)
+                header = encoder.encode(
+                    encoding=prep.encoding,
+                    block=blk,
+                    round=batch.round,
+                    packet_num=batch.packet_num,
+                    normal_offsets=normal * ps,
+                    zero_offsets=zero * ps,
+                    payload_len=prep.payload_len,
+                )
+                counters[C_SYSCALLS] += sendmsg_all(sock, [header, *prep.iovs])
+                counters[C_PACKETS] += 1
+                counters[C_NORMAL] += len(normal)
+                counters[C_ZERO] += len(zero)
+                counters[C_PAYLOAD] += prep.payload_len
+                counters[C_WIRE_BYTES] += encoder.size + prep.payload_len
+            elif batch.kind in (KIND_SYNC, KIND_EOS):
+                flags = FLAG_SYNC if batch.kind == KIND_SYNC else FLAG_EOS
+                header = encoder.encode(flags=flags, round=batch.round, packet_num=batch.packet_num)
+                counters[C_SYSCALLS] += sendmsg_all(sock, [header])
+                counters[C_WIRE_BYTES] += encoder.size
+                counters[C_ROUND_DONE] = batch.round + 1
+                if batch.kind == KIND_EOS:
+                    counters[C_BUSY_NS] += time.perf_counter_ns() - t0
+                    conn.send(("done", batch.round))
+                    return
+                conn.send(("synced", batch.round))
+            elif batch.kind == KIND_STOP:
+                return
+            counters[C_BUSY_NS] += time.perf_counter_ns() - t0
+    finally:
+        sender.cleanup()
+        del grids, words, datas
+
+
+# --------------------------------------------------------------------------- receiver
+
+
+def receiver_main(
+    spec: WorkerSpec,
+    ram: GuestRAM,
+    received_name: str,
+    stats_name: str,
+    sock: socket.socket,
+    conn: Connection,
+) -> None:
+    """Entry point of a destination channel worker."""
+    _child_setup()
+    received = Segment.attach(received_name)
+    stats = Segment.attach(stats_name)
+    try:
+        _run_receiver(spec, ram, received, stats, sock, conn)
+    except _Stopped:
+        pass
+    except BaseException as exc:
+        _report(conn, exc)
+        raise SystemExit(1) from None
+    finally:
+        received.close()
+        stats.close()
+        ram.close()
+        sock.close()
+
+
+def received_offsets(ram: GuestRAM) -> list[int]:
+    """Byte offset of each block's map in the "received" segment (64-byte aligned)."""
+    offs, pos = [], 0
+    for b in ram.blocks:
+        offs.append(pos)
+        pos += (b.npages + 63) // 64 * 64
+    offs.append(pos)
+    return offs
+
+
+STATS_WORDS = 32
+
+
+def _run_receiver(
+    spec: WorkerSpec, ram: GuestRAM, received: Segment, stats: Segment, sock: socket.socket, conn: Connection
+) -> None:
+    ps = spec.page_size
+    ch = spec.channel
+    grids = [ram.pages(b.index) for b in ram.blocks]
+    datas = [memoryview(ram.view(b.index)).cast("B") for b in ram.blocks]
+    roffs = received_offsets(ram)
+    rmaps = [
+        np.frombuffer(received.buf, dtype=np.uint8, count=b.npages, offset=roffs[b.index]) for b in ram.blocks
+    ]
+    counters = np.frombuffer(stats.buf, dtype=np.uint64, count=STATS_WORDS, offset=ch * STATS_WORDS * 8)
+    sink = PageSink(grids, datas, rmaps)
+    method = get_method(spec.method)(spec.level, spec.options)
+    receiver = method.receiver(ps, spec.packet_pages)
+    decoder = DataHeaderDecoder(
+        packet_pages=spec.packet_pages,
+        page_size=ps,
+        block_sizes=spec.block_sizes,
+        encodings=method.encodings | {ENCODING_RAW},
+        max_payload=method.max_payload(ps, spec.packet_pages),
+    )
+    state = ChannelState()
+    hbuf = bytearray(decoder.size)
+    hview = memoryview(hbuf)
+    try:
+        while True:
+            try:
+                recv_exact_into(sock, hview)
+            except ChannelClosed as e:
+                raise ChannelClosed(f"source closed the channel before end of stream ({e})", channel=ch) from None
+            t0 = time.perf_counter_ns()
+            header = decoder.decode(hbuf)
+            state.check(header)
+            counters[C_WIRE_BYTES] += decoder.size + header.payload_len
+            if header.is_eos:
+                counters[C_ROUND_DONE] = header.round + 1
+                conn.send(("eos", header.round, state.packets_in_round))
+                return
+            if header.is_sync:
+                counters[C_ROUND_DONE] = header.round + 1
+                conn.send(("sync", header.round, state.packets_in_round))
+                _wait_release(conn, ch)
+                state.next_round()
+                continue
+            if header.zero:
+                zero_pages = (header.zero_offsets // ps).astype(np.intp)
+                counters[C_ZERO_WRITTEN] += sink.write_zero(header.block, zero_pages)
+                counters[C_ZERO] += header.zero
+            if header.normal:
+                receiver.recv(header, sock, sink)
+                counters[C_NORMAL] += header.normal
+                counters[C_PAYLOAD] += header.payload_len
+            counters[C_PACKETS] += 1
+            counters[C_BUSY_NS] += time.perf_counter_ns() - t0
+    finally:
+        receiver.cleanup()
+        del grids, datas, rmaps, counters, sink
+
+
+class _Stopped(Exception):
+    """The coordinator told this worker to stop."""
+
+
+def _wait_release(conn: Connection, ch: int) -> None:
+    """Park at a SYNC until the coordinator says every channel reached it."""
+    try:
+        msg = conn.recv()
+    except (EOFError, OSError):
+        raise ChannelBroken("destination coordinator went away", channel=ch) from None
+    if msg == ("go",):
+        return
+    if msg == ("stop",):
+        raise _Stopped()
+    raise MigrationError(f"unexpected coordinator message {msg!r}", channel=ch)
