@@ -619,7 +619,7 @@ class Destination:
                     pass
             self._valid = False
             self._error = err
-            log.warning("migration %s: %s", status, err)
+            log.warning("migration %s: %s", status, err, exc_info=error if not isinstance(error, MigrationError) else None)
         else:
             status = "completed"
         self._final_counters = self._counters()

@@ -61,10 +61,32 @@ Address = tuple[str, int]
 _JOIN_GRACE = 2.0
 
 
+def _forget_foreign_forkserver() -> None:
+    """Drop forkserver state that names a server this process did not start.
+
+    A process that was itself started through a forkserver can carry its
+    parent's server pid; ``ensure_running`` then fails with ChildProcessError
+    on ``waitpid``. That server is not ours to use: start our own.
+    """
+    from multiprocessing import forkserver
+
+    fs = forkserver._forkserver
+    pid = getattr(fs, "_forkserver_pid", None)
+    if pid is None:
+        return
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        fs._forkserver_pid = None
+        fs._forkserver_address = None
+        fs._forkserver_alive_fd = None
+
+
 def mp_context(method: str) -> multiprocessing.context.BaseContext:
     """The multiprocessing context for workers; forkserver preloads numpy and the worker module."""
     ctx = multiprocessing.get_context(method)
     if method == "forkserver":
+        _forget_foreign_forkserver()
         ctx.set_forkserver_preload(["numpy", "mpmultifd.worker"])
     return ctx
 
@@ -631,7 +653,10 @@ class Source:
                 pass
         for ch in chans:
             if not ch.done:
-                ch.ring.try_push(KIND_STOP, 0, 0, 0, None)
+                try:
+                    ch.ring.try_push(KIND_STOP, 0, 0, 0, None)
+                except RingClosed:
+                    pass  # the worker already left
                 try:
                     ch.conn.send(("stop",))
                 except (OSError, ValueError):

@@ -13,6 +13,7 @@ ring's counter words), which the coordinator reads at any time for ``query()``.
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import time
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from . import errors
-from ._shm import Segment
+from ._shm import SHM_DIR, Segment
 from .errors import ChannelBroken, ChannelClosed, MigrationError, RemoteProtocolError
 from .methods import PageBatch, PageSink, Prepared, get_method
 from .ram import GuestRAM
@@ -262,7 +263,8 @@ def _run_receiver(
         np.frombuffer(received.buf, dtype=np.uint8, count=b.npages, offset=roffs[b.index]) for b in ram.blocks
     ]
     counters = np.frombuffer(stats.buf, dtype=np.uint64, count=STATS_WORDS, offset=ch * STATS_WORDS * 8)
-    sink = PageSink(grids, datas, rmaps)
+    fds = [os.open(b.segment if os.sep in b.segment else os.path.join(SHM_DIR, b.segment), os.O_RDWR) for b in ram.blocks]
+    sink = PageSink(grids, datas, rmaps, fds)
     method = get_method(spec.method)(spec.level, spec.options)
     receiver = method.receiver(ps, spec.packet_pages)
     decoder = DataHeaderDecoder(
@@ -307,6 +309,8 @@ def _run_receiver(
             counters[C_BUSY_NS] += time.perf_counter_ns() - t0
     finally:
         receiver.cleanup()
+        for fd in fds:
+            os.close(fd)
         del grids, datas, rmaps, counters, sink
 
 

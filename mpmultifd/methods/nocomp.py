@@ -27,19 +27,12 @@ class _Receiver(MethodReceiver):
         self._bounce_mv = memoryview(self._bounce).cast("B")
 
     def recv(self, header: DataHeader, sock: socket.socket, sink: PageSink) -> None:
-        ps = self.page_size
-        pages = header.normal_offsets // ps
-        n = len(pages)
-        first = int(pages[0])
-        if int(pages[-1]) - first == n - 1 and (n == 1 or bool((np.diff(pages) == 1).all())):
-            # one run: read straight into the destination's pages
-            recv_exact_into(sock, sink.datas[header.block][first * ps : (first + n) * ps])
-            sink.mark_received(header.block, pages)
-        else:
-            # scattered: one contiguous read, then a numpy scatter (faster here than
-            # recvmsg_into with one IOV per page)
-            recv_exact_into(sock, self._bounce_mv[: n * ps])
-            sink.write_pages(header.block, pages.astype(np.intp), self._bounce[:n])
+        # one contiguous read into a reusable buffer, then the pages go to their
+        # places (see PageSink.store for why not straight into the mapping)
+        n = header.normal
+        payload = self._bounce_mv[: n * self.page_size]
+        recv_exact_into(sock, payload)
+        sink.store(header.block, (header.normal_offsets // self.page_size).astype(np.intp), payload)
 
 
 class NoCompression(Method):
