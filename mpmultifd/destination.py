@@ -507,8 +507,9 @@ class Destination:
     def _wait(self, receivers: list[_Receiver], ctrl: socket.socket | None, timeout: float | None = 1.0) -> None:
         waitables: list[Any] = [self._wake_r]
         for r in receivers:
-            waitables.append(r.conn)
-            if not r.exited:
+            if r.eos is None:  # after end of stream its pipe and sentinel stay ready: do not spin on them
+                waitables.append(r.conn)
+            if not r.exited and r.eos is None:
                 waitables.append(r.proc.sentinel)
         if ctrl is not None:
             waitables.append(ctrl)

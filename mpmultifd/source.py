@@ -541,16 +541,22 @@ class Source:
         self._check_cancel()
         waitables: list[Any] = [self._wake_r]
         for ch in self._channels:
-            waitables.append(ch.conn)
-            waitables.append(ch.proc.sentinel)
+            if not ch.done:  # a finished worker's pipe and sentinel stay ready: do not spin on them
+                waitables.append(ch.conn)
+                waitables.append(ch.proc.sentinel)
         if self._control is not None:
             waitables.append(self._control)
         ready = mp_wait(waitables, timeout)
         if not ready:
             return
+        if self._wake_r in ready:
+            try:
+                os.read(self._wake_r, 4096)
+            except OSError:
+                pass
         self._check_cancel()
         for ch in self._channels:
-            if ch.conn in ready:
+            if ch.conn in ready and not ch.done:
                 self._worker_message(ch)
         if self._control is not None and self._control in ready:
             self._read_control()
