@@ -15,7 +15,7 @@ import numpy as np
 
 from ._shm import Segment, unique_name
 from .config import MigrationConfig
-from .digest import fingerprint_pages
+from .digest import fingerprint_some
 from .errors import (
     ChannelBroken,
     ChannelClosed,
@@ -318,7 +318,8 @@ class Destination:
         theirs = [(b.name, b.size) for b in c.blocks]
         if mine != theirs:
             raise ConfigError(f"blocks: source sends {theirs}, this region has {mine}")
-        get_method(c.method)  # ConfigError names the methods this end has
+        # ConfigError names the methods this end has, or the levels the method takes
+        get_method(c.method)(c.method_options.get("level"), {})
 
     def _make_segments(self, c: Config) -> None:
         ram = self.ram
@@ -442,7 +443,12 @@ class Destination:
         if c.verify:
             mismatches: dict[str, list[int]] = {}
             for b in self.ram.blocks:
-                mine = fingerprint_pages(self.ram.pages(b.index))
+                # holes in the backing file are zero by the kernel's word; reading them
+                # through the mapping would allocate them, so only data pages are read
+                path = b.segment if os.sep in b.segment else os.path.join("/dev/shm", b.segment)
+                allocated = np.empty(b.npages, dtype=np.uint8)
+                _allocated_pages(path, b.npages, b.page_size, allocated)
+                mine = fingerprint_some(self.ram.pages(b.index), np.flatnonzero(allocated))
                 bad = np.flatnonzero(mine != verify[b.index])
                 if len(bad):
                     mismatches[b.name] = bad[:_MAX_MISMATCHES_REPORTED].tolist()

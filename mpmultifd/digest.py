@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["fingerprint_pages", "fingerprint_key"]
+__all__ = ["fingerprint_pages", "fingerprint_some", "fingerprint_key"]
 
 _KEYS: dict[int, np.ndarray] = {}
 
@@ -45,4 +45,21 @@ def fingerprint_pages(pages: np.ndarray, *, chunk: int = 4096) -> np.ndarray:
     out = np.empty(n, dtype=np.uint64)
     for start in range(0, n, chunk):
         np.matmul(words[start : start + chunk], key, out=out[start : start + chunk])
+    return out
+
+
+def fingerprint_some(pages: np.ndarray, which: np.ndarray, *, chunk: int = 4096) -> np.ndarray:
+    """Fingerprints of all rows of ``pages``, reading only the rows in ``which``.
+
+    Rows not in ``which`` must be known to be zero (their fingerprint is 0).
+    Used on a destination whose unwritten pages are file holes: reading a hole
+    of shared memory would allocate it.
+    """
+    out = np.zeros(pages.shape[0], dtype=np.uint64)
+    if len(which) * 2 > pages.shape[0]:
+        return fingerprint_pages(pages, chunk=chunk)
+    key = fingerprint_key(pages.shape[1])
+    for start in range(0, len(which), chunk):
+        sel = which[start : start + chunk]
+        out[sel] = pages[sel].view(np.uint64) @ key
     return out

@@ -91,6 +91,15 @@ def mp_context(method: str) -> multiprocessing.context.BaseContext:
     return ctx
 
 
+def _compression_stats(per_channel: list[dict[str, int]]) -> dict[str, Any]:
+    """How many data packets went compressed and how many raw, and the ratio achieved."""
+    encoded = sum(c["compressed-packets"] for c in per_channel)
+    raw = sum(c["raw-packets"] for c in per_channel)
+    raw_in = sum(c["compressed-input-bytes"] for c in per_channel)
+    payload = sum(c["payload-bytes"] for c in per_channel)
+    return {"compressed-packets": encoded, "raw-packets": raw, "compressed-input-bytes": raw_in, "payload-bytes": payload}
+
+
 class _Channel:
     """The source's handle on one data channel: ring, socket, worker and its connection."""
 
@@ -166,7 +175,8 @@ class Source:
         paused = False
         error: BaseException | None = None
         try:
-            get_method(self.config.compression)  # an unknown method fails before any byte moves
+            # an unknown method or a level it cannot take fails before any byte moves
+            get_method(self.config.compression)(self.config.compression_level, {})
             self._t_start = time.monotonic()
             self._set_status("setup")
             result, paused = self._run(address, pause)
@@ -205,9 +215,9 @@ class Source:
         t_end = self._t_end if self._t_end is not None else now
         total_time = (t_end - self._t_start) if self._t_start is not None else 0.0
         per_channel = self._channel_counters()
-        transferred = sum(c["bytes"] for c in per_channel) + self._bytes_before
-        normal = sum(c["normal"] for c in per_channel) + self._normal_before
-        duplicate = sum(c["duplicate"] for c in per_channel) + self._dup_before
+        transferred = sum(c["bytes"] for c in per_channel)
+        normal = sum(c["normal"] for c in per_channel)
+        duplicate = sum(c["duplicate"] for c in per_channel)
         ps = self.ram.page_size
         elapsed_active = max(total_time - self._setup_time, 1e-9)
         info: dict[str, Any] = {
@@ -229,6 +239,7 @@ class Source:
                 "multifd-bytes": transferred,
                 "dirty-sync-missed-zero-copy": 0,
             },
+            "compression": _compression_stats(per_channel),
             "rounds": self._round,
             "channels": per_channel,
             "config": self.config.to_dict(),
@@ -277,7 +288,7 @@ class Source:
         self._dirty_syncs = 0
         self._round = 0
         self._error: BaseException | None = None
-        self._bytes_before = self._normal_before = self._dup_before = 0
+        self._final_channels: list[dict[str, int]] = []
         self._confirmed_round = -1
 
     def _set_status(self, status: str) -> None:
@@ -286,14 +297,12 @@ class Source:
             self._status = status
 
     def _channel_counters(self) -> list[dict[str, int]]:
-        out = []
-        for ch in list(self._channels):
-            try:
-                c = ch.ring.counters
-                out.append({"channel": ch.index, **{name: int(c[i]) for name, i in COUNTERS.items()}})
-            except (ValueError, AttributeError):  # ring already closed
-                pass
-        return out
+        if not self._channels:
+            return [dict(c) for c in self._final_channels]  # the last migration's, after teardown
+        try:
+            return self._channel_counters_of(list(self._channels))
+        except (ValueError, AttributeError):  # a ring closed under us: teardown is running
+            return [dict(c) for c in self._final_channels]
 
     def _fail(self, exc: BaseException) -> MigrationError:
         if isinstance(exc, MigrationCancelled) or (self._cancel_requested and not isinstance(exc, MigrationError)):
@@ -642,10 +651,7 @@ class Source:
         chans, self._channels = self._channels, []
         if chans:
             # keep the last counters for query() after the rings are gone
-            for c in self._channel_counters_of(chans):
-                self._bytes_before += c["bytes"]
-                self._normal_before += c["normal"]
-                self._dup_before += c["duplicate"]
+            self._final_channels = self._channel_counters_of(chans)
         ctrl, self._control = self._control, None
         if error is not None and ctrl is not None:
             msg = Cancel() if isinstance(error, MigrationCancelled) or self._cancel_requested else ErrorMessage(
@@ -694,6 +700,6 @@ class Source:
         out = []
         for ch in chans:
             c = ch.ring.counters
-            out.append({name: int(c[i]) for name, i in COUNTERS.items()})
+            out.append({"channel": ch.index, **{name: int(c[i]) for name, i in COUNTERS.items()}})
         return out
 

@@ -53,6 +53,9 @@ C_ROUND_DONE = 5  # last round whose SYNC was handled, plus one
 C_SYSCALLS = 6
 C_BUSY_NS = 7
 C_ZERO_WRITTEN = 8
+C_ENCODED = 9  # data packets whose payload the method encoded (compressed)
+C_RAW = 10  # data packets with pages sent raw
+C_ENCODED_IN = 11  # raw bytes that went into encoded packets
 COUNTERS = {
     "packets": C_PACKETS,
     "normal": C_NORMAL,
@@ -61,6 +64,9 @@ COUNTERS = {
     "payload-bytes": C_PAYLOAD,
     "syscalls": C_SYSCALLS,
     "busy-ns": C_BUSY_NS,
+    "compressed-packets": C_ENCODED,
+    "raw-packets": C_RAW,
+    "compressed-input-bytes": C_ENCODED_IN,
 }
 
 _POLL = 0.25  # seconds between liveness checks while idle
@@ -184,7 +190,14 @@ def _run_sender(spec: WorkerSpec, ram: GuestRAM, ring: Ring, sock: socket.socket
                     zero_offsets=zero * ps,
                     payload_len=prep.payload_len,
                 )
+                t_send = time.perf_counter()
                 counters[C_SYSCALLS] += sendmsg_all(sock, [header, *prep.iovs])
+                sender.sent(prep, time.perf_counter() - t_send)
+                if prep.encoding != ENCODING_RAW:
+                    counters[C_ENCODED] += 1
+                    counters[C_ENCODED_IN] += len(normal) * ps
+                elif len(normal):
+                    counters[C_RAW] += 1
                 counters[C_PACKETS] += 1
                 counters[C_NORMAL] += len(normal)
                 counters[C_ZERO] += len(zero)
@@ -303,6 +316,11 @@ def _run_receiver(
                 counters[C_ZERO] += header.zero
             if header.normal:
                 receiver.recv(header, sock, sink)
+                if header.encoding != ENCODING_RAW:
+                    counters[C_ENCODED] += 1
+                    counters[C_ENCODED_IN] += header.normal * ps
+                else:
+                    counters[C_RAW] += 1
                 counters[C_NORMAL] += header.normal
                 counters[C_PAYLOAD] += header.payload_len
             counters[C_PACKETS] += 1

@@ -160,6 +160,9 @@ class MethodSender(ABC):
     def send_prepare(self, batch: PageBatch) -> Prepared:
         """Turn the batch into payload IOVs. Must not keep references past the next call."""
 
+    def sent(self, prepared: Prepared, seconds: float) -> None:
+        """Called after ``prepared`` went out; ``seconds`` is how long the send took."""
+
     def cleanup(self) -> None:
         """Release what the sender holds; called once when the worker ends."""
 
@@ -239,9 +242,11 @@ def _load_entry_points() -> None:
 
 
 def _builtins() -> None:
+    from .compress import Auto, Lz4, Zlib, Zstd
     from .nocomp import NoCompression
 
-    _REGISTRY.setdefault("none", NoCompression)
+    for cls in (NoCompression, Lz4, Zstd, Zlib, Auto):
+        _REGISTRY.setdefault(cls.name, cls)
 
 
 def available_methods() -> list[str]:
