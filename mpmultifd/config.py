@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
@@ -37,7 +37,9 @@ class MigrationConfig:
             downtime estimate is still above the limit (the result says so).
         verify: compare per-page fingerprints of every block at switchover; a
             mismatch fails the migration and names the pages.
-        auth_key: shared secret that every connection must prove it knows.
+        auth_key: shared secret (bytes, at least 16) that every connection, control
+            and data, must prove it knows (HMAC-SHA256 challenge-response bound to
+            the session and the channel). Both ends must have the same key.
         tls: an ``ssl.SSLContext`` for every channel, or ``None``.
         packet_pages: pages per data packet (128 × 4 KiB = 512 KiB, as QEMU).
         ring_slots: batches queued per channel (a power of two).
@@ -45,6 +47,8 @@ class MigrationConfig:
             numpy preloaded), ``"spawn"`` or ``"fork"``.
         timeout: seconds allowed for connecting, handshakes and a silent peer
             before the migration fails.
+        allow_unauthenticated: a destination refuses to listen on a non-loopback
+            address without ``auth_key`` unless this is True.
     """
 
     channels: int = 2
@@ -56,12 +60,13 @@ class MigrationConfig:
     max_bandwidth: int | None = None
     max_rounds: int = 30
     verify: bool = True
-    auth_key: bytes | None = None
+    auth_key: bytes | None = field(default=None, repr=False)
     tls: Any = None
     packet_pages: int = 128
     ring_slots: int = 32
     start_method: str = "forkserver"
     timeout: float = 10.0
+    allow_unauthenticated: bool = False
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ConfigError:
@@ -95,7 +100,12 @@ class MigrationConfig:
         if not isinstance(self.verify, bool):
             raise bad("verify", f"{self.verify!r} is not True or False")
         if self.auth_key is not None:
-            raise bad("auth_key", "channel authentication is not supported by this version; leave it None")
+            if not isinstance(self.auth_key, (bytes, bytearray)):
+                raise bad("auth_key", "must be bytes (read a key file in binary mode)")
+            if len(self.auth_key) < 16:
+                raise bad("auth_key", f"{len(self.auth_key)} bytes is too short; use at least 16 random bytes")
+        if not isinstance(self.allow_unauthenticated, bool):
+            raise bad("allow_unauthenticated", f"{self.allow_unauthenticated!r} is not True or False")
         if self.tls is not None:
             raise bad("tls", "TLS is not supported by this version; leave it None")
         if not _is_int(self.packet_pages) or not 1 <= self.packet_pages <= MAX_PACKET_PAGES:

@@ -17,6 +17,7 @@ from ._shm import Segment, unique_name
 from .config import MigrationConfig
 from .digest import fingerprint_some
 from .errors import (
+    AuthenticationError,
     ChannelBroken,
     ChannelClosed,
     ConfigError,
@@ -31,9 +32,11 @@ from .methods import get_method
 from .ram import GuestRAM
 from .source import mp_context
 from .stats import MigrationResult
+from . import auth
+from .transport import Address, format_address, is_loopback, recv_exact, tune_accepted
 from .transport import listen as tcp_listen
-from .transport import recv_exact, tune_accepted
 from .wire import (
+    HELLO_FLAG_AUTH,
     HELLO_SIZE,
     KIND_CONTROL,
     KIND_DATA,
@@ -117,13 +120,25 @@ class Destination:
     def __init__(
         self,
         ram: GuestRAM,
-        listen: tuple[str, int] = ("127.0.0.1", 0),
+        listen: Address = ("127.0.0.1", 0),
         config: MigrationConfig | None = None,
     ) -> None:
         self.ram = ram
         self.config = config if config is not None else MigrationConfig()
+        key_ok = self.config.auth_key is not None or self.config.allow_unauthenticated
+        if not key_ok and not is_loopback(listen):
+            raise ConfigError(
+                f"listen: refusing to listen on {format_address(listen)} without an auth_key: anyone who can "
+                "reach it could write into this region. Set MigrationConfig(auth_key=...), listen on a "
+                "loopback address or a Unix socket, or opt out with allow_unauthenticated=True"
+            )
         self._lsock = tcp_listen(listen)
-        self.address: tuple[str, int] = self._lsock.getsockname()[:2]
+        if self._lsock.family == socket.AF_UNIX:
+            self._unix_path: str | None = self._lsock.getsockname()
+            self.address: Any = f"unix:{self._unix_path}"
+        else:
+            self._unix_path = None
+            self.address = self._lsock.getsockname()[:2]
         self._status = "setup"
         self._valid = False
         self._result: MigrationResult | None = None
@@ -144,6 +159,7 @@ class Destination:
         self._t_end: float | None = None
         self._rounds = 0
         self._rejected = 0
+        self._auth_failures = 0
         self._acceptor = threading.Thread(target=self._accept_loop, name="mpmultifd-accept", daemon=True)
         self._coordinator = threading.Thread(target=self._run, name="mpmultifd-destination", daemon=True)
         self._acceptor.start()
@@ -199,6 +215,7 @@ class Destination:
             },
             "rounds": self._rounds,
             "rejected-connections": self._rejected,
+            "authentication-failures": self._auth_failures,
             "channels": per,
         }
 
@@ -212,6 +229,11 @@ class Destination:
             self._lsock.close()
         except OSError:
             pass
+        if self._unix_path:
+            try:
+                os.unlink(self._unix_path)
+            except OSError:
+                pass
         self._acceptor.join(2.0)
         # connections accepted but never claimed
         while True:
@@ -258,20 +280,54 @@ class Destination:
             threading.Thread(target=self._handshake, args=(sock, peer), daemon=True).start()
 
     def _handshake(self, sock: socket.socket, peer: Any) -> None:
-        """Read and check a hello; a connection that fails it is dropped without touching the session."""
+        """Admit a connection: greeting, hello, proof of the key, welcome.
+
+        A connection that fails is logged and dropped without touching the
+        session: a stray or hostile peer cannot disturb a running migration.
+        """
+        key = self.config.auth_key
         try:
             tune_accepted(sock)
             sock.settimeout(self.config.timeout)
-            hello = decode_hello(recv_exact(sock, HELLO_SIZE))
+            nonce = auth.new_nonce()
+            sock.sendall(auth.encode_greeting(auth.Greeting(key is not None, nonce)))
+            hello_bytes = bytes(recv_exact(sock, HELLO_SIZE))
+            hello = decode_hello(hello_bytes)
+            if hello.flags & HELLO_FLAG_AUTH:
+                rest = recv_exact(sock, auth.NONCE_SIZE + auth.PROOF_SIZE)
+                client_nonce, proof = bytes(rest[: auth.NONCE_SIZE]), bytes(rest[auth.NONCE_SIZE :])
+                if key is None:
+                    self._refuse(sock, auth.REFUSE_NO_KEY_HERE)
+                    raise AuthenticationError("a proof of a key was presented, but this destination has no key")
+                if not auth.check_client_proof(key, nonce, client_nonce, hello_bytes, proof):
+                    self._refuse(sock, auth.REFUSE_BAD_PROOF)
+                    raise AuthenticationError("wrong proof of the key")
+                welcome = auth.encode_welcome(auth.server_proof(key, nonce, client_nonce, hello_bytes))
+            else:
+                if key is not None:
+                    self._refuse(sock, auth.REFUSE_KEY_REQUIRED)
+                    raise AuthenticationError("no proof of the key was presented")
+                welcome = auth.encode_welcome()
+            sock.sendall(welcome)
             sock.settimeout(None)
             self._incoming.put(("hello", sock, hello))
             os.write(self._wake_w, b"h")
         except (MigrationError, OSError) as e:
-            log.warning("dropping connection from %s: %s", peer, e)
+            kind = "unauthenticated" if isinstance(e, AuthenticationError) else "invalid"
+            log.warning("dropping %s connection from %s: %s", kind, peer or "a local peer", e)
             self._rejected += 1
+            if isinstance(e, AuthenticationError):
+                self._auth_failures += 1
             sock.close()
         finally:
             self._handshakes.release()
+
+    @staticmethod
+    def _refuse(sock: socket.socket, reason: int) -> None:
+        try:
+            sock.sendall(auth.encode_refused(reason))
+        except OSError:
+            pass
 
     # ------------------------------------------------------------------ the run
 

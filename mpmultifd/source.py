@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
 import multiprocessing
 import os
@@ -9,14 +10,17 @@ import secrets
 import socket
 import threading
 import time
+from dataclasses import replace
 from multiprocessing.connection import wait as mp_wait
 from typing import Any, Callable
 
 import numpy as np
 
+from . import auth
 from .config import MigrationConfig
 from .digest import fingerprint_pages
 from .errors import (
+    AuthenticationError,
     ChannelBroken,
     ChannelClosed,
     MigrationCancelled,
@@ -31,9 +35,10 @@ from .methods import get_method
 from .ram import GuestRAM
 from .ring import KIND_DATA, KIND_EOS, KIND_STOP, KIND_SYNC, Ring
 from .stats import MigrationResult
-from .transport import connect
+from .transport import Address, connect, recv_exact
 from .wire import (
     CONTROL_CHANNEL,
+    HELLO_FLAG_AUTH,
     KIND_CONTROL,
     KIND_DATA as HELLO_DATA,
     BlockSpec,
@@ -57,7 +62,6 @@ __all__ = ["Source"]
 
 log = logging.getLogger("mpmultifd.source")
 
-Address = tuple[str, int]
 _JOIN_GRACE = 2.0
 
 
@@ -327,7 +331,7 @@ class Source:
         ram = self.ram
         session = secrets.token_bytes(16)
         self._check_cancel()
-        ctrl = connect(address, cfg.timeout)
+        ctrl = self._open(address, Hello(KIND_CONTROL, session, CONTROL_CHANNEL, cfg.channels))
         self._control = ctrl
         config_msg = Config(
             session_id=session,
@@ -340,7 +344,7 @@ class Source:
             zero_page=cfg.zero_page,
             verify=cfg.verify,
         )
-        ctrl.sendall(encode_hello(Hello(KIND_CONTROL, session, CONTROL_CHANNEL, cfg.channels)) + encode_control(config_msg))
+        ctrl.sendall(encode_control(config_msg))
         ctrl.setblocking(False)
         reply = self._next_control(time.monotonic() + cfg.timeout, "the destination's answer to the configuration")
         if not isinstance(reply, ConfigAck):
@@ -349,6 +353,56 @@ class Source:
         self._setup_time = time.monotonic() - self._t_start
         self._set_status("active")
         return self._precopy(pause), self._paused_at is not None
+
+    def _open(self, address: Address, hello: Hello) -> socket.socket:
+        """Connect and pass admission: greeting, hello (with a proof of the key), welcome."""
+        cfg = self.config
+        key = cfg.auth_key
+        what = "control connection" if hello.kind == KIND_CONTROL else f"data channel {hello.channel}"
+        sock = connect(address, cfg.timeout)
+        try:
+            sock.settimeout(cfg.timeout)
+            try:
+                greeting = auth.decode_greeting(recv_exact(sock, auth.GREETING_SIZE))
+            except ChannelClosed:
+                raise ChannelClosed(f"{what}: the destination closed the connection before greeting") from None
+            if greeting.auth_required and key is None:
+                raise AuthenticationError(
+                    f"{what}: the destination requires an auth key; set MigrationConfig(auth_key=...)"
+                )
+            if key is not None and not greeting.auth_required:
+                raise AuthenticationError(
+                    f"{what}: the destination does not authenticate connections; refusing to send pages "
+                    "to a peer that cannot prove it holds the key"
+                )
+            if key is None:
+                hello_bytes = encode_hello(hello)
+                sock.sendall(hello_bytes)
+            else:
+                hello_bytes = encode_hello(replace(hello, flags=HELLO_FLAG_AUTH))
+                nonce = auth.new_nonce()
+                sock.sendall(hello_bytes + nonce + auth.client_proof(key, greeting.nonce, nonce, hello_bytes))
+            try:
+                proof = auth.decode_welcome(recv_exact(sock, auth.WELCOME_SIZE))
+            except ChannelClosed:
+                raise ChannelClosed(f"{what}: the destination closed the connection after our hello") from None
+            if key is not None and not hmac.compare_digest(
+                proof, auth.server_proof(key, greeting.nonce, nonce, hello_bytes)
+            ):
+                raise AuthenticationError(f"{what}: the destination failed to prove it holds the key")
+            sock.settimeout(None)
+            return sock
+        except AuthenticationError as e:
+            sock.close()
+            if e.channel is None and hello.kind != KIND_CONTROL:
+                e.channel = hello.channel
+            raise
+        except OSError as e:
+            sock.close()
+            raise ChannelBroken(f"{what}: {e}") from e
+        except BaseException:
+            sock.close()
+            raise
 
     def _start_channels(self, address: Address, session: bytes) -> None:
         cfg = self.config
@@ -366,13 +420,12 @@ class Source:
             self._check_cancel()
             ring = Ring.create(nslots=cfg.ring_slots, capacity=cfg.packet_pages)
             try:
-                sock = connect(address, cfg.timeout)
+                sock = self._open(address, Hello(HELLO_DATA, session, i, cfg.channels))
             except BaseException:
                 ring.close()
                 ring.unlink()
                 raise
             try:
-                sock.sendall(encode_hello(Hello(HELLO_DATA, session, i, cfg.channels)))
                 parent_conn, child_conn = ctx.Pipe()
                 proc = ctx.Process(
                     target=sender_main,

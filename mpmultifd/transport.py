@@ -6,12 +6,25 @@ timeouts, socket buffer limits); these loops finish the job or raise.
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import socket
-from typing import Sequence
+from typing import Any, Sequence, Tuple, Union
 
-from .errors import ChannelBroken, ChannelClosed
+from .errors import ChannelBroken, ChannelClosed, ConfigError
 
-__all__ = ["IOV_MAX", "sendmsg_all", "recv_exact_into", "recv_exact", "connect", "listen"]
+__all__ = [
+    "IOV_MAX",
+    "Address",
+    "sendmsg_all",
+    "recv_exact_into",
+    "recv_exact",
+    "connect",
+    "listen",
+    "parse_address",
+    "format_address",
+    "is_loopback",
+]
 
 IOV_MAX = 1024
 
@@ -64,30 +77,82 @@ def recv_exact(sock: socket.socket, n: int) -> bytearray:
     return buf
 
 
+Address = Union[Tuple[str, int], str, "os.PathLike[str]"]
+
+
+def parse_address(address: Address) -> tuple[int, Any]:
+    """(family, sockaddr) for ``(host, port)``, ``"unix:/path"``, or a filesystem path."""
+    if isinstance(address, tuple):
+        if len(address) != 2 or not isinstance(address[1], int):
+            raise ConfigError(f"address: {address!r} is not (host, port)")
+        host = address[0]
+        return (socket.AF_INET6 if ":" in host else socket.AF_INET), (host, address[1])
+    path = os.fspath(address)
+    if isinstance(path, bytes):
+        path = path.decode()
+    if path.startswith("unix:"):
+        path = path[len("unix:") :]
+    if not path:
+        raise ConfigError("address: empty Unix socket path")
+    return socket.AF_UNIX, path
+
+
+def format_address(address: Address) -> str:
+    family, addr = parse_address(address)
+    if family == socket.AF_UNIX:
+        return f"unix:{addr}"
+    host, port = addr
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def is_loopback(address: Address) -> bool:
+    """True for loopback TCP addresses and Unix sockets (which never leave the host)."""
+    family, addr = parse_address(address)
+    if family == socket.AF_UNIX:
+        return True
+    host = addr[0]
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _tune(sock: socket.socket) -> None:
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def connect(address: tuple[str, int], timeout: float) -> socket.socket:
-    """Connect to a destination; the socket comes back in blocking mode."""
+def connect(address: Address, timeout: float) -> socket.socket:
+    """Connect to a destination (TCP or Unix socket); the socket comes back in blocking mode."""
+    family, addr = parse_address(address)
     try:
-        sock = socket.create_connection(address, timeout=timeout)
+        if family == socket.AF_UNIX:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(timeout)
+                sock.connect(addr)
+            except BaseException:
+                sock.close()
+                raise
+        else:
+            sock = socket.create_connection(addr, timeout=timeout)
     except OSError as e:
-        raise ChannelBroken(f"cannot connect to {address[0]}:{address[1]}: {e}") from e
+        raise ChannelBroken(f"cannot connect to {format_address(address)}: {e}") from e
     sock.settimeout(None)
     _tune(sock)
     return sock
 
 
-def listen(address: tuple[str, int], backlog: int = 64) -> socket.socket:
-    """A listening TCP socket on ``address`` (port 0 picks a free port)."""
-    host, port = address
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+def listen(address: Address, backlog: int = 64) -> socket.socket:
+    """A listening socket: TCP on ``(host, port)`` (port 0 picks a free port) or a Unix socket path."""
+    family, addr = parse_address(address)
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
+        if family != socket.AF_UNIX:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
         sock.listen(backlog)
     except BaseException:
         sock.close()

@@ -35,6 +35,7 @@ __all__ = [
     "CONTROL_CHANNEL",
     "KIND_CONTROL",
     "KIND_DATA",
+    "HELLO_FLAG_AUTH",
     "MAX_CHANNELS",
     "MAX_PACKET_PAGES",
     "FLAG_SYNC",
@@ -72,6 +73,7 @@ CONTROL_MAGIC = 0x4D504D43  # "MPMC"
 KIND_CONTROL = 0
 KIND_DATA = 1
 CONTROL_CHANNEL = 0xFFFF
+HELLO_FLAG_AUTH = 0x01  # a client nonce and a proof of the key follow the hello
 MAX_CHANNELS = 256
 # one header IOV plus one per page must fit IOV_MAX (1024) when no page is coalesced
 MAX_PACKET_PAGES = 1023
@@ -124,8 +126,8 @@ def encode_hello(hello: Hello) -> bytes:
         raise LocalProtocolError("channel: a control hello carries channel 0xFFFF", field="channel")
     if hello.kind == KIND_DATA and not 0 <= hello.channel < hello.nchannels:
         raise LocalProtocolError(f"channel: {hello.channel} not below nchannels {hello.nchannels}", field="channel")
-    if not 0 <= hello.flags <= 0xFF:
-        raise LocalProtocolError("flags: must fit one byte", field="flags")
+    if hello.flags & ~HELLO_FLAG_AUTH:
+        raise LocalProtocolError(f"flags: unknown hello flags 0x{hello.flags:02x}", field="flags")
     return _HELLO.pack(
         HELLO_MAGIC, PROTOCOL_VERSION, hello.kind, hello.flags, hello.session_id, hello.channel, hello.nchannels, 0
     )
@@ -151,7 +153,7 @@ def decode_hello(
         raise _fail("version", f"protocol version {version} is not supported (this end speaks {PROTOCOL_VERSION})")
     if kind not in (KIND_CONTROL, KIND_DATA):
         raise _fail("kind", f"unknown connection kind {kind}")
-    if flags != 0:
+    if flags & ~HELLO_FLAG_AUTH:
         raise _fail("flags", f"unknown hello flags 0x{flags:02x}")
     if reserved != 0:
         raise _fail("reserved", "reserved hello bytes must be zero")

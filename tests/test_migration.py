@@ -164,6 +164,19 @@ def _sendall(sock, data):
     sock.sendall(bytes(data))
 
 
+def _admit(address, hello):
+    """Connect and pass admission without a key: read the greeting, send the hello, read the welcome."""
+    from mpmultifd import auth
+
+    sock = socket.create_connection(address)
+    sock.settimeout(10)
+    greeting = auth.decode_greeting(sock.recv(auth.GREETING_SIZE, socket.MSG_WAITALL))
+    assert not greeting.auth_required
+    sock.sendall(encode_hello(hello))
+    auth.decode_welcome(sock.recv(auth.WELCOME_SIZE, socket.MSG_WAITALL))
+    return sock
+
+
 def test_newer_copy_wins_across_channels():
     """Round 0's copy of a page travels on a delayed channel 0, round 1's on channel 1: round 1's must win.
 
@@ -179,10 +192,9 @@ def test_newer_copy_wins_across_channels():
     with GuestRAM.create({"ram": 64 * PS}) as ram:
         cfg = MigrationConfig(start_method="fork", timeout=10)
         with Destination(ram, config=cfg) as dst:
-            ctrl = socket.create_connection(dst.address)
+            ctrl = _admit(dst.address, Hello(KIND_CONTROL, sid, CONTROL_CHANNEL, 2))
             chans = []
             try:
-                _sendall(ctrl, encode_hello(Hello(KIND_CONTROL, sid, CONTROL_CHANNEL, 2)))
                 conf = Config(sid, PS, 2, pp, (BlockSpec("ram", 64 * PS),), "none", {}, "multifd", False)
                 _sendall(ctrl, encode_control(conf))
                 dec = ControlDecoder()
@@ -199,9 +211,7 @@ def test_newer_copy_wins_across_channels():
 
                 assert isinstance(next_msg(), ConfigAck)
                 for i in range(2):
-                    s = socket.create_connection(dst.address)
-                    _sendall(s, encode_hello(Hello(KIND_DATA, sid, i, 2)))
-                    chans.append(s)
+                    chans.append(_admit(dst.address, Hello(KIND_DATA, sid, i, 2)))
                 enc = DataHeaderEncoder(pp)
                 offs = np.array([page * PS])
                 # channel 1: nothing in round 0, then SYNC, then the NEW copy in round 1, then EOS

@@ -150,7 +150,7 @@ def _hello_with(offset: int, fmt: str, value) -> bytes:
         (_hello_with(0, ">I", 0x11223344), "magic"),
         (_hello_with(4, ">H", 2), "version"),
         (_hello_with(6, ">B", 7), "kind"),
-        (_hello_with(7, ">B", 1), "flags"),
+        (_hello_with(7, ">B", 2), "flags"),
         (_hello_with(28, ">I", 1), "reserved"),
         (_hello_with(26, ">H", 0), "nchannels"),
         (_hello_with(26, ">H", 257), "nchannels"),

@@ -72,10 +72,18 @@ def baseline(src: GuestRAM, start_method: str) -> float:
     return elapsed
 
 
-def migrate_once(src: GuestRAM, channels: int, args: argparse.Namespace) -> dict:
+def migrate_once(
+    src: GuestRAM,
+    channels: int,
+    args: argparse.Namespace,
+    compression: str | None = None,
+    level: int | None = None,
+) -> dict:
+    """One migration of ``src`` into a fresh region in a destination process; times and bytes."""
     cfg = MigrationConfig(
         channels=channels,
-        compression=args.compression,
+        compression=compression or args.compression,
+        compression_level=level,
         start_method=args.start_method,
         verify=args.verify,
     )
@@ -85,7 +93,15 @@ def migrate_once(src: GuestRAM, channels: int, args: argparse.Namespace) -> dict
             res = source.migrate(dest.address)
             elapsed = time.perf_counter() - t0
             dest.result()
-    return {"time": elapsed, "setup": res.setup_time, "downtime": res.downtime, "wire": res.transferred}
+    comp = source.query()["compression"]
+    return {
+        "time": elapsed,
+        "setup": res.setup_time,
+        "downtime": res.downtime,
+        "wire": res.transferred,
+        "compressed": comp["compressed-packets"],
+        "raw": comp["raw-packets"],
+    }
 
 
 def warm_up(size: int) -> None:
