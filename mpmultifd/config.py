@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import ssl
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +41,13 @@ class MigrationConfig:
         auth_key: shared secret (bytes, at least 16) that every connection, control
             and data, must prove it knows (HMAC-SHA256 challenge-response bound to
             the session and the channel). Both ends must have the same key.
-        tls: an ``ssl.SSLContext`` for every channel, or ``None``.
+        tls: an ``ssl.SSLContext`` that wraps every connection, or ``None``: a
+            client context (``ssl.PROTOCOL_TLS_CLIENT``) on the source, a server
+            context with its certificate on the destination. TLS channel workers
+            start with ``fork`` whatever ``start_method`` says, because a TLS
+            session cannot be handed to a spawned process; zero-copy is off.
+        tls_hostname: the name the source checks the destination's certificate
+            against; defaults to the host of the address.
         packet_pages: pages per data packet (128 × 4 KiB = 512 KiB, as QEMU).
         ring_slots: batches queued per channel (a power of two).
         start_method: how worker processes start: ``"forkserver"`` (default, with
@@ -62,6 +69,7 @@ class MigrationConfig:
     verify: bool = True
     auth_key: bytes | None = field(default=None, repr=False)
     tls: Any = None
+    tls_hostname: str | None = None
     packet_pages: int = 128
     ring_slots: int = 32
     start_method: str = "forkserver"
@@ -106,8 +114,10 @@ class MigrationConfig:
                 raise bad("auth_key", f"{len(self.auth_key)} bytes is too short; use at least 16 random bytes")
         if not isinstance(self.allow_unauthenticated, bool):
             raise bad("allow_unauthenticated", f"{self.allow_unauthenticated!r} is not True or False")
-        if self.tls is not None:
-            raise bad("tls", "TLS is not supported by this version; leave it None")
+        if self.tls is not None and not isinstance(self.tls, ssl.SSLContext):
+            raise bad("tls", f"{type(self.tls).__name__} is not an ssl.SSLContext")
+        if self.tls_hostname is not None and not isinstance(self.tls_hostname, str):
+            raise bad("tls_hostname", "must be a host name or None")
         if not _is_int(self.packet_pages) or not 1 <= self.packet_pages <= MAX_PACKET_PAGES:
             raise bad("packet_pages", f"{self.packet_pages!r} is not in 1..{MAX_PACKET_PAGES}")
         rs = self.ring_slots
@@ -124,7 +134,8 @@ class MigrationConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The configuration in effect, JSON-friendly (secrets are not shown)."""
-        out = dataclasses.asdict(self)
+        # not dataclasses.asdict: it deep-copies, and an SSLContext cannot be copied
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["auth_key"] = None if self.auth_key is None else "<set>"
         out["tls"] = None if self.tls is None else "<SSLContext>"
         return out

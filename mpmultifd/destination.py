@@ -6,6 +6,7 @@ import logging
 import os
 import queue
 import socket
+import ssl
 import threading
 import time
 from multiprocessing.connection import wait as mp_wait
@@ -30,7 +31,7 @@ from .errors import (
 )
 from .methods import get_method
 from .ram import GuestRAM
-from .source import mp_context
+from .source import mp_context, read_available, start_worker, worker_start_method
 from .stats import MigrationResult
 from . import auth
 from .transport import Address, format_address, is_loopback, recv_exact, tune_accepted
@@ -289,6 +290,8 @@ class Destination:
         try:
             tune_accepted(sock)
             sock.settimeout(self.config.timeout)
+            if self.config.tls is not None:
+                sock = self.config.tls.wrap_socket(sock, server_side=True)
             nonce = auth.new_nonce()
             sock.sendall(auth.encode_greeting(auth.Greeting(key is not None, nonce)))
             hello_bytes = bytes(recv_exact(sock, HELLO_SIZE))
@@ -390,7 +393,7 @@ class Destination:
 
     def _serve_session(self, c: Config, decoder: ControlDecoder) -> None:
         cfg = self.config
-        ctx = mp_context(cfg.start_method)
+        ctx = mp_context(worker_start_method(cfg))
         spec_base = dict(
             page_size=c.page_size,
             packet_pages=c.packet_pages,
@@ -422,7 +425,7 @@ class Destination:
                     name=f"mpmultifd-recv-{hello.channel}",
                     daemon=True,
                 )
-                proc.start()
+                start_worker(proc)
                 child_conn.close()
                 self._receivers[hello.channel] = _Receiver(hello.channel, sock, proc, parent_conn)
             if len(self._receivers) < c.channels and time.monotonic() > setup_deadline:
@@ -575,6 +578,8 @@ class Destination:
                 waitables.append(r.proc.sentinel)
         if ctrl is not None:
             waitables.append(ctrl)
+            if isinstance(ctrl, ssl.SSLSocket) and ctrl.pending():
+                timeout = 0  # decrypted bytes wait inside the TLS object, not on the socket
         ready = mp_wait(waitables, timeout)
         if self._wake_r in ready:
             try:
@@ -611,15 +616,7 @@ class Destination:
             raise error_from_report(r.index, msg)
 
     def _read(self, ctrl: socket.socket, decoder: ControlDecoder) -> None:
-        try:
-            data = ctrl.recv(1 << 20)
-        except BlockingIOError:
-            return
-        except OSError as e:
-            raise ChannelBroken(f"control connection failed: {e}") from e
-        if not data:
-            raise ChannelClosed("the source closed the control connection before completion")
-        decoder.feed(data)
+        decoder.feed(read_available(ctrl, "the source"))
 
     def _next_message(self, decoder: ControlDecoder, deadline: float) -> Any:
         assert self._control is not None

@@ -8,8 +8,10 @@ import multiprocessing
 import os
 import secrets
 import socket
+import ssl
 import threading
 import time
+import warnings
 from dataclasses import replace
 from multiprocessing.connection import wait as mp_wait
 from typing import Any, Callable
@@ -86,6 +88,22 @@ def _forget_foreign_forkserver() -> None:
         fs._forkserver_alive_fd = None
 
 
+def start_worker(proc: Any) -> None:
+    """Start a worker process.
+
+    TLS workers are forked (their TLS session lives in this process's memory);
+    Python 3.12+ warns about forking a process that has threads. The child runs
+    only mpmultifd's worker code, which takes none of the parent threads' locks.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*use of fork\\(\\) may lead to deadlocks", category=DeprecationWarning)
+        proc.start()
+
+
+def worker_start_method(config: MigrationConfig) -> str:
+    return "fork" if config.tls is not None else config.start_method
+
+
 def mp_context(method: str) -> multiprocessing.context.BaseContext:
     """The multiprocessing context for workers; forkserver preloads numpy and the worker module."""
     ctx = multiprocessing.get_context(method)
@@ -102,6 +120,30 @@ def _compression_stats(per_channel: list[dict[str, int]]) -> dict[str, Any]:
     raw_in = sum(c["compressed-input-bytes"] for c in per_channel)
     payload = sum(c["payload-bytes"] for c in per_channel)
     return {"compressed-packets": encoded, "raw-packets": raw, "compressed-input-bytes": raw_in, "payload-bytes": payload}
+
+
+def _host_of(address: Any) -> str | None:
+    return address[0] if isinstance(address, tuple) else None
+
+
+def read_available(sock: socket.socket, peer: str) -> bytes:
+    """Whatever the non-blocking control socket has now (TLS: every decrypted byte)."""
+    chunks = []
+    while True:
+        try:
+            data = sock.recv(1 << 20)
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            break
+        except OSError as e:
+            raise ChannelBroken(f"control connection failed: {e}") from e
+        if not data:
+            if chunks:
+                break  # report the EOF on the next read, after these bytes are decoded
+            raise ChannelClosed(f"{peer} closed the control connection")
+        chunks.append(data)
+        if not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
+            break
+    return b"".join(chunks)
 
 
 class _Channel:
@@ -362,6 +404,8 @@ class Source:
         sock = connect(address, cfg.timeout)
         try:
             sock.settimeout(cfg.timeout)
+            if cfg.tls is not None:
+                sock = cfg.tls.wrap_socket(sock, server_hostname=cfg.tls_hostname or _host_of(address))
             try:
                 greeting = auth.decode_greeting(recv_exact(sock, auth.GREETING_SIZE))
             except ChannelClosed:
@@ -397,6 +441,9 @@ class Source:
             if e.channel is None and hello.kind != KIND_CONTROL:
                 e.channel = hello.channel
             raise
+        except ssl.SSLError as e:
+            sock.close()
+            raise AuthenticationError(f"{what}: TLS handshake failed: {e}") from e
         except OSError as e:
             sock.close()
             raise ChannelBroken(f"{what}: {e}") from e
@@ -406,7 +453,7 @@ class Source:
 
     def _start_channels(self, address: Address, session: bytes) -> None:
         cfg = self.config
-        ctx = mp_context(cfg.start_method)
+        ctx = mp_context(worker_start_method(cfg))
         spec_base = dict(
             page_size=self.ram.page_size,
             packet_pages=cfg.packet_pages,
@@ -433,7 +480,7 @@ class Source:
                     name=f"mpmultifd-send-{i}",
                     daemon=True,
                 )
-                proc.start()
+                start_worker(proc)
                 child_conn.close()
             except BaseException:
                 ring.close()
@@ -608,7 +655,11 @@ class Source:
                 waitables.append(ch.proc.sentinel)
         if self._control is not None:
             waitables.append(self._control)
+            if isinstance(self._control, ssl.SSLSocket) and self._control.pending():
+                timeout = 0  # decrypted bytes wait inside the TLS object, not on the socket
         ready = mp_wait(waitables, timeout)
+        if self._control is not None and isinstance(self._control, ssl.SSLSocket) and self._control.pending():
+            ready.append(self._control)
         if not ready:
             return
         if self._wake_r in ready:
@@ -652,15 +703,7 @@ class Source:
 
     def _read_control(self) -> None:
         assert self._control is not None
-        try:
-            data = self._control.recv(1 << 20)
-        except BlockingIOError:
-            return
-        except OSError as e:
-            raise ChannelBroken(f"control connection failed: {e}") from e
-        if not data:
-            raise ChannelClosed("the destination closed the control connection")
-        self._decoder.feed(data)
+        self._decoder.feed(read_available(self._control, "the destination"))
 
     def _control_message(self, msg: Any) -> None:
         if isinstance(msg, ErrorMessage):
@@ -691,7 +734,7 @@ class Source:
             try:
                 n = self._control.send(data)
                 data = data[n:]
-            except BlockingIOError:
+            except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
                 mp_wait([self._control], 0.1)  # a big VERIFY can fill the buffer
                 self._pump(0)
             except OSError as e:

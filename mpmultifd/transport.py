@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
+import ssl
 from typing import Any, Sequence, Tuple, Union
 
 from .errors import ChannelBroken, ChannelClosed, ConfigError
@@ -17,6 +18,7 @@ __all__ = [
     "IOV_MAX",
     "Address",
     "sendmsg_all",
+    "send_buffers",
     "recv_exact_into",
     "recv_exact",
     "connect",
@@ -58,16 +60,32 @@ def sendmsg_all(sock: socket.socket, buffers: Sequence, flags: int = 0) -> int:
         calls += 1
 
 
+def send_buffers(sock: socket.socket, buffers: Sequence) -> int:
+    """Send a header and its IOVs: one gathered ``sendmsg`` on a plain socket.
+
+    TLS sockets have no ``sendmsg``; each buffer then goes with ``sendall`` in
+    turn (TLS records of up to 16 KiB each), so no joined copy of the packet is
+    ever built. Returns the number of send calls.
+    """
+    if isinstance(sock, ssl.SSLSocket):
+        for b in buffers:
+            sock.sendall(b)
+        return len(buffers)
+    return sendmsg_all(sock, buffers)
+
+
 def recv_exact_into(sock: socket.socket, view: memoryview) -> None:
     """Fill ``view`` completely from ``sock``; EOF before that is :class:`ChannelClosed`."""
     want = view.nbytes
-    got = sock.recv_into(view, want, socket.MSG_WAITALL)
+    # TLS sockets take no recv flags; they return at most one record per call
+    flags = 0 if isinstance(sock, ssl.SSLSocket) else socket.MSG_WAITALL
+    got = sock.recv_into(view, want, flags)
     while got < want:
         if got == 0 and want:
             raise ChannelClosed(f"connection closed after {view.nbytes - want} of {view.nbytes} bytes")
         view = view[got:]
         want -= got
-        got = sock.recv_into(view, want, socket.MSG_WAITALL)
+        got = sock.recv_into(view, want, flags)
 
 
 def recv_exact(sock: socket.socket, n: int) -> bytearray:

@@ -30,7 +30,7 @@ from .errors import ChannelBroken, ChannelClosed, MigrationError, RemoteProtocol
 from .methods import PageBatch, PageSink, Prepared, get_method
 from .ram import GuestRAM
 from .ring import KIND_DATA, KIND_EOS, KIND_STOP, KIND_SYNC, Ring
-from .transport import recv_exact_into, sendmsg_all
+from .transport import recv_exact_into, send_buffers
 from .wire import (
     ENCODING_RAW,
     FLAG_EOS,
@@ -191,7 +191,7 @@ def _run_sender(spec: WorkerSpec, ram: GuestRAM, ring: Ring, sock: socket.socket
                     payload_len=prep.payload_len,
                 )
                 t_send = time.perf_counter()
-                counters[C_SYSCALLS] += sendmsg_all(sock, [header, *prep.iovs])
+                counters[C_SYSCALLS] += send_buffers(sock, [header, *prep.iovs])
                 sender.sent(prep, time.perf_counter() - t_send)
                 if prep.encoding != ENCODING_RAW:
                     counters[C_ENCODED] += 1
@@ -206,7 +206,7 @@ def _run_sender(spec: WorkerSpec, ram: GuestRAM, ring: Ring, sock: socket.socket
             elif batch.kind in (KIND_SYNC, KIND_EOS):
                 flags = FLAG_SYNC if batch.kind == KIND_SYNC else FLAG_EOS
                 header = encoder.encode(flags=flags, round=batch.round, packet_num=batch.packet_num)
-                counters[C_SYSCALLS] += sendmsg_all(sock, [header])
+                counters[C_SYSCALLS] += send_buffers(sock, [header])
                 counters[C_WIRE_BYTES] += encoder.size
                 counters[C_ROUND_DONE] = batch.round + 1
                 if batch.kind == KIND_EOS:
