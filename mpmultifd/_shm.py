@@ -47,7 +47,7 @@ class Segment:
     others are never unlinked by this process.
     """
 
-    __slots__ = ("name", "path", "size", "owned", "_tracked", "_mmap", "_fd")
+    __slots__ = ("name", "path", "size", "owned", "_tracked", "_mmap")
 
     def __init__(self, name: str, path: str, size: int, owned: bool, tracked: bool, mm: mmap.mmap) -> None:
         self.name = name

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import re
+import signal
 import sys
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from .config import START_METHODS, MigrationConfig
-from .errors import MigrationError
+from .errors import MigrationCancelled, MigrationError
 from .ram import GuestRAM
 from .source import Source
 from .testing import CONTENTS, DirtyingWriter, RemoteDestination, fill
@@ -68,9 +70,12 @@ def cmd_demo(a: argparse.Namespace) -> int:
             out(f"destination listening on {dest.address[0]}:{dest.address[1]} (pid of its own)")
             with DirtyingWriter(src_ram.name, rate=a.writer_rate, start_method=cfg.start_method) as writer:
                 out(f"writer dirtying pages at about {a.writer_rate:g} writes/s; migrating over {cfg.channels} channels")
-                with Source(src_ram, cfg) as src:
+                with Source(src_ram, cfg) as src, _cancel_on_sigint(src):
                     try:
                         result = src.migrate(dest.address, pause=writer.pause)
+                    except MigrationCancelled:
+                        print("migration cancelled", file=sys.stderr)
+                        return 130
                     except MigrationError as e:
                         print(f"migration failed: {e}", file=sys.stderr)
                         return 1
@@ -96,6 +101,16 @@ def cmd_demo(a: argparse.Namespace) -> int:
         print(f"verified:      {result.verified} (fingerprints of every page compared by the destination)")
         print(f"byte-identical: {identical} (whole region compared after the migration)")
     return 0 if identical and result.status == "completed" else 1
+
+
+@contextlib.contextmanager
+def _cancel_on_sigint(job: Any) -> Iterator[None]:
+    """Ctrl-C cancels the migration cleanly instead of tearing the process down mid-flight."""
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: job.cancel())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _fmt_bytes(n: float) -> str:

@@ -42,6 +42,7 @@ from .wire import (
     KIND_CONTROL,
     KIND_DATA,
     Cancel,
+    Commit,
     Complete,
     Config,
     ControlDecoder,
@@ -106,6 +107,7 @@ class _Receiver:
         self.sync_count = 0
         self.eos: tuple[int, int] | None = None
         self.exited = False
+        self.ready = False
 
 
 class Destination:
@@ -161,6 +163,7 @@ class Destination:
         self._rounds = 0
         self._rejected = 0
         self._auth_failures = 0
+        self._control_bytes = 0
         self._acceptor = threading.Thread(target=self._accept_loop, name="mpmultifd-accept", daemon=True)
         self._coordinator = threading.Thread(target=self._run, name="mpmultifd-destination", daemon=True)
         self._acceptor.start()
@@ -371,6 +374,9 @@ class Destination:
 
     def _check_config(self, c: Config) -> None:
         ram = self.ram
+        # docs/protocol.md: CONFIG's session equals the control hello's (the one a key proof is bound to)
+        if c.session_id != self._control_hello.session_id:
+            raise RemoteProtocolError("session: CONFIG names another session than the control hello", field="session")
         if c.page_size != ram.page_size:
             raise ConfigError(f"page_size: source uses {c.page_size}, this region {ram.page_size}")
         mine = [(b.name, b.size) for b in ram.blocks]
@@ -408,25 +414,25 @@ class Destination:
         verify: dict[int, np.ndarray] = {}
         rnd = 0
         setup_deadline = time.monotonic() + cfg.timeout
+        last_seen = (-1, -1)
+        last_progress = time.monotonic()
         while True:
+            # a source that sends nothing for `timeout` seconds (dead, frozen, or a
+            # half-open connection) fails the migration instead of hanging it
+            seen = (sum(c["bytes"] for c in self._counters()), decoder.pending + self._control_bytes)
+            now = time.monotonic()
+            if seen != last_seen:
+                last_seen, last_progress = seen, now
+            elif now - last_progress > cfg.timeout:
+                raise ChannelBroken(f"no data from the source for {cfg.timeout:g} s")
             # new data channels
             for sock, hello in self._take_incoming(accept_data=True):
-                parent_conn, child_conn = ctx.Pipe()
-                proc = ctx.Process(
-                    target=receiver_main,
-                    args=(
-                        WorkerSpec(channel=hello.channel, **spec_base),
-                        self.ram,
-                        self._received.name,
-                        self._stats.name,
-                        sock,
-                        child_conn,
-                    ),
-                    name=f"mpmultifd-recv-{hello.channel}",
-                    daemon=True,
+                proc, parent_conn = start_worker(
+                    ctx,
+                    receiver_main,
+                    (WorkerSpec(channel=hello.channel, **spec_base), self.ram, self._received.name, self._stats.name, sock),
+                    f"mpmultifd-recv-{hello.channel}",
                 )
-                start_worker(proc)
-                child_conn.close()
                 self._receivers[hello.channel] = _Receiver(hello.channel, sock, proc, parent_conn)
             if len(self._receivers) < c.channels and time.monotonic() > setup_deadline:
                 missing = sorted(set(range(c.channels)) - set(self._receivers))
@@ -491,13 +497,15 @@ class Destination:
                         f"final round: channels received {got} packets, the source sent {complete.packets}",
                         field="packets",
                     )
-                self._finish_session(c, complete, verify)
+                self._finish_session(c, complete, verify, decoder)
                 return
             self._wait([r for r in recv.values()], self._control)
             if self._control is not None:
                 self._read(self._control, decoder)
 
-    def _finish_session(self, c: Config, complete: Complete, verify: dict[int, np.ndarray]) -> None:
+    def _finish_session(
+        self, c: Config, complete: Complete, verify: dict[int, np.ndarray], decoder: ControlDecoder
+    ) -> None:
         verified: bool | None = None
         if c.verify:
             mismatches: dict[str, list[int]] = {}
@@ -516,8 +524,26 @@ class Destination:
                 self._send(Result(False, False, f"pages differ after migration: {text}", mismatches))
                 raise VerificationError(f"pages differ after migration: {text}", mismatches=mismatches)
             verified = True
-        self._valid = True
         self._send(Result(True, verified, None, {}))
+        # the region is ours only once the source commits (it then will not resume
+        # its copy); a CANCEL, an error or silence leaves it invalid
+        deadline = time.monotonic() + self.config.timeout
+        while True:
+            msg = decoder.next_message()
+            if msg is None:
+                if time.monotonic() > deadline:
+                    raise ChannelBroken("the source did not commit the migration")
+                self._wait([], self._control, 0.5)
+                self._read(self._control, decoder)
+                continue
+            if isinstance(msg, Commit):
+                break
+            if isinstance(msg, Cancel):
+                raise MigrationCancelled("the source cancelled the migration before committing")
+            if isinstance(msg, ErrorMessage):
+                raise MigrationError(f"source failed: {msg.message}")
+            raise RemoteProtocolError(f"expected COMMIT, got {type(msg).__name__}", field="type")
+        self._valid = True
         self._t_end = time.monotonic()
         per = self._counters()
         self._result = MigrationResult(
@@ -608,7 +634,15 @@ class Destination:
             r.proc.join(0.5)
             raise WorkerDied(f"receiver exited with code {r.proc.exitcode}", channel=r.index) from None
         kind = msg[0]
-        if kind == "sync":
+        if kind == "ready":
+            r.ready = True
+            if len(self._receivers) == self._session.channels and all(x.ready for x in self._receivers.values()):
+                # every receiver is attached: drop the names, so a crash of this
+                # process leaves nothing of ours in /dev/shm
+                for seg in (self._received, self._stats):
+                    if seg is not None:
+                        seg.unlink()
+        elif kind == "sync":
             r.at_sync, r.sync_count = msg[1], msg[2]
         elif kind == "eos":
             r.eos = (msg[1], msg[2])
@@ -616,7 +650,9 @@ class Destination:
             raise error_from_report(r.index, msg)
 
     def _read(self, ctrl: socket.socket, decoder: ControlDecoder) -> None:
-        decoder.feed(read_available(ctrl, "the source"))
+        data = read_available(ctrl, "the source")
+        self._control_bytes += len(data)
+        decoder.feed(data)
 
     def _next_message(self, decoder: ControlDecoder, deadline: float) -> Any:
         assert self._control is not None

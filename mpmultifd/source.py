@@ -45,6 +45,7 @@ from .wire import (
     KIND_DATA as HELLO_DATA,
     BlockSpec,
     Cancel,
+    Commit,
     Complete,
     Config,
     ConfigAck,
@@ -88,16 +89,36 @@ def _forget_foreign_forkserver() -> None:
         fs._forkserver_alive_fd = None
 
 
-def start_worker(proc: Any) -> None:
-    """Start a worker process.
+_START_LOCK = threading.Lock()
+
+
+def start_worker(ctx: Any, target: Callable[..., Any], args: tuple, name: str) -> tuple[Any, Any]:
+    """Start a worker process with a connection to it; returns (process, our end of the connection).
+
+    One lock serialises every worker start in this process: a fork in one
+    thread must not copy the half-made pipes of a start in another thread (a
+    Source and a Destination in one process), or the copy would keep a dead
+    worker's pipes open and hide its death.
 
     TLS workers are forked (their TLS session lives in this process's memory);
     Python 3.12+ warns about forking a process that has threads. The child runs
     only mpmultifd's worker code, which takes none of the parent threads' locks.
     """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*use of fork\\(\\) may lead to deadlocks", category=DeprecationWarning)
-        proc.start()
+    with _START_LOCK:
+        parent_conn, child_conn = ctx.Pipe()
+        proc = ctx.Process(target=target, args=(*args, child_conn), name=name, daemon=True)
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings(
+                    "ignore", message=".*use of fork\\(\\) may lead to deadlocks", category=DeprecationWarning
+                )
+                proc.start()
+        except BaseException:
+            parent_conn.close()
+            raise
+        finally:
+            child_conn.close()
+    return proc, parent_conn
 
 
 def worker_start_method(config: MigrationConfig) -> str:
@@ -158,6 +179,9 @@ class _Channel:
         self.synced = -1  # last round whose SYNC this worker sent
         self.done = False
         self.packets_in_round = 0
+        self.ready = False  # the worker attached to its ring
+        self.progress_bytes = -1  # wire bytes at the last check, and when they last moved
+        self.progress_at = time.monotonic()
 
 
 class Source:
@@ -179,6 +203,7 @@ class Source:
         os.set_blocking(self._wake_w, False)
         self._channels: list[_Channel] = []
         self._control: socket.socket | None = None
+        self._opening: socket.socket | None = None  # a connection in its handshake
         self._decoder = ControlDecoder()
         self._early: list[Any] = []
         self._running = False
@@ -254,6 +279,12 @@ class Source:
             os.write(self._wake_w, b"c")
         except (BlockingIOError, OSError):
             pass
+        opening = self._opening
+        if opening is not None:
+            try:
+                opening.shutdown(socket.SHUT_RDWR)  # wakes a handshake blocked in recv
+            except OSError:
+                pass
 
     def query(self) -> dict[str, Any]:
         """A ``query-migrate``-shaped snapshot; cheap, callable from any thread at any time."""
@@ -392,6 +423,15 @@ class Source:
         if not isinstance(reply, ConfigAck):
             raise RemoteProtocolError(f"expected CONFIG_ACK, got {type(reply).__name__}", field="type")
         self._start_channels(address, session)
+        deadline = time.monotonic() + cfg.timeout
+        while not all(ch.ready for ch in self._channels):
+            if time.monotonic() > deadline:
+                raise WorkerDied("channel workers did not start in time")
+            self._pump(0.1)
+        for ch in self._channels:
+            # every worker is attached: drop the names, so a crash of this process
+            # leaves no ring behind in /dev/shm
+            ch.ring.unlink()
         self._setup_time = time.monotonic() - self._t_start
         self._set_status("active")
         return self._precopy(pause), self._paused_at is not None
@@ -402,7 +442,9 @@ class Source:
         key = cfg.auth_key
         what = "control connection" if hello.kind == KIND_CONTROL else f"data channel {hello.channel}"
         sock = connect(address, cfg.timeout)
+        self._opening = sock
         try:
+            self._check_cancel()
             sock.settimeout(cfg.timeout)
             if cfg.tls is not None:
                 sock = cfg.tls.wrap_socket(sock, server_hostname=cfg.tls_hostname or _host_of(address))
@@ -435,6 +477,7 @@ class Source:
             ):
                 raise AuthenticationError(f"{what}: the destination failed to prove it holds the key")
             sock.settimeout(None)
+            self._check_cancel()
             return sock
         except AuthenticationError as e:
             sock.close()
@@ -446,10 +489,15 @@ class Source:
             raise AuthenticationError(f"{what}: TLS handshake failed: {e}") from e
         except OSError as e:
             sock.close()
+            self._check_cancel()
             raise ChannelBroken(f"{what}: {e}") from e
-        except BaseException:
+        except BaseException as e:
             sock.close()
+            if not isinstance(e, MigrationCancelled):
+                self._check_cancel()  # a cancel that broke the handshake wins over what it broke
             raise
+        finally:
+            self._opening = None
 
     def _start_channels(self, address: Address, session: bytes) -> None:
         cfg = self.config
@@ -473,15 +521,12 @@ class Source:
                 ring.unlink()
                 raise
             try:
-                parent_conn, child_conn = ctx.Pipe()
-                proc = ctx.Process(
-                    target=sender_main,
-                    args=(WorkerSpec(channel=i, **spec_base), self.ram, ring, sock, child_conn),
-                    name=f"mpmultifd-send-{i}",
-                    daemon=True,
+                proc, parent_conn = start_worker(
+                    ctx,
+                    sender_main,
+                    (WorkerSpec(channel=i, **spec_base), self.ram, ring, sock),
+                    f"mpmultifd-send-{i}",
                 )
-                start_worker(proc)
-                child_conn.close()
             except BaseException:
                 ring.close()
                 ring.unlink()
@@ -570,12 +615,16 @@ class Source:
                 break
             if not isinstance(msg, RoundAck):
                 raise RemoteProtocolError(f"expected RESULT, got {type(msg).__name__}", field="type")
-        self._downtime = time.monotonic() - self._paused_at
-        self._remaining_pages = 0
         if not msg.ok:
             if msg.mismatches:
                 raise VerificationError(msg.error or "verification failed", mismatches=msg.mismatches)
             raise MigrationError(f"destination reported failure: {msg.error}")
+        # the point of no return: after COMMIT the destination owns the region and
+        # this side must not resume; a cancel that came in before it still wins
+        self._check_cancel()
+        self._control_send(Commit())
+        self._downtime = time.monotonic() - self._paused_at
+        self._remaining_pages = 0
         self._t_end = time.monotonic()
         q = self.query()
         return MigrationResult(
@@ -660,6 +709,7 @@ class Source:
         ready = mp_wait(waitables, timeout)
         if self._control is not None and isinstance(self._control, ssl.SSLSocket) and self._control.pending():
             ready.append(self._control)
+        self._check_progress()
         if not ready:
             return
         if self._wake_r in ready:
@@ -684,6 +734,30 @@ class Source:
                     self._worker_message(ch)
                 raise WorkerDied(f"worker process exited with code {ch.proc.exitcode}", channel=ch.index)
 
+    def _check_progress(self) -> None:
+        """Fail a channel that has work queued but moved no byte for ``timeout`` seconds.
+
+        That is what a destination that stopped reading, or a half-open
+        connection, looks like from here: the worker sits in ``sendmsg``.
+        """
+        now = time.monotonic()
+        for ch in self._channels:
+            if ch.done:
+                continue
+            sent = int(ch.ring.counters[C_WIRE_BYTES])
+            if sent != ch.progress_bytes:
+                ch.progress_bytes, ch.progress_at = sent, now
+                continue
+            busy = len(ch.ring) > 0 or ch.synced < self._round
+            if not busy:
+                ch.progress_at = now
+            elif now - ch.progress_at > self.config.timeout:
+                raise ChannelBroken(
+                    f"no progress for {self.config.timeout:g} s with data queued: "
+                    "the destination stopped reading or the connection is dead",
+                    channel=ch.index,
+                )
+
     def _worker_message(self, ch: _Channel) -> None:
         try:
             msg = ch.conn.recv()
@@ -693,7 +767,9 @@ class Source:
             ch.proc.join(0.5)
             raise WorkerDied(f"worker process exited with code {ch.proc.exitcode}", channel=ch.index) from None
         kind = msg[0]
-        if kind == "synced":
+        if kind == "ready":
+            ch.ready = True
+        elif kind == "synced":
             ch.synced = msg[1]
         elif kind == "done":
             ch.synced = msg[1]

@@ -9,6 +9,7 @@ way a cooperating guest would, and ``RemoteDestination`` runs a
 from __future__ import annotations
 
 import multiprocessing
+import signal
 import time
 from typing import Any
 
@@ -52,6 +53,7 @@ def fill(ram: GuestRAM, content: str = "half-zero", seed: int = 0) -> None:
 
 
 def _writer_main(ram_name: str, stop: Any, stopped: Any, started: Any, count: Any, seed: int, rate: float) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the process running the migration
     ram = GuestRAM.attach(ram_name)
     rng = np.random.default_rng(seed)
     ps = ram.page_size
@@ -141,6 +143,7 @@ class DirtyingWriter:
 def _destination_main(ram_name: str, listen: tuple[str, int], config: MigrationConfig, conn: Any) -> None:
     from .destination import Destination
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the source side cancels; the destination follows it
     ram = GuestRAM.attach(ram_name)
     try:
         with Destination(ram, listen, config) as dst:

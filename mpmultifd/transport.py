@@ -137,9 +137,18 @@ def is_loopback(address: Address) -> bool:
         return False
 
 
+KEEPALIVE_IDLE = 5  # seconds of silence before the kernel probes a peer
+
+
 def _tune(sock: socket.socket) -> None:
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # a peer host that vanished leaves a half-open connection: probes find it
+        # even on a channel that is idle (parked at a SYNC)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
 
 
 def connect(address: Address, timeout: float) -> socket.socket:

@@ -59,6 +59,7 @@ __all__ = [
     "ErrorMessage",
     "RoundAck",
     "Cancel",
+    "Commit",
     "ControlMessage",
     "encode_control",
     "ControlDecoder",
@@ -431,6 +432,7 @@ T_RESULT = 6
 T_ERROR = 7
 T_ROUND_ACK = 8
 T_CANCEL = 9
+T_COMMIT = 10
 
 _ZERO_PAGE_MODES = ("multifd", "none")
 
@@ -521,7 +523,12 @@ class Cancel:
     """Source → destination: the source cancelled; release everything."""
 
 
-ControlMessage = Union[Config, ConfigAck, RoundEnd, Complete, Verify, Result, ErrorMessage, RoundAck, Cancel]
+@dataclass(frozen=True)
+class Commit:
+    """Source → destination, after a successful RESULT: the source will not resume; the region is yours."""
+
+
+ControlMessage = Union[Config, ConfigAck, RoundEnd, Complete, Verify, Result, ErrorMessage, RoundAck, Cancel, Commit]
 
 _ROUND = struct.Struct(">IHH")
 _VERIFY = struct.Struct(">HHI")
@@ -576,6 +583,8 @@ def encode_control(msg: ControlMessage) -> bytes:
         return _frame(T_ROUND_ACK, _ACK.pack(msg.round))
     if isinstance(msg, Cancel):
         return _frame(T_CANCEL, b"")
+    if isinstance(msg, Commit):
+        return _frame(T_COMMIT, b"")
     raise LocalProtocolError(f"not a control message: {type(msg).__name__}", field="type")
 
 
@@ -737,6 +746,10 @@ def _decode_body(mtype: int, body: bytes) -> ControlMessage:
         if body:
             raise _fail("length", "CANCEL carries no body")
         return Cancel()
+    if mtype == T_COMMIT:
+        if body:
+            raise _fail("length", "COMMIT carries no body")
+        return Commit()
     raise _fail("type", f"unknown control message type {mtype}")
 
 
@@ -769,7 +782,7 @@ class ControlDecoder:
             raise _fail("magic", f"0x{magic:08x} is not the control magic 0x{CONTROL_MAGIC:08x}")
         if flags or reserved:
             raise _fail("reserved", "frame flags and reserved bytes must be zero")
-        if not T_CONFIG <= mtype <= T_CANCEL:
+        if not T_CONFIG <= mtype <= T_COMMIT:
             raise _fail("type", f"unknown control message type {mtype}")
         if length > self.max_body:
             raise _fail("length", f"body of {length} bytes exceeds the limit of {self.max_body}")

@@ -115,15 +115,36 @@ def error_from_report(channel: int, report: tuple) -> MigrationError:
     return err
 
 
-def _parent_gone(conn: Connection) -> bool:
-    """True when the coordinator closed our connection or asked us to stop."""
-    try:
-        if conn.poll():
-            msg = conn.recv()
-            return msg == ("stop",)
-    except (EOFError, OSError):
-        return True
-    return False
+class _Stopped(Exception):
+    """The coordinator told this worker to stop, or is gone."""
+
+
+class CoordinatorWatch:
+    """Notices that the coordinator that started this worker is gone.
+
+    Two signs, because each start method hides one of them: the connection to
+    the coordinator reaches EOF (spawn, forkserver; under fork a sibling
+    inherits the coordinator's end and keeps it open), or this process was
+    re-parented (fork and spawn; a forkserver parent outlives the coordinator).
+    """
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.ppid = os.getppid()
+
+    def gone(self) -> bool:
+        if os.getppid() != self.ppid:
+            return True
+        try:
+            if self.conn.poll():
+                return self.conn.recv() == ("stop",)
+        except (EOFError, OSError):
+            return True
+        return False
+
+    def check(self) -> None:
+        if self.gone():
+            raise _Stopped()
 
 
 # --------------------------------------------------------------------------- sender
@@ -133,7 +154,10 @@ def sender_main(spec: WorkerSpec, ram: GuestRAM, ring: Ring, sock: socket.socket
     """Entry point of a source channel worker."""
     _child_setup()
     try:
+        conn.send(("ready",))  # attached to the ring and the RAM: the coordinator may unlink their names
         _run_sender(spec, ram, ring, sock, conn)
+    except _Stopped:
+        pass
     except BaseException as exc:  # every failure is reported, then the process ends
         _report(conn, exc)
         raise SystemExit(1) from None
@@ -155,12 +179,12 @@ def _run_sender(spec: WorkerSpec, ram: GuestRAM, ring: Ring, sock: socket.socket
     encoder = DataHeaderEncoder(spec.packet_pages)
     counters = ring.counters
     no_pages = np.empty(0, dtype=np.int64)
+    watch = CoordinatorWatch(conn)
     try:
         while True:
             batch = ring.pop(timeout=_POLL)
             if batch is None:
-                if _parent_gone(conn):
-                    return
+                watch.check()
                 continue
             t0 = time.perf_counter_ns()
             if batch.kind == KIND_DATA:
@@ -238,6 +262,7 @@ def receiver_main(
     received = Segment.attach(received_name)
     stats = Segment.attach(stats_name)
     try:
+        conn.send(("ready",))  # attached: the coordinator may unlink the segment names
         _run_receiver(spec, ram, received, stats, sock, conn)
     except _Stopped:
         pass
@@ -290,8 +315,10 @@ def _run_receiver(
     state = ChannelState()
     hbuf = bytearray(decoder.size)
     hview = memoryview(hbuf)
+    watch = CoordinatorWatch(conn)
     try:
         while True:
+            watch.check()  # an orphaned receiver must not keep the source's connection open
             try:
                 recv_exact_into(sock, hview)
             except ChannelClosed as e:
@@ -307,7 +334,7 @@ def _run_receiver(
             if header.is_sync:
                 counters[C_ROUND_DONE] = header.round + 1
                 conn.send(("sync", header.round, state.packets_in_round))
-                _wait_release(conn, ch)
+                _wait_release(watch, ch)
                 state.next_round()
                 continue
             if header.zero:
@@ -332,18 +359,20 @@ def _run_receiver(
         del grids, datas, rmaps, counters, sink
 
 
-class _Stopped(Exception):
-    """The coordinator told this worker to stop."""
-
-
-def _wait_release(conn: Connection, ch: int) -> None:
+def _wait_release(watch: CoordinatorWatch, ch: int) -> None:
     """Park at a SYNC until the coordinator says every channel reached it."""
-    try:
-        msg = conn.recv()
-    except (EOFError, OSError):
-        raise ChannelBroken("destination coordinator went away", channel=ch) from None
-    if msg == ("go",):
-        return
-    if msg == ("stop",):
-        raise _Stopped()
-    raise MigrationError(f"unexpected coordinator message {msg!r}", channel=ch)
+    conn = watch.conn
+    while True:
+        try:
+            if not conn.poll(_POLL):
+                if os.getppid() != watch.ppid:
+                    raise _Stopped()
+                continue
+            msg = conn.recv()
+        except (EOFError, OSError):
+            raise _Stopped() from None
+        if msg == ("go",):
+            return
+        if msg == ("stop",):
+            raise _Stopped()
+        raise MigrationError(f"unexpected coordinator message {msg!r}", channel=ch)

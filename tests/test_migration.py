@@ -25,6 +25,7 @@ from mpmultifd.wire import (
     KIND_CONTROL,
     KIND_DATA,
     BlockSpec,
+    Commit,
     Complete,
     Config,
     ConfigAck,
@@ -231,6 +232,8 @@ def test_newer_copy_wins_across_channels():
                 msgs = [next_msg(), next_msg()]
                 assert isinstance(msgs[0], RoundAck) and msgs[0].round == 0
                 assert isinstance(msgs[1], Result) and msgs[1].ok, msgs[1]
+                assert not dst.valid  # not before the source commits
+                _sendall(ctrl, encode_control(Commit()))
                 res = dst.wait(10)
                 assert res.rounds == 2
                 assert (ram.pages("ram")[page] == new).all()

@@ -22,6 +22,7 @@ from mpmultifd.wire import (
     BlockSpec,
     Cancel,
     ChannelState,
+    Commit,
     Complete,
     Config,
     ConfigAck,
@@ -403,6 +404,7 @@ def test_channel_state_orders_rounds_and_packets():
         ErrorMessage("boom", "it broke", None),
         RoundAck(12),
         Cancel(),
+        Commit(),
     ],
 )
 def test_control_round_trip(msg):
@@ -444,7 +446,7 @@ def _config_json(**changes) -> bytes:
         (_frame(1, b"{}", magic=0x11223344), "magic"),
         (_frame(1, b"{}", flags=1), "reserved"),
         (_frame(0, b""), "type"),
-        (_frame(10, b""), "type"),
+        (_frame(11, b""), "type"),
         (_frame(1, b"not json"), "config"),
         (_frame(1, b"[1]"), "config"),
         (_frame(1, _config_json(page_size=4095)), "page_size"),
@@ -473,6 +475,7 @@ def _config_json(**changes) -> bytes:
         (_frame(7, b'{"code": "x", "message": "y", "channel": 999}'), "channel"),
         (_frame(8, b"\0\0"), "length"),
         (_frame(9, b"\0"), "length"),
+        (_frame(10, b"\0"), "length"),
     ],
 )
 def test_control_rejects(data, field):
