@@ -29,8 +29,11 @@ class MigrationConfig:
         compression_level: method-specific level, ``None`` for the method's default.
         zero_page: ``"multifd"`` detects zero pages in the workers and sends only
             their offsets; ``"none"`` sends them as data.
-        zerocopy: ``"auto"`` lets the library decide (plain sends where the kernel
-            would copy anyway, as on loopback); ``"off"`` never uses MSG_ZEROCOPY.
+        zerocopy: MSG_ZEROCOPY for raw page sends. ``"auto"`` uses it on TCP to a
+            non-loopback address without TLS or compression, and turns a channel back
+            to plain sends when the kernel keeps copying anyway; ``"on"`` always uses
+            it (refused with compression or TLS); ``"off"`` never does. On loopback
+            and between network namespaces the kernel always copies.
         downtime_limit: seconds the guest may stay paused at switchover; the final
             round starts once the remaining dirty bytes fit in it at the measured rate.
         max_bandwidth: bytes per second over all channels, or ``None`` for no cap.
@@ -90,12 +93,14 @@ class MigrationConfig:
             raise bad("zero_page", f"{self.zero_page!r} is not one of {', '.join(_ZERO_PAGE)}")
         if self.zerocopy not in _ZEROCOPY:
             raise bad("zerocopy", f"{self.zerocopy!r} is not one of {', '.join(_ZEROCOPY)}")
-        if self.zerocopy == "on":
+        if self.zerocopy == "on" and self.compression != "none":
             raise bad(
                 "zerocopy",
-                "'on' is not supported by this version: MSG_ZEROCOPY sends are not implemented yet; "
-                "use 'auto' or 'off' (on loopback the kernel copies zero-copy sends anyway)",
+                f"'on' needs compression='none': compressed packets are built in private buffers, "
+                f"not sent from the shared RAM (got compression={self.compression!r}); use zerocopy='auto'",
             )
+        if self.zerocopy == "on" and self.tls is not None:
+            raise bad("zerocopy", "'on' cannot be combined with TLS: TLS encrypts into its own buffers; use 'auto'")
         if not _is_num(self.downtime_limit) or not 0 < self.downtime_limit < math.inf:
             raise bad("downtime_limit", f"{self.downtime_limit!r} is not a positive number of seconds")
         if self.max_bandwidth is not None:

@@ -37,7 +37,7 @@ from .methods import get_method
 from .ram import GuestRAM
 from .ring import KIND_DATA, KIND_EOS, KIND_STOP, KIND_SYNC, Ring
 from .stats import MigrationResult
-from .transport import Address, connect, recv_exact
+from .transport import Address, connect, is_loopback, parse_address, recv_exact
 from .wire import (
     CONTROL_CHANNEL,
     HELLO_FLAG_AUTH,
@@ -314,9 +314,18 @@ class Source:
                 "mbps": transferred * 8 / 1e6 / elapsed_active if self._setup_time else 0.0,
                 "dirty-sync-count": self._dirty_syncs,
                 "multifd-bytes": transferred,
-                "dirty-sync-missed-zero-copy": 0,
+                "dirty-sync-missed-zero-copy": sum(c["zerocopy-copied"] for c in per_channel),
             },
             "compression": _compression_stats(per_channel),
+            "zerocopy": {
+                "mode": self.config.zerocopy,
+                "active-channels": sum(c["zerocopy-active"] for c in per_channel),
+                "sends": sum(c["zerocopy-sends"] for c in per_channel),
+                "completions": sum(c["zerocopy-completions"] for c in per_channel),
+                "copied": sum(c["zerocopy-copied"] for c in per_channel),
+                "enobufs": sum(c["zerocopy-enobufs"] for c in per_channel),
+                "plain-reason": self._zerocopy_reason,
+            },
             "rounds": self._round,
             "channels": per_channel,
             "config": self.config.to_dict(),
@@ -366,6 +375,7 @@ class Source:
         self._round = 0
         self._error: BaseException | None = None
         self._final_channels: list[dict[str, int]] = []
+        self._zerocopy_reason: str | None = None
         self._confirmed_round = -1
 
     def _set_status(self, status: str) -> None:
@@ -499,6 +509,30 @@ class Source:
         finally:
             self._opening = None
 
+    def _zerocopy_mode(self, address: Address) -> str:
+        """What the workers do about MSG_ZEROCOPY, and why (logged once)."""
+        cfg = self.config
+        if cfg.zerocopy == "off":
+            return "off"
+        if cfg.zerocopy == "on":
+            return "on"
+        family, _ = parse_address(address)
+        reason = None
+        if cfg.tls is not None:
+            reason = "TLS encrypts into its own buffers"
+        elif cfg.compression != "none":
+            reason = f"{cfg.compression} packets are built in private buffers"
+        elif family == socket.AF_UNIX:
+            reason = "Unix sockets do not support it"
+        elif is_loopback(address):
+            reason = "the kernel copies every zero-copy send to a local socket"
+        if reason:
+            log.info("zerocopy auto: plain sends (%s)", reason)
+            self._zerocopy_reason = reason
+            return "off"
+        self._zerocopy_reason = None
+        return "auto"
+
     def _start_channels(self, address: Address, session: bytes) -> None:
         cfg = self.config
         ctx = mp_context(worker_start_method(cfg))
@@ -510,6 +544,8 @@ class Source:
             level=cfg.compression_level,
             options={},
             zero_page=cfg.zero_page,
+            zerocopy=self._zerocopy_mode(address),
+            flush_timeout=cfg.timeout,
         )
         for i in range(cfg.channels):
             self._check_cancel()

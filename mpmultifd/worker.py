@@ -31,6 +31,7 @@ from .methods import PageBatch, PageSink, Prepared, get_method
 from .ram import GuestRAM
 from .ring import KIND_DATA, KIND_EOS, KIND_STOP, KIND_SYNC, Ring
 from .transport import recv_exact_into, send_buffers
+from .zerocopy import ZeroCopySender
 from .wire import (
     ENCODING_RAW,
     FLAG_EOS,
@@ -56,6 +57,11 @@ C_ZERO_WRITTEN = 8
 C_ENCODED = 9  # data packets whose payload the method encoded (compressed)
 C_RAW = 10  # data packets with pages sent raw
 C_ENCODED_IN = 11  # raw bytes that went into encoded packets
+C_ZC_SENDS = 12  # sendmsg calls made with MSG_ZEROCOPY
+C_ZC_COMPLETIONS = 13
+C_ZC_COPIED = 14  # completions the kernel flagged as copied after all
+C_ZC_ENOBUFS = 15
+C_ZC_ACTIVE = 16  # 1 while the channel sends with MSG_ZEROCOPY
 COUNTERS = {
     "packets": C_PACKETS,
     "normal": C_NORMAL,
@@ -67,6 +73,11 @@ COUNTERS = {
     "compressed-packets": C_ENCODED,
     "raw-packets": C_RAW,
     "compressed-input-bytes": C_ENCODED_IN,
+    "zerocopy-sends": C_ZC_SENDS,
+    "zerocopy-completions": C_ZC_COMPLETIONS,
+    "zerocopy-copied": C_ZC_COPIED,
+    "zerocopy-enobufs": C_ZC_ENOBUFS,
+    "zerocopy-active": C_ZC_ACTIVE,
 }
 
 _POLL = 0.25  # seconds between liveness checks while idle
@@ -84,6 +95,8 @@ class WorkerSpec:
     level: int | None = None
     options: dict[str, Any] = field(default_factory=dict)
     zero_page: str = "multifd"
+    zerocopy: str = "off"  # resolved by the source: "on" (never fall back), "auto" (fall back), "off"
+    flush_timeout: float = 10.0
 
 
 def _child_setup() -> None:
@@ -180,6 +193,21 @@ def _run_sender(spec: WorkerSpec, ram: GuestRAM, ring: Ring, sock: socket.socket
     counters = ring.counters
     no_pages = np.empty(0, dtype=np.int64)
     watch = CoordinatorWatch(conn)
+    zc: ZeroCopySender | None = None
+    if spec.zerocopy != "off":
+        # "on" never falls back; "auto" does once most completions say "copied"
+        ratio = 2.0 if spec.zerocopy == "on" else 0.9
+        zc = ZeroCopySender(sock, fallback_ratio=ratio)
+        counters[C_ZC_ACTIVE] = 1
+
+    def zc_stats() -> None:
+        st = zc.stats
+        counters[C_ZC_SENDS] = st["sends"]
+        counters[C_ZC_COMPLETIONS] = st["completions"]
+        counters[C_ZC_COPIED] = st["copied"]
+        counters[C_ZC_ENOBUFS] = st["enobufs"]
+        counters[C_ZC_ACTIVE] = int(zc.enabled)
+
     try:
         while True:
             batch = ring.pop(timeout=_POLL)
@@ -215,7 +243,13 @@ def _run_sender(spec: WorkerSpec, ram: GuestRAM, ring: Ring, sock: socket.socket
                     payload_len=prep.payload_len,
                 )
                 t_send = time.perf_counter()
-                counters[C_SYSCALLS] += send_buffers(sock, [header, *prep.iovs])
+                if zc is not None and zc.enabled and prep.encoding == ENCODING_RAW:
+                    # the kernel reads these after sendmsg returns: the header gets a
+                    # private copy that the sender keeps until its completion arrives
+                    hdr = bytearray(header)
+                    counters[C_SYSCALLS] += zc.send([hdr, *prep.iovs], hdr, nbytes=encoder.size + prep.payload_len)
+                else:
+                    counters[C_SYSCALLS] += send_buffers(sock, [header, *prep.iovs])
                 sender.sent(prep, time.perf_counter() - t_send)
                 if prep.encoding != ENCODING_RAW:
                     counters[C_ENCODED] += 1
@@ -228,6 +262,10 @@ def _run_sender(spec: WorkerSpec, ram: GuestRAM, ring: Ring, sock: socket.socket
                 counters[C_PAYLOAD] += prep.payload_len
                 counters[C_WIRE_BYTES] += encoder.size + prep.payload_len
             elif batch.kind in (KIND_SYNC, KIND_EOS):
+                if zc is not None:
+                    # every page of the round is on the wire before the round ends (as QEMU)
+                    zc.flush(spec.flush_timeout)
+                    zc_stats()
                 flags = FLAG_SYNC if batch.kind == KIND_SYNC else FLAG_EOS
                 header = encoder.encode(flags=flags, round=batch.round, packet_num=batch.packet_num)
                 counters[C_SYSCALLS] += send_buffers(sock, [header])
@@ -242,6 +280,13 @@ def _run_sender(spec: WorkerSpec, ram: GuestRAM, ring: Ring, sock: socket.socket
                 return
             counters[C_BUSY_NS] += time.perf_counter_ns() - t0
     finally:
+        if zc is not None:
+            # the shared RAM must outlive every send the kernel still reads from
+            try:
+                zc.flush(1.0)
+            except (OSError, TimeoutError):
+                pass
+            zc_stats()
         sender.cleanup()
         del grids, words, datas
 
