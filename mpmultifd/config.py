@@ -59,6 +59,10 @@ class MigrationConfig:
             before the migration fails.
         allow_unauthenticated: a destination refuses to listen on a non-loopback
             address without ``auth_key`` unless this is True.
+        channel_retries: how many times a broken data channel may be reconnected
+            during one migration (0: a broken channel fails the migration). The
+            source reconnects it and resends every packet that channel carried
+            since the last round the destination confirmed.
     """
 
     channels: int = 2
@@ -78,6 +82,7 @@ class MigrationConfig:
     start_method: str = "forkserver"
     timeout: float = 10.0
     allow_unauthenticated: bool = False
+    channel_retries: int = 0
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ConfigError:
@@ -117,6 +122,8 @@ class MigrationConfig:
                 raise bad("auth_key", "must be bytes (read a key file in binary mode)")
             if len(self.auth_key) < 16:
                 raise bad("auth_key", f"{len(self.auth_key)} bytes is too short; use at least 16 random bytes")
+        if not _is_int(self.channel_retries) or not 0 <= self.channel_retries <= 1000:
+            raise bad("channel_retries", f"{self.channel_retries!r} is not a whole number in 0..1000")
         if not isinstance(self.allow_unauthenticated, bool):
             raise bad("allow_unauthenticated", f"{self.allow_unauthenticated!r} is not True or False")
         if self.tls is not None and not isinstance(self.tls, ssl.SSLContext):

@@ -20,6 +20,7 @@ from .digest import fingerprint_some
 from .errors import (
     AuthenticationError,
     ChannelBroken,
+    ChannelError,
     ChannelClosed,
     ConfigError,
     MigrationCancelled,
@@ -48,6 +49,7 @@ from .wire import (
     ControlDecoder,
     ErrorMessage,
     Result,
+    Resume,
     RoundAck,
     RoundEnd,
     Verify,
@@ -163,6 +165,9 @@ class Destination:
         self._rounds = 0
         self._rejected = 0
         self._auth_failures = 0
+        self._retries_left = 0
+        self._broken: dict[int, float] = {}  # channel -> deadline for its reconnection
+        self._connected: set[int] = set()
         self._control_bytes = 0
         self._acceptor = threading.Thread(target=self._accept_loop, name="mpmultifd-accept", daemon=True)
         self._coordinator = threading.Thread(target=self._run, name="mpmultifd-destination", daemon=True)
@@ -365,6 +370,7 @@ class Destination:
             self._send(ErrorMessage("config-refused", str(e)))
             raise
         self._session = msg
+        self._retries_left = msg.channel_retries
         self._make_segments(msg)
         self._send(ConfigAck())
         self._status = "active"
@@ -427,16 +433,27 @@ class Destination:
                 raise ChannelBroken(f"no data from the source for {cfg.timeout:g} s")
             # new data channels
             for sock, hello in self._take_incoming(accept_data=True):
+                resumed = hello.channel in self._connected
+                self._connected.add(hello.channel)
+                spec = WorkerSpec(channel=hello.channel, start_round=rnd if resumed else 0, **spec_base)
                 proc, parent_conn = start_worker(
                     ctx,
                     receiver_main,
-                    (WorkerSpec(channel=hello.channel, **spec_base), self.ram, self._received.name, self._stats.name, sock),
+                    (spec, self.ram, self._received.name, self._stats.name, sock),
                     f"mpmultifd-recv-{hello.channel}",
                 )
+                if resumed:
+                    # the source resends this channel's packets from our current round on
+                    self._send(Resume(hello.channel, rnd))
                 self._receivers[hello.channel] = _Receiver(hello.channel, sock, proc, parent_conn)
-            if len(self._receivers) < c.channels and time.monotonic() > setup_deadline:
-                missing = sorted(set(range(c.channels)) - set(self._receivers))
-                raise ChannelBroken(f"data channels {missing} did not connect within {cfg.timeout} s")
+            now = time.monotonic()
+            if len(self._receivers) < c.channels and now > setup_deadline:
+                missing = sorted(set(range(c.channels)) - set(self._receivers) - set(self._broken))
+                if missing:
+                    raise ChannelBroken(f"data channels {missing} did not connect within {cfg.timeout} s")
+            for ch, deadline in self._broken.items():
+                if now > deadline:
+                    raise ChannelBroken(f"the source did not reconnect within {cfg.timeout:g} s", channel=ch)
             # control messages
             while True:
                 msg = decoder.next_message()
@@ -586,14 +603,51 @@ class Destination:
                 reason = f"session {hello.session_id.hex()} is not this session"
             elif hello.nchannels != s.channels or hello.channel >= s.channels:
                 reason = f"channel {hello.channel}/{hello.nchannels} does not fit {s.channels} channels"
-            elif hello.channel in self._receivers:
-                reason = f"channel {hello.channel} is already connected"
+            elif hello.channel in self._receivers or hello.channel in self._broken:
+                if self._retries_left > 0:
+                    # a replacement for a broken channel (the source saw it break, perhaps first)
+                    self._retries_left -= 1
+                    if hello.channel in self._receivers:
+                        self._retire(self._receivers[hello.channel], "replaced by a new connection")
+                    self._broken.pop(hello.channel, None)
+                    log.warning("channel %d reconnected; %d retries left", hello.channel, self._retries_left)
+                else:
+                    reason = f"channel {hello.channel} is already connected"
             if reason is not None:
                 log.warning("dropping connection: %s", reason)
                 self._rejected += 1
                 sock.close()
                 continue
             out.append((sock, hello))
+
+    def _retire(self, r: _Receiver, why: str) -> None:
+        """Stop a receiver whose connection broke or is being replaced; its slot stays open."""
+        self._receivers.pop(r.index, None)
+        try:
+            r.conn.send(("stop",))
+        except (OSError, ValueError):
+            pass
+        try:
+            r.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        r.proc.join(_JOIN_GRACE)
+        if r.proc.is_alive():
+            r.proc.kill()
+            r.proc.join(5.0)
+        r.conn.close()
+        r.sock.close()
+        log.info("channel %d retired: %s", r.index, why)
+
+    def _receiver_failed(self, r: _Receiver, err: MigrationError) -> None:
+        """A receiver's connection broke: keep its slot open for the source's reconnect, or fail."""
+        if self._receivers.get(r.index) is not r:
+            return  # a report from a receiver already retired (replaced by a reconnection)
+        if self._retries_left <= 0 or not isinstance(err, ChannelError):
+            raise err
+        self._retire(r, str(err))
+        self._broken[r.index] = time.monotonic() + self.config.timeout
+        log.warning("channel %d broke (%s); waiting for the source to reconnect it", r.index, err)
 
     def _wait(self, receivers: list[_Receiver], ctrl: socket.socket | None, timeout: float | None = 1.0) -> None:
         waitables: list[Any] = [self._wake_r]
@@ -615,15 +669,21 @@ class Destination:
         if self._cancel_requested:
             raise MigrationCancelled("cancelled")
         for r in receivers:
-            if r.conn in ready:
-                self._receiver_message(r)
-        for r in receivers:
-            if not r.exited and r.proc.sentinel in ready:
-                r.exited = True
-                if r.conn.poll(0.2):
+            if r.conn in ready and self._receivers.get(r.index) is r:
+                try:
                     self._receiver_message(r)
-                if r.eos is None:
-                    raise WorkerDied(f"receiver exited with code {r.proc.exitcode}", channel=r.index)
+                except MigrationError as e:
+                    self._receiver_failed(r, e)
+        for r in receivers:
+            if not r.exited and r.proc.sentinel in ready and self._receivers.get(r.index) is r:
+                r.exited = True
+                try:
+                    if r.conn.poll(0.2):
+                        self._receiver_message(r)
+                    if r.eos is None:
+                        raise WorkerDied(f"receiver exited with code {r.proc.exitcode}", channel=r.index)
+                except MigrationError as e:
+                    self._receiver_failed(r, e)
 
     def _receiver_message(self, r: _Receiver) -> None:
         try:
@@ -636,7 +696,11 @@ class Destination:
         kind = msg[0]
         if kind == "ready":
             r.ready = True
-            if len(self._receivers) == self._session.channels and all(x.ready for x in self._receivers.values()):
+            if (
+                not self._session.channel_retries  # a replacement receiver would attach by name
+                and len(self._receivers) == self._session.channels
+                and all(x.ready for x in self._receivers.values())
+            ):
                 # every receiver is attached: drop the names, so a crash of this
                 # process leaves nothing of ours in /dev/shm
                 for seg in (self._received, self._stats):

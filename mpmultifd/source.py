@@ -24,6 +24,7 @@ from .digest import fingerprint_pages
 from .errors import (
     AuthenticationError,
     ChannelBroken,
+    ChannelError,
     ChannelClosed,
     MigrationCancelled,
     MigrationError,
@@ -53,6 +54,7 @@ from .wire import (
     ErrorMessage,
     Hello,
     Result,
+    Resume,
     RoundAck,
     RoundEnd,
     Verify,
@@ -180,6 +182,11 @@ class _Channel:
         self.done = False
         self.packets_in_round = 0
         self.ready = False  # the worker attached to its ring
+        # every batch pushed since the last round the destination confirmed, for resending
+        self.log: list[tuple[int, int, int, int, np.ndarray | None]] = []
+        self.generation = 0  # bumped when a broken channel is replaced
+        self.reconnecting = False
+        self.counter_base: dict[str, int] = {}
         self.progress_bytes = -1  # wire bytes at the last check, and when they last moved
         self.progress_at = time.monotonic()
 
@@ -327,6 +334,7 @@ class Source:
                 "plain-reason": self._zerocopy_reason,
             },
             "rounds": self._round,
+            "reconnected-channels": self._reconnects,
             "channels": per_channel,
             "config": self.config.to_dict(),
         }
@@ -375,6 +383,9 @@ class Source:
         self._round = 0
         self._error: BaseException | None = None
         self._final_channels: list[dict[str, int]] = []
+        self._retries_left = self.config.channel_retries
+        self._reconnects = 0
+        self._resumes: dict[int, int] = {}
         self._zerocopy_reason: str | None = None
         self._confirmed_round = -1
 
@@ -426,6 +437,7 @@ class Source:
             method_options={"level": cfg.compression_level},
             zero_page=cfg.zero_page,
             verify=cfg.verify,
+            channel_retries=cfg.channel_retries,
         )
         ctrl.sendall(encode_control(config_msg))
         ctrl.setblocking(False)
@@ -547,28 +559,109 @@ class Source:
             zerocopy=self._zerocopy_mode(address),
             flush_timeout=cfg.timeout,
         )
+        self._ctx = ctx
+        self._spec_base = spec_base
+        self._address = address
+        self._session = session
         for i in range(cfg.channels):
             self._check_cancel()
-            ring = Ring.create(nslots=cfg.ring_slots, capacity=cfg.packet_pages)
-            try:
-                sock = self._open(address, Hello(HELLO_DATA, session, i, cfg.channels))
-            except BaseException:
-                ring.close()
-                ring.unlink()
-                raise
-            try:
-                proc, parent_conn = start_worker(
-                    ctx,
-                    sender_main,
-                    (WorkerSpec(channel=i, **spec_base), self.ram, ring, sock),
-                    f"mpmultifd-send-{i}",
-                )
-            except BaseException:
-                ring.close()
-                ring.unlink()
-                sock.close()
-                raise
+            ring, sock, proc, parent_conn = self._spawn_channel(i)
             self._channels.append(_Channel(i, ring, sock, proc, parent_conn))
+
+    def _spawn_channel(self, i: int) -> tuple[Ring, socket.socket, Any, Any]:
+        """Ring, admitted connection and worker process for data channel ``i``."""
+        cfg = self.config
+        ring = Ring.create(nslots=cfg.ring_slots, capacity=cfg.packet_pages)
+        try:
+            sock = self._open(self._address, Hello(HELLO_DATA, self._session, i, cfg.channels))
+        except BaseException:
+            ring.close()
+            ring.unlink()
+            raise
+        try:
+            proc, parent_conn = start_worker(
+                self._ctx,
+                sender_main,
+                (WorkerSpec(channel=i, **self._spec_base), self.ram, ring, sock),
+                f"mpmultifd-send-{i}",
+            )
+        except BaseException:
+            ring.close()
+            ring.unlink()
+            sock.close()
+            raise
+        return ring, sock, proc, parent_conn
+
+    def _channel_failed(self, ch: _Channel, err: MigrationError) -> None:
+        """A data channel broke: reconnect it while the retry budget lasts, else fail."""
+        if self._retries_left <= 0 or ch.reconnecting or not isinstance(err, ChannelError):
+            if self._retries_left <= 0 and self.config.channel_retries:
+                raise ChannelBroken(
+                    f"channel broke and the retry budget ({self.config.channel_retries}) is spent: {err}",
+                    channel=ch.index,
+                ) from err
+            raise err
+        self._retries_left -= 1
+        log.warning("channel %d broke (%s); reconnecting, %d retries left", ch.index, err, self._retries_left)
+        self._reconnects += 1
+        ch.reconnecting = True
+        try:
+            self._replace_channel(ch)
+        finally:
+            ch.reconnecting = False
+
+    def _replace_channel(self, ch: _Channel) -> None:
+        # retire the old worker, keeping its counters so totals never run backwards
+        old = self._channel_counters_of([ch])[0]
+        for name, value in old.items():
+            if name != "channel":
+                ch.counter_base[name] = value
+        try:
+            ch.conn.send(("stop",))
+        except (OSError, ValueError):
+            pass
+        try:
+            ch.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        ch.ring.close_producer()
+        ch.proc.join(_JOIN_GRACE)
+        if ch.proc.is_alive():
+            ch.proc.kill()
+            ch.proc.join(5.0)
+        ch.conn.close()
+        ch.sock.close()
+        ch.ring.close()
+        self._resumes.pop(ch.index, None)
+        ring, sock, proc, conn = self._spawn_channel(ch.index)
+        ch.ring, ch.sock, ch.proc, ch.conn = ring, sock, proc, conn
+        ch.ready = False
+        ch.generation += 1
+        # the destination names the round it stands at; everything from there is resent
+        deadline = time.monotonic() + self.config.timeout
+        while ch.index not in self._resumes or not ch.ready:
+            if time.monotonic() > deadline:
+                raise ChannelBroken("the destination did not take the reconnected channel back", channel=ch.index)
+            if not ch.ready and ch.conn.poll(0):
+                self._worker_message(ch)  # "ready" (this channel is left out of _pump while it reconnects)
+            self._pump(0.05)
+        ring.unlink()
+        start = self._resumes.pop(ch.index)
+        ch.log = [e for e in ch.log if e[2] >= start]
+        ch.synced = min(ch.synced, start - 1)
+        ch.done = False
+        ch.progress_bytes, ch.progress_at = -1, time.monotonic()
+        gen = ch.generation
+        for kind, block, rnd, num, pages in list(ch.log):
+            while True:
+                try:
+                    ch.ring.push(kind, block, rnd, num, pages, timeout=0.1)
+                    break
+                except RingTimeout:
+                    self._pump(0)
+                    if ch.generation != gen:
+                        return  # replaced again while resending: that replacement resent everything
+        log.info("channel %d reconnected; resent %d packets from round %d", ch.index, len(ch.log), start)
 
     def _precopy(self, pause: Callable[[], Any] | None) -> MigrationResult:
         cfg = self.config
@@ -706,6 +799,9 @@ class Source:
     def _push(self, ch: _Channel, kind: int, block: int, rnd: int, pages: np.ndarray | None) -> None:
         num = self._packet_num
         self._packet_num += 1
+        if self.config.channel_retries:
+            ch.log.append((kind, block, rnd, num, pages))
+        gen = ch.generation
         while True:
             try:
                 ch.ring.push(kind, block, rnd, num, pages, timeout=0.1)
@@ -714,7 +810,10 @@ class Source:
                 self._pump(0)  # full ring: is anyone failing, or cancelling?
             except RingClosed:
                 self._pump(0.5)
-                raise WorkerDied("worker stopped taking batches", channel=ch.index) from None
+                if ch.generation == gen:
+                    self._channel_failed(ch, WorkerDied("worker stopped taking batches", channel=ch.index))
+            if ch.generation != gen:
+                return  # the channel was replaced and this batch resent from the log
 
     def _wait_synced(self, rnd: int) -> None:
         while any(ch.synced < rnd for ch in self._channels):
@@ -735,7 +834,7 @@ class Source:
         self._check_cancel()
         waitables: list[Any] = [self._wake_r]
         for ch in self._channels:
-            if not ch.done:  # a finished worker's pipe and sentinel stay ready: do not spin on them
+            if not ch.done and not ch.reconnecting:  # a finished worker's pipe stays ready: no spinning
                 waitables.append(ch.conn)
                 waitables.append(ch.proc.sentinel)
         if self._control is not None:
@@ -755,8 +854,13 @@ class Source:
                 pass
         self._check_cancel()
         for ch in self._channels:
-            if ch.conn in ready and not ch.done:
-                self._worker_message(ch)
+            if ch.conn in ready and not ch.done and not ch.reconnecting:
+                try:
+                    self._worker_message(ch)
+                except MigrationError as e:
+                    if e.channel is None:
+                        raise
+                    self._channel_failed(ch, e)
         if self._control is not None and self._control in ready:
             self._read_control()
             msg = self._decoder.next_message()
@@ -764,11 +868,16 @@ class Source:
                 self._control_message(msg)
                 msg = self._decoder.next_message()
         for ch in self._channels:
-            if ch.proc.sentinel in ready and not ch.done:
+            if ch.proc.sentinel in ready and not ch.done and not ch.reconnecting:
                 # give its last report a moment to arrive, then blame the death
-                if ch.conn.poll(0.2):
-                    self._worker_message(ch)
-                raise WorkerDied(f"worker process exited with code {ch.proc.exitcode}", channel=ch.index)
+                try:
+                    if ch.conn.poll(0.2):
+                        self._worker_message(ch)
+                    raise WorkerDied(f"worker process exited with code {ch.proc.exitcode}", channel=ch.index)
+                except MigrationError as e:
+                    if e.channel is None:
+                        raise
+                    self._channel_failed(ch, e)
 
     def _check_progress(self) -> None:
         """Fail a channel that has work queued but moved no byte for ``timeout`` seconds.
@@ -778,7 +887,7 @@ class Source:
         """
         now = time.monotonic()
         for ch in self._channels:
-            if ch.done:
+            if ch.done or ch.reconnecting:
                 continue
             sent = int(ch.ring.counters[C_WIRE_BYTES])
             if sent != ch.progress_bytes:
@@ -788,10 +897,13 @@ class Source:
             if not busy:
                 ch.progress_at = now
             elif now - ch.progress_at > self.config.timeout:
-                raise ChannelBroken(
-                    f"no progress for {self.config.timeout:g} s with data queued: "
-                    "the destination stopped reading or the connection is dead",
-                    channel=ch.index,
+                self._channel_failed(
+                    ch,
+                    ChannelBroken(
+                        f"no progress for {self.config.timeout:g} s with data queued: "
+                        "the destination stopped reading or the connection is dead",
+                        channel=ch.index,
+                    ),
                 )
 
     def _worker_message(self, ch: _Channel) -> None:
@@ -822,6 +934,14 @@ class Source:
             raise MigrationError(f"destination failed: {msg.message}", channel=msg.channel)
         if isinstance(msg, RoundAck):
             self._confirmed_round = max(self._confirmed_round, msg.round)
+            for ch in self._channels:  # the destination holds those rounds: no resend needed
+                if ch.log and ch.log[0][2] <= msg.round:
+                    ch.log = [e for e in ch.log if e[2] > msg.round]
+            return
+        if isinstance(msg, Resume):
+            if not 0 <= msg.channel < len(self._channels):
+                raise RemoteProtocolError(f"RESUME for channel {msg.channel}", field="channel")
+            self._resumes[msg.channel] = msg.round
             return
         self._early.append(msg)
 
@@ -908,6 +1028,9 @@ class Source:
         out = []
         for ch in chans:
             c = ch.ring.counters
-            out.append({"channel": ch.index, **{name: int(c[i]) for name, i in COUNTERS.items()}})
+            base = ch.counter_base
+            out.append(
+                {"channel": ch.index, **{name: int(c[i]) + base.get(name, 0) for name, i in COUNTERS.items()}}
+            )
         return out
 

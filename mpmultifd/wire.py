@@ -60,6 +60,7 @@ __all__ = [
     "RoundAck",
     "Cancel",
     "Commit",
+    "Resume",
     "ControlMessage",
     "encode_control",
     "ControlDecoder",
@@ -383,8 +384,8 @@ class ChannelState:
     ends the stream, after which nothing may arrive.
     """
 
-    def __init__(self) -> None:
-        self.round = 0
+    def __init__(self, start_round: int = 0) -> None:
+        self.round = start_round
         self.last_packet = -1
         self.packets_in_round = 0
         self.at_sync = False
@@ -433,6 +434,7 @@ T_ERROR = 7
 T_ROUND_ACK = 8
 T_CANCEL = 9
 T_COMMIT = 10
+T_RESUME = 11
 
 _ZERO_PAGE_MODES = ("multifd", "none")
 
@@ -456,6 +458,7 @@ class Config:
     method_options: dict[str, Any] = field(default_factory=dict)
     zero_page: str = "multifd"
     verify: bool = True
+    channel_retries: int = 0
 
 
 @dataclass(frozen=True)
@@ -524,15 +527,27 @@ class Cancel:
 
 
 @dataclass(frozen=True)
+class Resume:
+    """Destination → source: a replacement connection for ``channel`` was admitted;
+    resend that channel's packets from ``round`` on (the destination's current round)."""
+
+    channel: int
+    round: int
+
+
+@dataclass(frozen=True)
 class Commit:
     """Source → destination, after a successful RESULT: the source will not resume; the region is yours."""
 
 
-ControlMessage = Union[Config, ConfigAck, RoundEnd, Complete, Verify, Result, ErrorMessage, RoundAck, Cancel, Commit]
+ControlMessage = Union[
+    Config, ConfigAck, RoundEnd, Complete, Verify, Result, ErrorMessage, RoundAck, Cancel, Commit, Resume
+]
 
 _ROUND = struct.Struct(">IHH")
 _VERIFY = struct.Struct(">HHI")
 _ACK = struct.Struct(">I")
+_RESUME = struct.Struct(">HHI")
 
 
 def _json(obj: dict[str, Any]) -> bytes:
@@ -558,6 +573,7 @@ def encode_control(msg: ControlMessage) -> bytes:
                 "method_options": msg.method_options,
                 "zero_page": msg.zero_page,
                 "verify": msg.verify,
+                "channel_retries": msg.channel_retries,
             }
         )
         return _frame(T_CONFIG, body)
@@ -585,6 +601,10 @@ def encode_control(msg: ControlMessage) -> bytes:
         return _frame(T_CANCEL, b"")
     if isinstance(msg, Commit):
         return _frame(T_COMMIT, b"")
+    if isinstance(msg, Resume):
+        if not 0 <= msg.channel < MAX_CHANNELS or not 0 <= msg.round <= 0xFFFFFFFF:
+            raise LocalProtocolError("resume: channel or round out of range", field="channel")
+        return _frame(T_RESUME, _RESUME.pack(msg.channel, 0, msg.round))
     raise LocalProtocolError(f"not a control message: {type(msg).__name__}", field="type")
 
 
@@ -625,9 +645,22 @@ def _validate_config(cfg: Config, err: type) -> None:
         raise bad("zero_page", f"{cfg.zero_page!r} is not one of {', '.join(_ZERO_PAGE_MODES)}")
     if not isinstance(cfg.verify, bool):
         raise bad("verify", f"{cfg.verify!r} is not a boolean")
+    if not _is_int(cfg.channel_retries) or not 0 <= cfg.channel_retries <= 1000:
+        raise bad("channel_retries", f"{cfg.channel_retries!r} not in 0..1000")
 
 
-_CONFIG_KEYS = {"session", "page_size", "channels", "packet_pages", "blocks", "method", "method_options", "zero_page", "verify"}
+_CONFIG_KEYS = {
+    "session",
+    "page_size",
+    "channels",
+    "packet_pages",
+    "blocks",
+    "method",
+    "method_options",
+    "zero_page",
+    "verify",
+    "channel_retries",
+}
 
 
 def _load_json(body: bytes, what: str) -> dict[str, Any]:
@@ -673,6 +706,7 @@ def _decode_config(body: bytes) -> Config:
         method_options=obj["method_options"],
         zero_page=obj["zero_page"],
         verify=obj["verify"],
+        channel_retries=obj["channel_retries"],
     )
     _validate_config(cfg, RemoteProtocolError)
     return cfg
@@ -750,6 +784,15 @@ def _decode_body(mtype: int, body: bytes) -> ControlMessage:
         if body:
             raise _fail("length", "COMMIT carries no body")
         return Commit()
+    if mtype == T_RESUME:
+        if len(body) != _RESUME.size:
+            raise _fail("length", f"RESUME body must be {_RESUME.size} bytes")
+        channel, reserved, rnd = _RESUME.unpack(body)
+        if reserved:
+            raise _fail("reserved", "must be zero")
+        if channel >= MAX_CHANNELS:
+            raise _fail("channel", f"{channel} is not a channel index")
+        return Resume(channel, rnd)
     raise _fail("type", f"unknown control message type {mtype}")
 
 
@@ -782,7 +825,7 @@ class ControlDecoder:
             raise _fail("magic", f"0x{magic:08x} is not the control magic 0x{CONTROL_MAGIC:08x}")
         if flags or reserved:
             raise _fail("reserved", "frame flags and reserved bytes must be zero")
-        if not T_CONFIG <= mtype <= T_COMMIT:
+        if not T_CONFIG <= mtype <= T_RESUME:
             raise _fail("type", f"unknown control message type {mtype}")
         if length > self.max_body:
             raise _fail("length", f"body of {length} bytes exceeds the limit of {self.max_body}")

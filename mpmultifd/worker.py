@@ -97,6 +97,7 @@ class WorkerSpec:
     zero_page: str = "multifd"
     zerocopy: str = "off"  # resolved by the source: "on" (never fall back), "auto" (fall back), "off"
     flush_timeout: float = 10.0
+    start_round: int = 0  # a receiver replacing a broken channel starts at the destination's round
 
 
 def _child_setup() -> None:
@@ -357,7 +358,7 @@ def _run_receiver(
         encodings=method.encodings | {ENCODING_RAW},
         max_payload=method.max_payload(ps, spec.packet_pages),
     )
-    state = ChannelState()
+    state = ChannelState(spec.start_round)
     hbuf = bytearray(decoder.size)
     hview = memoryview(hbuf)
     watch = CoordinatorWatch(conn)

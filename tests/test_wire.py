@@ -446,7 +446,7 @@ def _config_json(**changes) -> bytes:
         (_frame(1, b"{}", magic=0x11223344), "magic"),
         (_frame(1, b"{}", flags=1), "reserved"),
         (_frame(0, b""), "type"),
-        (_frame(11, b""), "type"),
+        (_frame(12, b""), "type"),
         (_frame(1, b"not json"), "config"),
         (_frame(1, b"[1]"), "config"),
         (_frame(1, _config_json(page_size=4095)), "page_size"),
