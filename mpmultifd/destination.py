@@ -65,6 +65,7 @@ from .worker import (
     STATS_WORDS,
     WorkerSpec,
     error_from_report,
+    forward_log,
     receiver_main,
     received_offsets,
 )
@@ -414,6 +415,7 @@ class Destination:
             level=c.method_options.get("level"),
             options={},
             zero_page=c.zero_page,
+            log_level=logging.getLogger("mpmultifd").getEffectiveLevel(),
         )
         round_ends: dict[int, tuple[int, ...]] = {}
         complete: Complete | None = None
@@ -694,7 +696,9 @@ class Destination:
             r.proc.join(0.5)
             raise WorkerDied(f"receiver exited with code {r.proc.exitcode}", channel=r.index) from None
         kind = msg[0]
-        if kind == "ready":
+        if kind == "log":
+            forward_log(msg)
+        elif kind == "ready":
             r.ready = True
             if (
                 not self._session.channel_retries  # a replacement receiver would attach by name

@@ -78,6 +78,7 @@ __all__ = [
     "Mutation",
     "Outcome",
     "RecordingRelay",
+    "RelayRecord",
     "capture",
     "capture_rounds",
     "streams_of",
@@ -116,6 +117,12 @@ class Capture:
     ``control`` is the control connection: the hello, then one control frame
     per chunk (``control[1]`` is CONFIG). ``data[i]`` is data channel ``i``:
     the hello, then one packet (header and payload) per chunk.
+
+    ``control_after[k]`` is how many control messages the destination had sent
+    (counted at the relay) before the source sent ``control[k]``: an upper
+    bound on what the source waited for (COMMIT, for one, answers RESULT), and
+    never a message that ``control[k]`` or a later chunk caused. A replay
+    sends a chunk only once it has seen that many, so it stays causal.
     """
 
     method: str
@@ -125,6 +132,7 @@ class Capture:
     region: dict[str, bytes]
     control: tuple[bytes, ...]
     data: tuple[tuple[bytes, ...], ...]
+    control_after: tuple[int, ...] = ()
 
     @property
     def channels(self) -> int:
@@ -135,11 +143,46 @@ class Capture:
         return data_header_size(self.packet_pages)
 
 
-class RecordingRelay:
-    """A loopback TCP relay that forwards both directions and records what the client sent.
+@dataclass
+class RelayRecord:
+    """One relayed connection: what the client sent, and what it had been told when it sent it.
 
-    ``records`` holds one bytearray per accepted connection, in accept order.
-    Use it as a context manager; :meth:`close` stops every thread.
+    ``marks`` holds, for every chunk of bytes read from the client, its offset
+    in ``sent`` and how many control frames the server had sent by then
+    (counted before they were forwarded, so the client cannot have reacted to
+    a frame the mark does not count).
+    """
+
+    sent: bytearray = field(default_factory=bytearray)
+    reply: bytearray = field(default_factory=bytearray)
+    marks: list[tuple[int, int]] = field(default_factory=list)
+    frames: int = 0
+    _parsed: int = auth.GREETING_SIZE + auth.WELCOME_SIZE
+
+    def count_frames(self) -> None:
+        """Advance ``frames`` over the complete control frames in ``reply`` (after greeting and welcome)."""
+        while len(self.reply) >= self._parsed + FRAME_SIZE:
+            length = _FRAME.unpack_from(self.reply, self._parsed)[4]
+            if len(self.reply) < self._parsed + FRAME_SIZE + length:
+                return
+            self._parsed += FRAME_SIZE + length
+            self.frames += 1
+
+    def after(self, offset: int) -> int:
+        """Frames the server had sent before the client's byte at ``offset`` was read."""
+        n = 0
+        for off, frames in self.marks:
+            if off > offset:
+                break
+            n = frames
+        return n
+
+
+class RecordingRelay:
+    """A loopback TCP relay that forwards both directions and records both.
+
+    ``records`` holds one :class:`RelayRecord` per accepted connection, in
+    accept order. Use it as a context manager; :meth:`close` stops every thread.
     """
 
     def __init__(self, upstream: tuple[str, int]) -> None:
@@ -147,7 +190,7 @@ class RecordingRelay:
         self._lsock = socket.create_server(("127.0.0.1", 0))
         self._lsock.settimeout(0.1)
         self.address: tuple[str, int] = self._lsock.getsockname()[:2]
-        self.records: list[bytearray] = []
+        self.records: list[RelayRecord] = []
         self._socks: list[socket.socket] = []
         self._pumps: list[threading.Thread] = []
         self._lock = threading.Lock()
@@ -170,24 +213,28 @@ class RecordingRelay:
                 client.close()
                 continue
             up.settimeout(None)
-            rec = bytearray()
+            rec = RelayRecord()
             with self._lock:
                 self._socks += [client, up]
                 self.records.append(rec)
-                for args in ((client, up, rec), (up, client, None)):
+                for args in ((client, up, rec, True), (up, client, rec, False)):
                     t = threading.Thread(target=self._pump, args=args, daemon=True)
                     self._pumps.append(t)
                     t.start()
 
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket, rec: bytearray | None) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, rec: RelayRecord, from_client: bool) -> None:
         try:
             while True:
                 data = src.recv(1 << 16)
                 if not data:
                     break
-                if rec is not None:
-                    rec += data
+                with self._lock:
+                    if from_client:
+                        rec.marks.append((len(rec.sent), rec.frames))
+                        rec.sent += data
+                    else:
+                        rec.reply += data
+                        rec.count_frames()  # before forwarding: the client cannot react earlier
                 dst.sendall(data)
         except OSError:
             pass
@@ -334,19 +381,23 @@ def _capture_once(
                     w.pause()
             dst.wait(30)
             relay.close()
-            records = [bytes(r) for r in relay.records]
+            records = list(relay.records)
         region = {b.name: src_ram.view(b.index).tobytes() for b in src_ram.blocks}
         if any(dst_ram.view(b.index).tobytes() != region[b.name] for b in dst_ram.blocks):
             raise AssertionError("the captured migration itself did not arrive intact")
     control: list[bytes] | None = None
+    after: list[int] = []
     data: dict[int, list[bytes]] = {}
     hsize = data_header_size(packet_pages)
     for rec in records:
-        hello = decode_hello(rec[:HELLO_SIZE])
+        sent = bytes(rec.sent)
+        hello = decode_hello(sent[:HELLO_SIZE])
         if hello.kind == KIND_CONTROL:
-            control = _split_control(rec)
+            control = _split_control(sent)
+            starts = np.cumsum([0] + [len(c) for c in control[:-1]]).tolist()
+            after = [rec.after(int(off)) for off in starts]
         else:
-            data[hello.channel] = _split_data(rec, hsize)
+            data[hello.channel] = _split_data(sent, hsize)
     if control is None or sorted(data) != list(range(channels)):
         raise AssertionError(f"relay saw an incomplete session: {len(records)} connections")
     return Capture(
@@ -357,6 +408,7 @@ def _capture_once(
         region=region,
         control=tuple(control),
         data=tuple(tuple(data[i]) for i in range(channels)),
+        control_after=tuple(after),
     )
 
 
@@ -371,16 +423,28 @@ class Streams:
     shut down for writing right after its last chunk; the others stay open
     until the destination answers (or the replay gives up). With
     ``control_late`` the control messages after CONFIG go only once every data
-    connection sent its bytes.
+    connection sent its bytes. ``control_after`` runs parallel to ``control``
+    (see :attr:`Capture.control_after`).
     """
 
     control: list[bytes]
     data: list[list[bytes]]
     truncated: set[int] = field(default_factory=set)
     control_late: bool = False
+    control_after: list[int] = field(default_factory=list)
 
     def copy(self) -> "Streams":
-        return Streams(list(self.control), [list(d) for d in self.data], set(self.truncated), self.control_late)
+        return Streams(
+            list(self.control),
+            [list(d) for d in self.data],
+            set(self.truncated),
+            self.control_late,
+            list(self.control_after),
+        )
+
+    def after(self, target: int) -> list[int] | None:
+        """The ``control_after`` list when ``target`` is the control connection, else None."""
+        return self.control_after if self.conn_index(target) == 0 else None
 
     def conn(self, target: int) -> list[bytes]:
         """Connection ``target`` modulo the number of connections (0 is control)."""
@@ -394,7 +458,8 @@ class Streams:
 
 def streams_of(cap: Capture) -> Streams:
     """The capture's streams, unmodified."""
-    return Streams(list(cap.control), [list(d) for d in cap.data])
+    after = list(cap.control_after) or [0] * len(cap.control)
+    return Streams(list(cap.control), [list(d) for d in cap.data], control_after=after)
 
 
 KINDS = (
@@ -671,7 +736,7 @@ def _mutate_control_message(cap: Capture, chunk: bytes, variant: int, pos: int) 
             obj = json.loads(bytes(body))
         except ValueError:
             return chunk
-        v = variant % 10
+        v = variant % 11
         if v == 0:
             obj["page_size"] *= 2
         elif v == 1:
@@ -690,6 +755,8 @@ def _mutate_control_message(cap: Capture, chunk: bytes, variant: int, pos: int) 
             obj["blocks"][0]["size"] += cap.page_size
         elif v == 8:
             obj["zero_page"] = "none" if obj["zero_page"] == "multifd" else "multifd"
+        elif v == 9 and "channel_retries" in obj:
+            obj["channel_retries"] = 1 + pos % 3  # a broken data connection may now be replaced
         else:
             obj["method_options"] = {"level": 99}
         return _frame(1, _json(obj))
@@ -711,8 +778,10 @@ def _inserted_control(cap: Capture, variant: int, streams: Streams) -> bytes:
         _frame(3, struct.pack(">IHH", 1000, n, 0) + bytes(8 * n)),  # ROUND_END far ahead
         _frame(4, struct.pack(">IHH", 0, n, 0) + bytes(8 * n)),  # COMPLETE for round 0, all zero
         cap.control[last],  # the last message (VERIFY or COMPLETE) twice
+        _frame(10, b""),  # COMMIT before any RESULT
+        _frame(11, struct.pack(">HHI", 0, 0, 0)),  # RESUME (destination → source only)
         _frame(0, b""),  # type 0
-        _frame(10, b""),  # type 10
+        _frame(12, b""),  # type 12
         _FRAME.pack(0x4D504D43, 3, 1, 0, 0),  # non-zero frame flags
     ]
     return _pick(options, variant)
@@ -735,6 +804,8 @@ def _apply(cap: Capture, s: Streams, m: Mutation, rng: random.Random) -> None:
         cut = m.pos % (len(chunks[i]) + 1)
         del chunks[i + 1 :]
         chunks[i] = chunks[i][:cut]
+        if t == 0:
+            del s.control_after[i + 1 :]
         s.truncated.add(t)
     elif kind in ("drop", "dup", "swap"):
         chunks = s.conn(m.target)
@@ -742,12 +813,16 @@ def _apply(cap: Capture, s: Streams, m: Mutation, rng: random.Random) -> None:
             return
         i = 1 + m.index % (len(chunks) - 1)  # never the hello: hello mutations are "hello"
         j = 1 + m.other % (len(chunks) - 1)
-        if kind == "drop":
-            del chunks[i]
-        elif kind == "dup":
-            chunks.insert(j, chunks[i])
-        else:
-            chunks[i], chunks[j] = chunks[j], chunks[i]
+        # the causal marks travel with their chunks
+        for seq in (chunks, s.after(m.target)):
+            if seq is None:
+                continue
+            if kind == "drop":
+                del seq[i]
+            elif kind == "dup":
+                seq.insert(j, seq[i])
+            else:
+                seq[i], seq[j] = seq[j], seq[i]
     elif kind == "field":
         if not s.data:
             return
@@ -812,8 +887,9 @@ def _apply(cap: Capture, s: Streams, m: Mutation, rng: random.Random) -> None:
             i = 1 + m.index % (len(chunks) - 1)
             chunks[i] = _mutate_control_message(cap, chunks[i], m.value, m.pos)
         else:
-            at = 2 + m.index % max(1, len(chunks) - 1)
-            chunks.insert(min(at, len(chunks)), _inserted_control(cap, m.value, s))
+            at = min(2 + m.index % max(1, len(chunks) - 1), len(chunks))
+            chunks.insert(at, _inserted_control(cap, m.value, s))
+            s.control_after.insert(at, s.control_after[at - 1])  # goes right after its predecessor
     elif kind == "conn":
         v = m.value % 5
         n = len(s.data)
@@ -989,6 +1065,17 @@ class _Control:
         self.decoder = ControlDecoder()
         self.eof = False
         self.messages: list[Any] = []
+
+    @property
+    def ended(self) -> bool:
+        """The destination closed the connection or said it failed: no more answers will come."""
+        return self.eof or any(isinstance(m, ErrorMessage) for m in self.messages)
+
+    def wait_for(self, frames: int, deadline: float) -> None:
+        """Read until the destination has sent ``frames`` messages, has ended, or the deadline passed."""
+        while len(self.messages) < frames and not self.ended:
+            if self.next(deadline) is None:
+                return
 
     def next(self, deadline: float) -> Any:
         """The next message, ``"eof"``, or ``None`` at the deadline."""
@@ -1184,6 +1271,7 @@ def _speak(
     if not greeted:
         return False
     head, tail = ctl_chunks[:2], ctl_chunks[2:]
+    after = (streams.control_after + [0] * len(ctl_chunks))[2 : len(ctl_chunks)]
     ctl_trunc = 0 in streams.truncated and not stall
     # hello and CONFIG together: a hello that (mutated) announces a proof then reads the CONFIG as one
     _send_chunks(ctrl, head, settle, ctl_trunc and not tail)
@@ -1193,9 +1281,7 @@ def _speak(
     ack = control.next(time.monotonic() + dst_timeout + settle)
     if not isinstance(ack, ConfigAck):
         return isinstance(ack, ErrorMessage)  # refused the CONFIG: the session opened and failed
-    if not streams.control_late:
-        _send_chunks(ctrl, tail, settle, ctl_trunc)
-    for i, chunks in enumerate(streams.data):
+    for chunks in streams.data:
         try:
             sock, greeted = _connect(address, settle)
         except OSError:
@@ -1211,12 +1297,19 @@ def _speak(
     if streams.control_late:
         for t in senders:
             t.join(settle)
-        _send_chunks(ctrl, tail, settle, ctl_trunc)
+    # the rest of the control stream, each message once the destination said what the source
+    # had heard before sending it (a message that never comes costs at most ``settle``)
     deadline = time.monotonic() + settle
-    while True:
-        msg = control.next(deadline)
-        if msg is None or msg == "eof" or isinstance(msg, (Result, ErrorMessage, tuple)):
-            return True
+    for i, (chunk, need) in enumerate(zip(tail, after)):
+        control.wait_for(need, deadline)
+        last = i == len(tail) - 1
+        _send_chunks(ctrl, [chunk], settle, ctl_trunc and last)
+    # until the destination closes the control connection (it does when it ends) or gives up
+    deadline = time.monotonic() + settle
+    while not control.ended:
+        if control.next(deadline) is None:
+            break
+    return True
 
 
 def _judge(
@@ -1369,6 +1462,7 @@ def save_case(
         "prefill": prefill,
         "truncated": sorted(streams.truncated),
         "control_late": streams.control_late,
+        "control_after": list(streams.control_after),
         "control_chunks": [len(c) for c in streams.control],
         "data_chunks": [[len(c) for c in d] for d in streams.data],
         "outcome": asdict(outcome),
@@ -1412,6 +1506,16 @@ def load_case(directory: str) -> tuple[Capture, Streams, dict[str, Any]]:
     for i, lengths in enumerate(meta["data_chunks"]):
         with open(os.path.join(directory, f"data{i}.bin"), "rb") as f:
             data.append(_rechunk(f.read(), lengths))
-    cap = Capture(meta["method"], meta["page_size"], meta["packet_pages"], blocks, region, tuple(control), tuple(tuple(d) for d in data))
-    streams = Streams(control, data, set(meta["truncated"]), meta["control_late"])
+    after = list(meta.get("control_after") or [0] * len(control))
+    cap = Capture(
+        meta["method"],
+        meta["page_size"],
+        meta["packet_pages"],
+        blocks,
+        region,
+        tuple(control),
+        tuple(tuple(d) for d in data),
+        tuple(after),
+    )
+    streams = Streams(control, data, set(meta["truncated"]), meta["control_late"], after)
     return cap, streams, meta

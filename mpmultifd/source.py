@@ -14,7 +14,7 @@ import time
 import warnings
 from dataclasses import replace
 from multiprocessing.connection import wait as mp_wait
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -37,7 +37,7 @@ from .errors import (
 from .methods import get_method
 from .ram import GuestRAM
 from .ring import KIND_DATA, KIND_EOS, KIND_STOP, KIND_SYNC, Ring
-from .stats import MigrationResult
+from .stats import EventHub, MigrationResult
 from .transport import Address, connect, is_loopback, parse_address, recv_exact
 from .wire import (
     CONTROL_CHANNEL,
@@ -61,7 +61,7 @@ from .wire import (
     encode_control,
     encode_hello,
 )
-from .worker import C_WIRE_BYTES, COUNTERS, WorkerSpec, error_from_report, sender_main
+from .worker import C_WIRE_BYTES, COUNTERS, WorkerSpec, error_from_report, forward_log, sender_main
 
 __all__ = ["Source"]
 
@@ -200,10 +200,18 @@ class Source:
     migration, and ``close()`` releases whatever is left.
     """
 
-    def __init__(self, ram: GuestRAM, config: MigrationConfig | None = None) -> None:
+    def __init__(
+        self,
+        ram: GuestRAM,
+        config: MigrationConfig | None = None,
+        *,
+        on_event: Callable[[dict[str, Any]], Any] | None = None,
+    ) -> None:
         self.ram = ram
         self.config = config if config is not None else MigrationConfig()
+        self._events = EventHub(on_event)
         self._lock = threading.Lock()
+        self._progress_lock = threading.Lock()
         self._status = "none"
         self._cancel_requested = False
         self._wake_r, self._wake_w = os.pipe()
@@ -306,6 +314,11 @@ class Source:
         elapsed_active = max(total_time - self._setup_time, 1e-9)
         info: dict[str, Any] = {
             "status": self._status,
+            "progress": self._progress(normal + duplicate),
+            # bytes of the rounds the destination confirmed it holds (passed their barrier)
+            "confirmed-bytes": transferred
+            if self._status == "completed"
+            else self._round_end_bytes.get(self._confirmed_round, 0),
             "total-time": int(total_time * 1000),
             "setup-time": int(self._setup_time * 1000),
             "expected-downtime": int(self._expected_downtime * 1000),
@@ -383,16 +396,43 @@ class Source:
         self._round = 0
         self._error: BaseException | None = None
         self._final_channels: list[dict[str, int]] = []
+        self._progress_max = 0.0
+        self._round_end_bytes: dict[int, int] = {}
         self._retries_left = self.config.channel_retries
         self._reconnects = 0
         self._resumes: dict[int, int] = {}
         self._zerocopy_reason: str | None = None
         self._confirmed_round = -1
 
+    def _progress(self, pages_sent: int) -> float:
+        """Percent done that never runs backwards, even while the guest re-dirties pages.
+
+        Work done is every page sent so far; work left is the pages still dirty
+        (plus the rest of round 0). The ratio can dip when the guest dirties
+        faster than we send, so the figure keeps its running maximum; it reaches
+        100 only when the migration completes.
+        """
+        if self._status == "completed":
+            return 100.0
+        total = self.ram.total_pages
+        left = self._remaining_pages if self._round > 0 else max(total - pages_sent, 0)
+        done = pages_sent
+        value = 100.0 * done / (done + left) if done + left else 0.0
+        with self._progress_lock:
+            self._progress_max = max(self._progress_max, min(value, 99.9))
+            return round(self._progress_max, 2)
+
     def _set_status(self, status: str) -> None:
         if self._status != status:
             log.info("migration status %s -> %s", self._status, status)
             self._status = status
+            self._events.emit("MIGRATION", status=status)
+
+    def events(self, timeout: float | None = None) -> Iterator[dict[str, Any]]:
+        """Iterate over events as they happen (QEMU's ``MIGRATION`` on every status change,
+        ``MIGRATION_PASS`` after every round); ends after a final status, or when ``timeout``
+        seconds pass without one. Events already emitted are not replayed."""
+        return self._events.subscribe(timeout)
 
     def _channel_counters(self) -> list[dict[str, int]]:
         if not self._channels:
@@ -558,6 +598,7 @@ class Source:
             zero_page=cfg.zero_page,
             zerocopy=self._zerocopy_mode(address),
             flush_timeout=cfg.timeout,
+            log_level=logging.getLogger("mpmultifd").getEffectiveLevel(),
         )
         self._ctx = ctx
         self._spec_base = spec_base
@@ -687,6 +728,7 @@ class Source:
             sent = self._wire_bytes() - before
             bytes_sent_total += sent
             send_time_total += elapsed
+            self._round_end_bytes[rnd] = before + sent
             bandwidth = bytes_sent_total / send_time_total if send_time_total > 0 else 0.0
             # dirty sync: what the writer changed while this round was on the wire
             pending = [ram.snapshot_dirty(i) for i in range(nblocks)]
@@ -702,6 +744,19 @@ class Source:
                 elapsed,
                 remaining,
                 self._expected_downtime,
+            )
+            self._events.emit(
+                "MIGRATION_PASS",
+                **{
+                    "pass": rnd + 1,
+                    "round": rnd,
+                    "round-bytes": sent,
+                    "round-time": elapsed,
+                    "dirty-pages": remaining,
+                    "dirty-pages-rate": self._dirty_rate,
+                    "mbps": bandwidth * 8 / 1e6,
+                    "expected-downtime": self._expected_downtime,
+                },
             )
             rnd += 1
             if self._expected_downtime <= cfg.downtime_limit:
@@ -777,7 +832,7 @@ class Source:
     # ------------------------------------------------------------------ rounds
 
     def _wire_bytes(self) -> int:
-        return sum(int(ch.ring.counters[C_WIRE_BYTES]) for ch in self._channels)
+        return sum(c["bytes"] for c in self._channel_counters_of(self._channels))
 
     def _send_round(self, rnd: int, pending: list[np.ndarray], *, final: bool) -> None:
         """Cut the round's pages into batches and hand them to the emptiest rings, then SYNC (or EOS)."""
@@ -915,7 +970,9 @@ class Source:
             ch.proc.join(0.5)
             raise WorkerDied(f"worker process exited with code {ch.proc.exitcode}", channel=ch.index) from None
         kind = msg[0]
-        if kind == "ready":
+        if kind == "log":
+            forward_log(msg)
+        elif kind == "ready":
             ch.ready = True
         elif kind == "synced":
             ch.synced = msg[1]

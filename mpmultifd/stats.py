@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
+import queue
+import threading
+import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable, Iterator
 
-__all__ = ["MigrationResult", "STATUSES", "TERMINAL_STATUSES"]
+__all__ = ["MigrationResult", "EventHub", "STATUSES", "TERMINAL_STATUSES"]
+
+log = logging.getLogger("mpmultifd.events")
 
 # QEMU's MigrationStatus words, in the order a migration passes through them
 STATUSES = ("none", "setup", "active", "device", "completed", "failed", "cancelling", "cancelled")
@@ -56,3 +62,50 @@ class MigrationResult:
 
     def to_json(self, **kwargs: Any) -> str:
         return json.dumps(self.to_dict(), **kwargs)
+
+
+class EventHub:
+    """Delivers events to a callback and to any number of iterators.
+
+    An event is a dict with ``event`` (``"MIGRATION"`` or ``"MIGRATION_PASS"``,
+    QEMU's names), ``timestamp`` (wall clock) and event-specific fields. A
+    callback that raises is logged and otherwise ignored: it must not break
+    the migration.
+    """
+
+    def __init__(self, callback: Callable[[dict[str, Any]], Any] | None = None) -> None:
+        self._callback = callback
+        self._lock = threading.Lock()
+        self._queues: list[queue.Queue[dict[str, Any]]] = []
+
+    def emit(self, event: str, **data: Any) -> None:
+        ev = {"event": event, "timestamp": time.time(), **data}
+        if self._callback is not None:
+            try:
+                self._callback(ev)
+            except Exception:
+                log.exception("event callback failed on %s", event)
+        with self._lock:
+            for q in self._queues:
+                q.put(ev)
+
+    def subscribe(self, timeout: float | None = None) -> Iterator[dict[str, Any]]:
+        q: queue.Queue[dict[str, Any]] = queue.Queue()
+        with self._lock:
+            self._queues.append(q)
+
+        def gen() -> Iterator[dict[str, Any]]:
+            try:
+                while True:
+                    try:
+                        ev = q.get(timeout=timeout)
+                    except queue.Empty:
+                        return
+                    yield ev
+                    if ev["event"] == "MIGRATION" and ev.get("status") in TERMINAL_STATUSES:
+                        return
+            finally:
+                with self._lock:
+                    self._queues.remove(q)
+
+        return gen()

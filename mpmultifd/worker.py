@@ -13,6 +13,7 @@ ring's counter words), which the coordinator reads at any time for ``query()``.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -41,7 +42,9 @@ from .wire import (
     DataHeaderEncoder,
 )
 
-__all__ = ["WorkerSpec", "sender_main", "receiver_main", "COUNTERS", "error_from_report"]
+__all__ = ["WorkerSpec", "sender_main", "receiver_main", "COUNTERS", "error_from_report", "forward_log"]
+
+log = logging.getLogger("mpmultifd.worker")
 
 # counter words (in the channel's ring segment on the source, in a stats
 # segment on the destination); written by the worker only
@@ -98,11 +101,40 @@ class WorkerSpec:
     zerocopy: str = "off"  # resolved by the source: "on" (never fall back), "auto" (fall back), "off"
     flush_timeout: float = 10.0
     start_round: int = 0  # a receiver replacing a broken channel starts at the destination's round
+    log_level: int = logging.WARNING
 
 
-def _child_setup() -> None:
+class _ForwardHandler(logging.Handler):
+    """Sends this worker's log records to its coordinator, which logs them in the agent's process."""
+
+    def __init__(self, conn: Connection, channel: int) -> None:
+        super().__init__()
+        self.conn = conn
+        self.channel = channel
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.conn.send(("log", record.levelno, record.name, f"channel {self.channel}: {record.getMessage()}"))
+        except (OSError, ValueError):
+            pass
+
+
+def _child_setup(spec: WorkerSpec, conn: Connection) -> None:
     # Ctrl-C belongs to the agent: the coordinator cancels and stops us in order
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # records go to the agent, whose logging configuration decides what to keep
+    root = logging.getLogger("mpmultifd")
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.addHandler(_ForwardHandler(conn, spec.channel))
+    root.setLevel(spec.log_level)
+    root.propagate = False
+
+
+def forward_log(report: tuple) -> None:
+    """Log a record a worker forwarded (``("log", level, name, message)``)."""
+    _, level, name, message = report
+    logging.getLogger(name).log(level, "%s", message)
 
 
 def _report(conn: Connection, exc: BaseException) -> None:
@@ -166,9 +198,10 @@ class CoordinatorWatch:
 
 def sender_main(spec: WorkerSpec, ram: GuestRAM, ring: Ring, sock: socket.socket, conn: Connection) -> None:
     """Entry point of a source channel worker."""
-    _child_setup()
+    _child_setup(spec, conn)
     try:
         conn.send(("ready",))  # attached to the ring and the RAM: the coordinator may unlink their names
+        log.debug("sender worker %d started (pid %d, method %s)", spec.channel, os.getpid(), spec.method)
         _run_sender(spec, ram, ring, sock, conn)
     except _Stopped:
         pass
@@ -207,6 +240,12 @@ def _run_sender(spec: WorkerSpec, ram: GuestRAM, ring: Ring, sock: socket.socket
         counters[C_ZC_COMPLETIONS] = st["completions"]
         counters[C_ZC_COPIED] = st["copied"]
         counters[C_ZC_ENOBUFS] = st["enobufs"]
+        if counters[C_ZC_ACTIVE] and not zc.enabled:
+            log.warning(
+                "zero-copy fell back to plain sends: %d of %d completions were copied by the kernel",
+                st["copied"],
+                st["completions"],
+            )
         counters[C_ZC_ACTIVE] = int(zc.enabled)
 
     try:
@@ -304,11 +343,12 @@ def receiver_main(
     conn: Connection,
 ) -> None:
     """Entry point of a destination channel worker."""
-    _child_setup()
+    _child_setup(spec, conn)
     received = Segment.attach(received_name)
     stats = Segment.attach(stats_name)
     try:
         conn.send(("ready",))  # attached: the coordinator may unlink the segment names
+        log.debug("receiver worker %d started (pid %d, method %s)", spec.channel, os.getpid(), spec.method)
         _run_receiver(spec, ram, received, stats, sock, conn)
     except _Stopped:
         pass

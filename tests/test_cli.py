@@ -57,3 +57,116 @@ def test_parse_size_rejects_garbage():
 
     with pytest.raises(argparse.ArgumentTypeError):
         parse_size("lots")
+
+
+# ----------------------------------------------------------------------------- send / recv / check
+
+
+import signal  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from mpmultifd import GuestRAM  # noqa: E402
+from mpmultifd.testing import fill  # noqa: E402
+
+
+def popen_cli(*args: str) -> subprocess.Popen:
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.Popen(
+        [sys.executable, "-m", "mpmultifd", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def test_send_and_recv_between_two_processes_json():
+    with GuestRAM.create({"pc.ram": 8 << 20, "vga": 1 << 20}) as s, GuestRAM.create({"pc.ram": 8 << 20, "vga": 1 << 20}) as d:
+        fill(s, "mixed", 4)
+        recv = popen_cli("recv", "--listen", "127.0.0.1:0", "--region", d.name, "--json", "--channels", "2")
+        try:
+            listening = json.loads(recv.stdout.readline())
+            assert listening["event"] == "listening" and listening["region"] == d.name
+            sent = run_cli("send", listening["address"], "--region", s.name, "--json", "--channels", "2", "--compression", "lz4")
+            assert sent.returncode == 0, sent.stderr
+            result = json.loads(sent.stdout.strip().splitlines()[-1])
+            assert result["event"] == "result" and result["status"] == "completed" and result["verified"] is True
+            assert result["query"]["ram"]["total"] == 9 << 20
+            assert result["query"]["config"]["compression"] == "lz4"
+            received = json.loads(recv.stdout.readline())
+            assert received["status"] == "completed" and received["verified"] is True
+            assert recv.wait(30) == 0
+        finally:
+            if recv.poll() is None:
+                recv.kill()
+            recv.communicate()
+        assert all(np.array_equal(s.view(b.name), d.view(b.name)) for b in s.blocks)
+
+
+def test_send_into_a_dev_shm_file_region(tmp_path):
+    prefix = os.environ["MPMULTIFD_SHM_PREFIX"]
+    path = f"/dev/shm/{prefix}file_{os.getpid()}"
+    with open(path, "wb") as f:
+        f.truncate(4 << 20)
+    try:
+        with GuestRAM.create({"ram": 4 << 20}) as s:
+            fill(s, "random", 5)
+            recv = popen_cli("recv", "--listen", "127.0.0.1:0", "--file", f"ram={path}", "--json", "--channels", "1")
+            try:
+                addr = json.loads(recv.stdout.readline())["address"]
+                sent = run_cli("send", addr, "--region", s.name, "--channels", "1")
+                assert sent.returncode == 0, sent.stderr
+                assert "verified: True" in sent.stdout
+                assert recv.wait(30) == 0
+            finally:
+                if recv.poll() is None:
+                    recv.kill()
+                recv.communicate()
+            with open(path, "rb") as f:
+                assert f.read() == s.view(0).tobytes()
+    finally:
+        os.unlink(path)
+
+
+def test_check_explains_a_conflicting_configuration():
+    proc = run_cli("check", "--zerocopy", "on", "--compression", "zstd", "--json")
+    assert proc.returncode == 1
+    report = json.loads(proc.stdout)
+    assert report["ok"] is False
+    errors = [f for f in report["findings"] if f["status"] == "error"]
+    assert any("compression" in f["detail"] for f in errors)
+    assert any(f["item"] == "zerocopy" and f["fallback"] == "plain sends" for f in report["findings"])
+
+
+def test_check_accepts_a_sound_configuration_and_names_fallbacks():
+    proc = run_cli("check", "--address", "127.0.0.1:4444", "--json")
+    assert proc.returncode == 0, proc.stdout
+    report = json.loads(proc.stdout)
+    zc = next(f for f in report["findings"] if f["item"] == "zerocopy")
+    assert zc["status"] == "warn" and "copies" in zc["detail"]
+
+
+def test_sigint_during_send_ends_cancelled():
+    size = 768 << 20
+    with GuestRAM.create({"a": size}) as s, GuestRAM.create({"a": size}) as d:
+        fill(s, "random", 6)
+        recv = popen_cli("recv", "--listen", "127.0.0.1:0", "--region", d.name, "--json", "--channels", "2")
+        send = None
+        try:
+            addr = json.loads(recv.stdout.readline())["address"]
+            send = popen_cli("send", addr, "--region", s.name, "--json", "--channels", "2", "--no-progress")
+            time.sleep(0.5)  # setup done, round 0 of 768 MiB under way
+            send.send_signal(signal.SIGINT)
+            out, err = send.communicate(timeout=30)
+            assert send.returncode == 130, (out, err)
+            assert json.loads(out.strip().splitlines()[-1])["status"] == "cancelled"
+            assert "Traceback" not in err
+            received = json.loads(recv.stdout.readline())
+            assert received["status"] == "cancelled"
+            assert recv.wait(30) == 130
+        finally:
+            for p in (recv, send):
+                if p is not None and p.poll() is None:
+                    p.kill()
+                if p is not None:
+                    p.communicate()
