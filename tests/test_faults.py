@@ -364,7 +364,8 @@ def test_destination_cancel_before_any_connection():
 def test_destination_cancel_while_parked_at_a_sync():
     """Channel 0 reached its SYNC, channel 1 never does: the receivers park; cancel ends it at once."""
     sid = os.urandom(16)
-    with GuestRAM.create({"a": 64 * 4096}) as d, Destination(d, config=cfg()) as dst:
+    # a long timeout: the idle watchdog must not end the parked session before the cancel does
+    with GuestRAM.create({"a": 64 * 4096}) as d, Destination(d, config=cfg(timeout=60.0)) as dst:
         socks = []
 
         def admit(hello):
@@ -381,7 +382,7 @@ def test_destination_cancel_while_parked_at_a_sync():
             d0 = admit(Hello(KIND_DATA, sid, 0, 2))
             admit(Hello(KIND_DATA, sid, 1, 2))
             d0.sendall(bytes(DataHeaderEncoder(128).encode(flags=FLAG_SYNC, round=0, packet_num=1)))
-            wait_for(lambda: any(r.at_sync == 0 for r in dst._receivers.values()), what="a parked receiver")
+            wait_for(lambda: any(r.at_sync == 0 for r in dst._receivers.values()), 30, what="a parked receiver")
             t0 = time.monotonic()
             dst.cancel()
             with pytest.raises(MigrationCancelled):
