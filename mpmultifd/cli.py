@@ -388,7 +388,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
         out(f"guest: {_fmt_bytes(src_ram.total_size)} in blocks {', '.join(f'{k}={_fmt_bytes(v)}' for k, v in blocks.items())}")
         fill(src_ram, a.content, seed=1)
         with RemoteDestination(dst_ram.name, cfg, start_method=cfg.start_method) as dest:
-            out(f"destination listening on {dest.address[0]}:{dest.address[1]} (pid of its own)")
+            out(f"destination listening on {dest.address[0]}:{dest.address[1]}, in a process of its own")
             with DirtyingWriter(src_ram.name, rate=a.writer_rate, start_method=cfg.start_method) as writer:
                 out(f"writer dirtying pages at about {a.writer_rate:g} writes/s; migrating over {cfg.channels} channels")
                 with Source(src_ram, cfg) as src, _cancel_on_sigint(src):
