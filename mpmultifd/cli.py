@@ -193,8 +193,10 @@ def cmd_send(a: argparse.Namespace) -> int:
     """Migrate a named region or /dev/shm file to a listening destination."""
     cfg = _config(a)
     ram = _open_region(a)
+    # with --json, every status change and round is a line of its own as it happens
+    on_event = (lambda ev: print(json.dumps(ev), flush=True)) if a.json else None
     try:
-        with Source(ram, cfg) as src, _cancel_on_sigint(src):
+        with Source(ram, cfg, on_event=on_event) as src, _cancel_on_sigint(src):
             show = a.progress if a.progress is not None else sys.stderr.isatty()
             display = ProgressDisplay(src.query, sys.stderr) if show else contextlib.nullcontext()
             try:

@@ -89,7 +89,9 @@ def test_send_and_recv_between_two_processes_json():
             assert listening["event"] == "listening" and listening["region"] == d.name
             sent = run_cli("send", listening["address"], "--region", s.name, "--json", "--channels", "2", "--compression", "lz4")
             assert sent.returncode == 0, sent.stderr
-            result = json.loads(sent.stdout.strip().splitlines()[-1])
+            lines = [json.loads(x) for x in sent.stdout.strip().splitlines()]
+            assert [e["status"] for e in lines if e["event"] == "MIGRATION"] == ["setup", "active", "device", "completed"]
+            result = lines[-1]
             assert result["event"] == "result" and result["status"] == "completed" and result["verified"] is True
             assert result["query"]["ram"]["total"] == 9 << 20
             assert result["query"]["config"]["compression"] == "lz4"
@@ -155,7 +157,10 @@ def test_sigint_during_send_ends_cancelled():
         try:
             addr = json.loads(recv.stdout.readline())["address"]
             send = popen_cli("send", addr, "--region", s.name, "--json", "--channels", "2", "--no-progress")
-            time.sleep(0.5)  # setup done, round 0 of 768 MiB under way
+            while True:  # wait until the migration runs: a signal during start-up is not a cancel
+                event = json.loads(send.stdout.readline())
+                if event.get("status") == "active":
+                    break
             send.send_signal(signal.SIGINT)
             out, err = send.communicate(timeout=30)
             assert send.returncode == 130, (out, err)
