@@ -605,6 +605,9 @@ class Destination:
                 reason = f"session {hello.session_id.hex()} is not this session"
             elif hello.nchannels != s.channels or hello.channel >= s.channels:
                 reason = f"channel {hello.channel}/{hello.nchannels} does not fit {s.channels} channels"
+            elif any(h.channel == hello.channel for _, h in out):
+                # claimed earlier in this same batch: _receivers does not show it yet
+                reason = f"channel {hello.channel} is already connected"
             elif hello.channel in self._receivers or hello.channel in self._broken:
                 if self._retries_left > 0:
                     # a replacement for a broken channel (the source saw it break, perhaps first)

@@ -20,7 +20,10 @@ The harness has three parts:
 
 Replays work because, without an auth key, admission depends only on the
 hello: the recorded hello, CONFIG and data hellos carry one session id, so a
-verbatim replay is a consistent (old) session.
+verbatim replay is a consistent (old) session. They stay causal: the relay
+notes how many control messages the destination had sent before each control
+message of the source (COMMIT, say, answers RESULT), and a replay holds each
+one back until it has seen as many.
 
 :func:`stray_connection` opens the kind of unauthenticated junk connection that
 must not disturb a running session.
@@ -28,7 +31,9 @@ must not disturb a running session.
 
 from __future__ import annotations
 
+import gc
 import json
+import multiprocessing
 import os
 import random
 import shutil
@@ -36,16 +41,17 @@ import socket
 import struct
 import threading
 import time
+import warnings
 import zlib
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from . import auth
 from .config import MigrationConfig
 from .destination import Destination
-from .errors import MigrationError, RemoteProtocolError, WorkerDied
+from .errors import MigrationError, WorkerDied
 from .methods import get_method
 from .ram import GuestRAM
 from .source import Source
@@ -65,7 +71,6 @@ from .wire import (
     ControlDecoder,
     DataHeaderDecoder,
     ErrorMessage,
-    Result,
     data_header_size,
     decode_hello,
 )
@@ -384,7 +389,7 @@ def _capture_once(
             records = list(relay.records)
         region = {b.name: src_ram.view(b.index).tobytes() for b in src_ram.blocks}
         if any(dst_ram.view(b.index).tobytes() != region[b.name] for b in dst_ram.blocks):
-            raise AssertionError("the captured migration itself did not arrive intact")
+            raise RuntimeError("the captured migration itself did not arrive intact")
     control: list[bytes] | None = None
     after: list[int] = []
     data: dict[int, list[bytes]] = {}
@@ -399,7 +404,7 @@ def _capture_once(
         else:
             data[hello.channel] = _split_data(sent, hsize)
     if control is None or sorted(data) != list(range(channels)):
-        raise AssertionError(f"relay saw an incomplete session: {len(records)} connections")
+        raise RuntimeError(f"relay saw an incomplete session: {len(records)} connections")
     return Capture(
         method=method,
         page_size=src_ram.page_size,
@@ -977,9 +982,10 @@ def named_pages(cap: Capture, streams: Streams) -> list[np.ndarray]:
     It follows what a receiver may accept: the CONFIG the destination would
     decode (with its page size, packet size and method), then each data
     connection whose hello decodes, header by header until the first header a
-    receiver must refuse. It assumes every barrier passes, so the result is a
-    superset of the pages a correct destination may write; any other page must
-    keep its old bytes.
+    receiver must refuse. It assumes every barrier passes and lets a connection
+    start in the round its first header names (as a resumed channel does), so
+    the result is a superset of the pages a correct destination may write; any
+    other page must keep its old bytes.
     """
     maps = [np.zeros(size // cap.page_size, dtype=bool) for _, size in cap.blocks]
     ctl = b"".join(streams.control)
@@ -1012,7 +1018,10 @@ def named_pages(cap: Capture, streams: Streams) -> list[np.ndarray]:
             decode_hello(stream[:HELLO_SIZE])
         except MigrationError:
             continue
-        state = ChannelState()
+        # a replacement connection (channel_retries) starts at the destination's current
+        # round: begin where the stream begins, so the walk stays a superset
+        first_round = struct.unpack_from(">I", stream, HELLO_SIZE + 16)[0] if len(stream) >= HELLO_SIZE + 20 else 0
+        state = ChannelState(start_round=first_round)
         pos = HELLO_SIZE
         while pos + decoder.size <= len(stream):
             try:
@@ -1041,6 +1050,7 @@ class Outcome:
     (a typed MigrationError, region marked invalid), ``refused`` (no session
     was ever admitted; the destination kept waiting), or a finding: ``hang``,
     ``untyped``, ``crash``, ``wrong-bytes``, ``outside-write``, ``slow-close``,
+    ``leak`` (an unclosed socket or file, or a worker alive after ``close()``),
     ``stalled`` (with ``stall``: waited on a silent peer past its timeout).
     """
 
@@ -1184,6 +1194,29 @@ def replay(
     after the last byte, and the destination must give up by itself within
     ``dst_timeout`` plus ``settle``.
     """
+    with warnings.catch_warnings(record=True) as caught:
+        # a socket or file the destination forgot to close is a finding, not noise
+        warnings.simplefilter("always", ResourceWarning)
+        children_before = {p.pid for p in multiprocessing.active_children()}
+        out = _replay(cap, streams, settle=settle, dst_timeout=dst_timeout, prefill=prefill, stall=stall)
+        gc.collect()
+        leaked = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+    if out.finding:
+        return out
+    if leaked:
+        return replace(out, verdict="leak", detail=f"{len(leaked)} unclosed: {leaked[0][:300]}")
+    deadline = time.monotonic() + 3.0
+    while True:
+        alive = [p for p in multiprocessing.active_children() if p.pid not in children_before]
+        if not alive or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    if alive:
+        return replace(out, verdict="leak", detail=f"processes alive after close(): {[p.name for p in alive]}")
+    return out
+
+
+def _replay(cap: Capture, streams: Streams, *, settle: float, dst_timeout: float, prefill: bool, stall: bool) -> Outcome:
     t0 = time.monotonic()
     canary_size = 64 << 10
     with GuestRAM.create(dict(cap.blocks), page_size=cap.page_size) as ram, GuestRAM.create(
@@ -1234,7 +1267,7 @@ def replay(
                 result = dst.wait(limit)
             except TimeoutError as e:
                 err = e
-            except BaseException as e:  # judged below: anything but a MigrationError is a finding
+            except Exception as e:  # judged below: anything but a MigrationError is a finding
                 err = e
             valid = dst.valid
             status = dst.status
@@ -1281,14 +1314,18 @@ def _speak(
     ack = control.next(time.monotonic() + dst_timeout + settle)
     if not isinstance(ack, ConfigAck):
         return isinstance(ack, ErrorMessage)  # refused the CONFIG: the session opened and failed
+    # every data connection is greeted first and then all hellos go at once, so the
+    # destination admits several in one batch (where duplicates are easiest to miss)
+    ready: list[tuple[socket.socket, list[bytes]]] = []
     for chunks in streams.data:
         try:
             sock, greeted = _connect(address, settle)
         except OSError:
             continue
         socks.append(sock)
-        if not greeted:
-            continue
+        if greeted:
+            ready.append((sock, chunks))
+    for sock, chunks in ready:
         # data connections shut down after their last byte (the receivers then see EOF, not
         # silence), unless the replay plays a silent peer
         t = threading.Thread(target=_send_chunks, args=(sock, chunks, settle, not stall), daemon=True)
@@ -1432,6 +1469,11 @@ def stray_connection(address: tuple[str, int], kind: str, rng: random.Random, nc
     except OSError:
         pass
     finally:
+        # workers forked from this process may hold copies of the socket: shutdown() ends it for all
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         sock.close()
 
 
