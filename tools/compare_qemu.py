@@ -1,0 +1,597 @@
+#!/usr/bin/env python3
+"""mpmultifd next to QEMU's own multifd, side by side in one run, on the same bytes.
+
+For every size, content, compression and channel count, each run migrates:
+
+- **QEMU multifd**: a paused source ``qemu-system-x86_64`` (``-S``, TCG, no disk,
+  no kernel) whose guest RAM is a ``memory-backend-file,share=on`` in ``/dev/shm``
+  holding exactly the bytes below, to a destination QEMU started with
+  ``-incoming defer``, over ``tcp:127.0.0.1``. Both are driven over QMP (a Unix
+  socket each): ``multifd`` and ``events`` capabilities, ``multifd-channels``,
+  ``multifd-compression`` (``zstd`` at ``multifd-zstd-level`` 1),
+  ``max-bandwidth`` 100 GB/s (QEMU's default is a 128 MiB/s cap) and a 60 s
+  ``downtime-limit`` on both ends, then ``migrate-incoming`` / ``migrate``. The
+  time is QEMU's own ``total-time`` from ``query-migrate`` on the source; the
+  wall time until the destination's ``MIGRATION`` event says ``completed`` is
+  recorded too. Both QEMUs are killed and their backend files deleted after
+  every run, whatever happens.
+- **mpmultifd**: ``Source.migrate`` of the same bytes (the source file mapped
+  with ``GuestRAM.from_files``) with the same channel count and compression
+  (``zstd`` level 1), into a fresh region in a destination process
+  (``RemoteDestination``, as ``tools/bench.py`` does); the time is the wall time
+  around ``Source.migrate``. Verification is off unless ``--verify`` (QEMU does
+  not verify either).
+
+The guest is paused and nothing writes the region, so both migrations are one
+pass over RAM. The two tools alternate run by run (QEMU first on even runs,
+mpmultifd first on odd ones) so both see the same machine state; the table
+shows medians and the throughput ratio mpmultifd / QEMU. On the first run of
+every row the destinations' RAM is hashed (sha256) and compared with the
+source bytes: the QEMU destination's backend file, the QEMU source's backend
+file after the migration (a paused QEMU must not have changed it), and the
+mpmultifd destination region.
+
+With ``iperf3`` installed, a loopback TCP ceiling is measured first with as many
+parallel streams as channels (``iperf3 -s -1`` / ``iperf3 -c 127.0.0.1 -P N``).
+The tool installs nothing; without ``qemu-system-x86_64`` it says so and exits 2.
+
+Example::
+
+    python tools/compare_qemu.py --sizes 256M,1G --channels 1,2,4 \\
+        --contents random,half-zero,zero,mixed --compression none,zstd --runs 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from bench import warm_up  # noqa: E402
+
+from mpmultifd import GuestRAM, MigrationConfig, Source  # noqa: E402
+from mpmultifd.cli import parse_size  # noqa: E402
+from mpmultifd.testing import CONTENTS, RemoteDestination, fill  # noqa: E402
+
+BLOCK = "pc.ram"
+MAX_BANDWIDTH = 100 * 10**9  # bytes/s; QEMU 7.2 defaults to 128 MiB/s
+DOWNTIME_LIMIT_MS = 60_000  # the guest is paused anyway; QEMU's default 300 ms makes it iterate (slower)
+SHM = "/dev/shm"
+
+
+class QemuError(RuntimeError):
+    pass
+
+
+# --------------------------------------------------------------------------- QMP
+
+
+class QMP:
+    """A minimal QMP client over a Unix socket: commands, and events kept with their arrival time."""
+
+    def __init__(self, path: str, proc: subprocess.Popen, log: str, timeout: float = 30.0) -> None:
+        self.path, self.proc, self.log = path, proc, log
+        self.buf = b""
+        self.events: list[tuple[float, dict]] = []
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise QemuError(f"QEMU exited with {proc.returncode} before its QMP socket opened:\n{tail(log)}")
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.connect(path)
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                s.close()
+                if time.monotonic() > deadline:
+                    raise QemuError(f"QMP socket {path} did not open in {timeout:.0f} s:\n{tail(log)}") from None
+                time.sleep(0.01)
+        self.sock = s
+        greeting = self.read(timeout)
+        if "QMP" not in greeting:
+            raise QemuError(f"unexpected QMP greeting {greeting}")
+        self.version = greeting["QMP"]["version"]
+        self.cmd("qmp_capabilities")
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def buffered(self) -> bool:
+        return b"\n" in self.buf
+
+    def read(self, timeout: float = 30.0) -> dict:
+        """One JSON message (events are returned too)."""
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise QemuError(f"no answer on {self.path} in {timeout:.0f} s")
+            r, _, _ = select.select([self.sock], [], [], left)
+            if r:
+                data = self.sock.recv(65536)
+                if not data:
+                    raise QemuError(f"QEMU closed its QMP socket (exit {self.proc.poll()}):\n{tail(self.log)}")
+                self.buf += data
+        line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(line)
+
+    def cmd(self, name: str, args: dict | None = None, timeout: float = 30.0):
+        msg = {"execute": name}
+        if args:
+            msg["arguments"] = args
+        self.sock.sendall(json.dumps(msg).encode() + b"\n")
+        while True:
+            reply = self.read(timeout)
+            if "event" in reply:
+                self.events.append((time.monotonic(), reply))
+                continue
+            if "error" in reply:
+                raise QemuError(f"{name} {json.dumps(args or {})}: {reply['error'].get('desc', reply['error'])}")
+            return reply.get("return")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def tail(path: str, n: int = 20) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-n:])
+    except OSError:
+        return ""
+
+
+# --------------------------------------------------------------------------- QEMU
+
+
+class Qemu:
+    """One qemu-system-x86_64, paused, guest RAM in a shared /dev/shm file, driven over QMP."""
+
+    def __init__(self, binary: str, machine: str, mem_path: str, size: int, workdir: str, role: str,
+                 incoming: bool = False) -> None:
+        self.qmp_path = os.path.join(workdir, f"{role}.qmp")
+        self.log = os.path.join(workdir, f"{role}.log")
+        self.argv = self.command(binary, machine, mem_path, size, self.qmp_path, incoming)
+        self.qmp: QMP | None = None
+        with open(self.log, "wb") as logf:
+            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+
+    @staticmethod
+    def command(binary: str, machine: str, mem_path: str, size: int, qmp_path: str, incoming: bool) -> list[str]:
+        """A paused TCG guest without devices, disk or kernel whose RAM is the shared file ``mem_path``."""
+        mib = size >> 20
+        argv = [
+            binary, "-machine", f"{machine},memory-backend=mem",
+            "-accel", "tcg", "-nodefaults", "-no-user-config", "-nographic", "-display", "none", "-S",
+            "-smp", "1", "-m", f"{mib}M",
+            "-object", f"memory-backend-file,id=mem,size={mib}M,mem-path={mem_path},share=on",
+            "-qmp", f"unix:{qmp_path},server=on,wait=off",
+        ]
+        if incoming:
+            argv += ["-incoming", "defer"]
+        return argv
+
+    def connect(self) -> QMP:
+        self.qmp = QMP(self.qmp_path, self.proc, self.log)
+        return self.qmp
+
+    def kill(self) -> None:
+        if self.qmp is not None:
+            self.qmp.close()
+        if self.proc.poll() is None:
+            self.proc.kill()  # this pid only: it was started by us
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            pass
+        with_suppressed(os.unlink, self.qmp_path)
+
+
+def with_suppressed(fn, *a) -> None:
+    try:
+        fn(*a)
+    except OSError:
+        pass
+
+
+def setup_migration(q: QMP, channels: int, compression: str, downtime_limit_ms: int, max_bandwidth: int) -> None:
+    q.cmd("migrate-set-capabilities", {"capabilities": [
+        {"capability": "multifd", "state": True},
+        {"capability": "events", "state": True},
+    ]})
+    params = {
+        "multifd-channels": channels,
+        "multifd-compression": compression,
+        "downtime-limit": downtime_limit_ms,
+    }
+    if max_bandwidth:  # 0: keep QEMU's default cap (128 MiB/s in 7.2)
+        params["max-bandwidth"] = max_bandwidth
+    if compression == "zstd":
+        params["multifd-zstd-level"] = 1
+    q.cmd("migrate-set-parameters", params)
+    got = q.cmd("query-migrate-parameters")
+    for k, v in params.items():
+        if got.get(k) != v:
+            raise QemuError(f"QEMU kept {k}={got.get(k)!r}, asked for {v!r}")
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(16 << 20)
+            if not chunk:
+                return h.hexdigest()
+            h.update(chunk)
+
+
+def copy_file(src: str, dst: str) -> None:
+    """Byte copy into a new /dev/shm file (every page allocated, as the source's guest RAM is)."""
+    with open(src, "rb") as fi, open(dst, "wb") as fo:
+        size = os.fstat(fi.fileno()).st_size
+        done = 0
+        while done < size:
+            n = os.copy_file_range(fi.fileno(), fo.fileno(), size - done)
+            if n <= 0:
+                raise OSError(f"copy_file_range stopped at {done} of {size} bytes")
+            done += n
+
+
+def qemu_once(master: str, size: int, channels: int, compression: str, args: argparse.Namespace,
+              check: str | None) -> dict:
+    """One QEMU-to-QEMU multifd migration of a copy of ``master``; QEMU's times and bytes."""
+    tag = f"mpm-cmpq-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    src_mem, dst_mem = os.path.join(SHM, f"{tag}-src"), os.path.join(SHM, f"{tag}-dst")
+    workdir = tempfile.mkdtemp(prefix=f"{tag}-")
+    src = dst = None
+    try:
+        copy_file(master, src_mem)
+        src = Qemu(args.qemu, args.machine, src_mem, size, workdir, "src")
+        dst = Qemu(args.qemu, args.machine, dst_mem, size, workdir, "dst", incoming=True)
+        sq, dq = src.connect(), dst.connect()
+        setup_migration(dq, channels, compression, args.qemu_downtime_limit, args.qemu_max_bandwidth)
+        setup_migration(sq, channels, compression, args.qemu_downtime_limit, args.qemu_max_bandwidth)
+        dq.cmd("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})
+        addrs = dq.cmd("query-migrate").get("socket-address") or []
+        port = next(int(a["port"]) for a in addrs if a.get("type") == "inet")
+        t0 = time.monotonic()
+        sq.cmd("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+        status: dict[str, str] = {}
+        done_at: dict[str, float] = {}
+        for name, q in (("src", sq), ("dst", dq)):  # events that arrived with command replies
+            for t, ev in q.events:
+                note_event(name, t, ev, status, done_at)
+        deadline = t0 + args.timeout
+        terminal = ("completed", "failed", "cancelled")
+        while not all(status.get(n) in terminal for n in ("src", "dst")):
+            if status.get("src") in ("failed", "cancelled"):
+                break
+            pending = [(n, q) for n, q in (("src", sq), ("dst", dq)) if status.get(n) not in terminal]
+            ready = [(n, q) for n, q in pending if q.buffered()]
+            if not ready:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                r, _, _ = select.select([q for _, q in pending], [], [], min(left, 1.0))
+                ready = [(n, q) for n, q in pending if q in r]
+            for n, q in ready:
+                ev = q.read()
+                note_event(n, time.monotonic(), ev, status, done_at)
+        info = sq.cmd("query-migrate")
+        if info.get("status") != "completed":
+            dinfo = {}
+            with_suppressed_any(lambda: dinfo.update(dq.cmd("query-migrate")))
+            raise QemuError(f"QEMU migration ended {info.get('status')!r} (destination {status.get('dst')!r}): "
+                            f"{info.get('error-desc') or dinfo.get('error-desc') or 'timed out'}")
+        if status.get("dst") != "completed":
+            raise QemuError(f"source completed, destination says {status.get('dst')!r}")
+        ram = info.get("ram", {})
+        out = {
+            "time": info["total-time"] / 1000.0,
+            "dst_wall": done_at["dst"] - t0,
+            "setup": info.get("setup-time", 0) / 1000.0,
+            "downtime": info.get("downtime", 0) / 1000.0,
+            "wire": ram.get("transferred", 0),
+            "multifd_bytes": ram.get("multifd-bytes", 0),
+            "duplicate": ram.get("duplicate", 0),
+            "normal": ram.get("normal", 0),
+        }
+        if check is not None:
+            out["check_dst"] = sha256_file(dst_mem) == check
+            out["check_src"] = sha256_file(src_mem) == check
+        return out
+    finally:
+        for q in (src, dst):
+            if q is not None:
+                q.kill()
+        for path in (src_mem, dst_mem):
+            with_suppressed(os.unlink, path)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def note_event(name: str, t: float, ev: dict, status: dict, done_at: dict) -> None:
+    if ev.get("event") == "MIGRATION":
+        st = ev.get("data", {}).get("status")
+        status[name] = st
+        if st in ("completed", "failed", "cancelled"):
+            done_at.setdefault(name, t)
+
+
+def with_suppressed_any(fn) -> None:
+    try:
+        fn()
+    except Exception:  # noqa: BLE001 - only used to enrich an error message
+        pass
+
+
+# --------------------------------------------------------------------------- mpmultifd
+
+
+def mpm_once(src: GuestRAM, size: int, channels: int, compression: str, args: argparse.Namespace,
+             check: str | None) -> dict:
+    """One mpmultifd migration of ``src`` into a fresh region in a destination process."""
+    cfg = MigrationConfig(
+        channels=channels,
+        compression=compression,
+        compression_level=1 if compression == "zstd" else None,
+        start_method=args.start_method,
+        verify=args.verify,
+    )
+    with GuestRAM.create({BLOCK: size}) as dst:
+        with RemoteDestination(dst.name, cfg, start_method=args.start_method) as dest, Source(src, cfg) as source:
+            t0 = time.perf_counter()
+            res = source.migrate(dest.address)
+            elapsed = time.perf_counter() - t0
+            dest.result()
+        out = {
+            "time": elapsed,
+            "setup": res.setup_time,
+            "downtime": res.downtime,
+            "wire": res.transferred,
+            "duplicate": res.duplicate,
+            "normal": res.normal,
+        }
+        if check is not None:
+            out["check_dst"] = hashlib.sha256(memoryview(dst.view(0)).cast("B")).hexdigest() == check
+    return out
+
+
+# --------------------------------------------------------------------------- iperf3
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def iperf3_rate(binary: str, streams: int, seconds: int) -> float:
+    """Loopback TCP bytes/s with ``streams`` parallel streams (iperf3's received sum)."""
+    port = free_port()
+    server = subprocess.Popen([binary, "-s", "-1", "-B", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        out = None
+        for _ in range(50):  # the server needs a moment to listen
+            time.sleep(0.1)
+            r = subprocess.run([binary, "-c", "127.0.0.1", "-p", str(port), "-P", str(streams), "-t", str(seconds),
+                                "-J"], capture_output=True, text=True, timeout=seconds + 30)
+            if r.returncode == 0:
+                out = json.loads(r.stdout)
+                break
+        if out is None:
+            raise RuntimeError(f"iperf3 client failed: {r.stdout[-500:]} {r.stderr[-500:]}")
+        return out["end"]["sum_received"]["bits_per_second"] / 8
+    finally:
+        if server.poll() is None:
+            server.kill()
+        server.wait()
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _interrupted(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def median(runs: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
+
+
+def fmt_size(n: int) -> str:
+    return f"{n >> 30}G" if n % (1 << 30) == 0 else f"{n >> 20}M"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="256M,1G", help="guest RAM sizes (default 256M,1G)")
+    p.add_argument("--channels", default="1,2,4", help="channel counts (default 1,2,4)")
+    p.add_argument("--contents", default="random,half-zero,zero,mixed", help=f"from {','.join(CONTENTS)}")
+    p.add_argument("--compression", default="none,zstd", help="none and/or zstd (level 1 on both sides)")
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
+    p.add_argument("--json-file", help="also write that JSON document to this file")
+    p.add_argument("--qemu", default="qemu-system-x86_64", help="QEMU binary")
+    p.add_argument("--machine", default="pc", help="QEMU machine type (pc or q35)")
+    p.add_argument("--start-method", default="forkserver", help="mpmultifd worker start method")
+    p.add_argument("--verify", action="store_true", help="mpmultifd: compare page fingerprints at switchover")
+    p.add_argument("--no-check", action="store_true", help="skip the sha256 checks of the destinations")
+    p.add_argument("--no-iperf", action="store_true", help="skip the iperf3 ceiling even if installed")
+    p.add_argument("--iperf-seconds", type=int, default=3)
+    p.add_argument("--qemu-max-bandwidth", type=int, default=MAX_BANDWIDTH,
+                   help="QEMU max-bandwidth in bytes/s (default 100e9; 0 keeps QEMU's default 128 MiB/s cap)")
+    p.add_argument("--qemu-downtime-limit", type=int, default=DOWNTIME_LIMIT_MS,
+                   help=f"QEMU downtime-limit in ms (default {DOWNTIME_LIMIT_MS}; QEMU's own default is 300)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds one QEMU migration may take")
+    p.add_argument("--seed", type=int, default=7)
+    args = p.parse_args()
+
+    sizes = [parse_size(s) for s in args.sizes.split(",")]
+    channels = [int(c) for c in args.channels.split(",")]
+    contents = args.contents.split(",")
+    comps = args.compression.split(",")
+    for c in contents:
+        if c not in CONTENTS:
+            p.error(f"content {c!r} not in {CONTENTS}")
+    for c in comps:
+        if c not in ("none", "zstd"):
+            p.error(f"compression {c!r}: only none and zstd are compared")
+    for s in sizes:
+        if s % (1 << 20):
+            p.error("sizes must be whole MiB")
+    qemu = shutil.which(args.qemu)
+    if qemu is None:
+        print(f"{args.qemu} not found: nothing to compare with (install the Debian package qemu-system-x86)",
+              file=sys.stderr)
+        return 2
+    args.qemu = qemu
+    qemu_version = subprocess.run([qemu, "--version"], capture_output=True, text=True).stdout.splitlines()[0]
+    t_start = time.monotonic()
+    # A Ctrl-C / SIGTERM must still reach the finally blocks that kill QEMU and delete files.
+    signal.signal(signal.SIGTERM, _interrupted)
+
+    log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else (lambda *a: print(*a, flush=True))
+    log(f"# {qemu_version}; machine {args.machine}, TCG, paused (-S); max-bandwidth "
+        f"{f'{args.qemu_max_bandwidth / 1e9:g} GB/s' if args.qemu_max_bandwidth else 'QEMU default'}, "
+        f"downtime-limit {args.qemu_downtime_limit} ms; mpmultifd start method {args.start_method}, verify {args.verify}; "
+        f"{os.cpu_count()} CPUs, {args.runs} runs each; load average {os.getloadavg()[0]:.2f} at start")
+
+    iperf = {}
+    iperf_bin = shutil.which("iperf3")
+    if iperf_bin and not args.no_iperf:
+        for ch in channels:
+            iperf[ch] = iperf3_rate(iperf_bin, ch, args.iperf_seconds)
+            log(f"# iperf3 loopback, {ch} stream(s): {iperf[ch] / 1e9:.2f} GB/s")
+    elif not args.no_iperf:
+        log("# iperf3 not installed: no loopback ceiling (apt-get install iperf3)")
+
+    # Touch as much memory as a QEMU run holds at once (the filled source, QEMU's copy of it, the destination):
+    # the first touch of guest memory on a fresh VM costs several times more.
+    warm_up(3 * max(sizes))
+    rows = []
+    for size in sizes:
+        for content in contents:
+            master = os.path.join(SHM, f"mpm-cmpq-{os.getpid()}-master")
+            try:
+                with open(master, "wb") as f:
+                    f.truncate(size)
+                with GuestRAM.from_files({BLOCK: master}) as src:
+                    fill(src, content, seed=args.seed)
+                    digest = None if args.no_check else hashlib.sha256(memoryview(src.view(0)).cast("B")).hexdigest()
+                    for comp in comps:
+                        runs = {ch: {"qemu": [], "mpm": []} for ch in channels}
+                        for i in range(args.runs):
+                            for ch in channels:
+                                check = digest if i == 0 else None
+                                order = ("qemu", "mpm") if i % 2 == 0 else ("mpm", "qemu")
+                                for tool in order:
+                                    if tool == "qemu":
+                                        r = qemu_once(master, size, ch, comp, args, check)
+                                    else:
+                                        r = mpm_once(src, size, ch, comp, args, check)
+                                    runs[ch][tool].append(r)
+                                log(f"  {fmt_size(size)} {content} {comp} ch={ch} run {i + 1}: "
+                                    f"QEMU {runs[ch]['qemu'][-1]['time']:.3f} s "
+                                    f"(destination done {runs[ch]['qemu'][-1]['dst_wall']:.3f} s), "
+                                    f"mpmultifd {runs[ch]['mpm'][-1]['time']:.3f} s")
+                        for ch in channels:
+                            q, m = runs[ch]["qemu"], runs[ch]["mpm"]
+                            qt, mt = median(q, "time"), median(m, "time")
+                            row = {
+                                "size": size, "content": content, "channels": ch, "compression": comp,
+                                "qemu_s": qt, "qemu_GBps": size / qt / 1e9,
+                                "qemu_dst_wall_s": median(q, "dst_wall"),
+                                "qemu_transferred_bytes": int(median(q, "wire")),  # QEMU 7.2: before compression
+                                "mpm_s": mt, "mpm_GBps": size / mt / 1e9, "mpm_setup_s": median(m, "setup"),
+                                "mpm_wire_bytes": int(median(m, "wire")),
+                                "ratio": qt / mt,
+                                "ratio_dst": median(q, "dst_wall") / mt,
+                                "iperf3_GBps": iperf[ch] / 1e9 if ch in iperf else None,
+                                "qemu_runs": q, "mpm_runs": m,
+                            }
+                            if digest is not None:
+                                row["check"] = {
+                                    "qemu_dst_equals_source": q[0]["check_dst"],
+                                    "qemu_src_unchanged": q[0]["check_src"],
+                                    "mpm_dst_equals_source": m[0]["check_dst"],
+                                }
+                            rows.append(row)
+            finally:
+                with_suppressed(os.unlink, master)
+    elapsed = time.monotonic() - t_start
+
+    example = Qemu.command(args.qemu, args.machine, f"{SHM}/<unique>", max(sizes), "<dir>/dst.qmp", incoming=True)
+    doc = json.dumps({"qemu": qemu_version, "qemu_destination_argv": example, "machine": args.machine,
+                      "runs": args.runs,
+                      "max_bandwidth": args.qemu_max_bandwidth or None, "downtime_limit_ms": args.qemu_downtime_limit,
+                      "start_method": args.start_method, "verify": args.verify, "loadavg_end": os.getloadavg(),
+                      "cpus": os.cpu_count(), "iperf3_Bps": iperf, "elapsed_s": elapsed, "rows": rows}, indent=2)
+    if args.json_file:
+        with open(args.json_file, "w") as f:
+            f.write(doc + "\n")
+    if args.json:
+        print(doc)
+        return 0
+    print()
+    print(f"{args.runs} runs each, medians; GB/s = 1e9 bytes of guest RAM per second; "
+          f"ratio = mpmultifd GB/s / QEMU GB/s")
+    hdr = (f"{'size':>5} {'content':<10} {'ch':>2} {'method':<6} {'QEMU s':>7} {'GB/s':>6} {'dst s':>7} "
+           f"{'wire MiB':>9} {'mpm s':>7} {'setup':>6} {'GB/s':>6} {'wire MiB':>9} {'ratio':>6} {'r dst':>6}")
+    if iperf:
+        hdr += f" {'iperf3':>7} {'x ip3':>6}"
+    if not args.no_check:
+        hdr += "  check"
+    print(hdr)
+    for r in rows:
+        # QEMU 7.2 counts multifd bytes before compression: no wire figure for its zstd rows
+        qwire = "-" if r["compression"] != "none" else f"{r['qemu_transferred_bytes'] / (1 << 20):.0f}"
+        line = (f"{fmt_size(r['size']):>5} {r['content']:<10} {r['channels']:>2} {r['compression']:<6} "
+                f"{r['qemu_s']:>7.3f} {r['qemu_GBps']:>6.2f} {r['qemu_dst_wall_s']:>7.3f} "
+                f"{qwire:>9} {r['mpm_s']:>7.3f} {r['mpm_setup_s']:>6.3f} {r['mpm_GBps']:>6.2f} "
+                f"{r['mpm_wire_bytes'] / (1 << 20):>9.0f} {r['ratio']:>6.2f} {r['ratio_dst']:>6.2f}")
+        if iperf:
+            ip = r["iperf3_GBps"]
+            line += f" {ip:>7.2f} {r['mpm_GBps'] / ip:>6.2f}"
+        if "check" in r:
+            c = r["check"]
+            line += "  " + ("ok" if all(c.values()) else "MISMATCH " + ",".join(k for k, v in c.items() if not v))
+        print(line)
+    print()
+    print("QEMU s: QEMU's own total-time (query-migrate on the source); dst s: wall time from `migrate` until the")
+    print("destination QEMU's MIGRATION event said completed; mpm s: wall time around Source.migrate, which returns")
+    print("after the destination committed; setup: the part of it before the first page (connections, worker")
+    print("processes on both ends); ratio = QEMU s / mpm s, r dst = dst s / mpm s (> 1: mpmultifd faster).")
+    print("wire MiB: QEMU's ram.transferred (main + multifd channels; '-' for zstd, which QEMU 7.2 counts before")
+    print("compression) and mpmultifd's data-channel bytes, headers included.")
+    if iperf:
+        print("iperf3: loopback TCP GB/s with as many streams as channels; x ip3 = mpmultifd GB/s / iperf3 GB/s.")
+    if not args.no_check:
+        checked = [r["check"] for r in rows]
+        bad = sum(not all(c.values()) for c in checked)
+        print(f"check (first run of every row, sha256 against the source bytes): QEMU destination RAM "
+              f"{sum(c['qemu_dst_equals_source'] for c in checked)}/{len(checked)} equal, QEMU source RAM unchanged "
+              f"{sum(c['qemu_src_unchanged'] for c in checked)}/{len(checked)}, mpmultifd destination "
+              f"{sum(c['mpm_dst_equals_source'] for c in checked)}/{len(checked)} equal"
+              + ("" if not bad else f"; {bad} row(s) MISMATCH"))
+    print(f"elapsed {elapsed:.0f} s, load average {os.getloadavg()[0]:.2f} at the end")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
