@@ -5,12 +5,14 @@ For every size, content, compression and channel count, each run migrates:
 
 - **QEMU multifd**: a paused source ``qemu-system-x86_64`` (``-S``, TCG, no disk,
   no kernel) whose guest RAM is a ``memory-backend-file,share=on`` in ``/dev/shm``
-  holding exactly the bytes below, to a destination QEMU started with
-  ``-incoming defer``, over ``tcp:127.0.0.1``. Both are driven over QMP (a Unix
-  socket each): ``multifd`` and ``events`` capabilities, ``multifd-channels``,
-  ``multifd-compression`` (``zstd`` at ``multifd-zstd-level`` 1),
-  ``max-bandwidth`` 100 GB/s (QEMU's default is a 128 MiB/s cap) and a 60 s
-  ``downtime-limit`` on both ends, then ``migrate-incoming`` / ``migrate``. The
+  holding exactly the bytes below (a fresh copy of the filled file per run), to a
+  destination QEMU started with ``-incoming defer``, over ``tcp:127.0.0.1``. Both
+  are driven over QMP (a Unix socket each): ``multifd`` and ``events``
+  capabilities, ``multifd-channels``, ``multifd-compression`` (``zstd`` at
+  ``multifd-zstd-level`` 1), ``max-bandwidth`` 100 GB/s (QEMU's default is a
+  128 MiB/s cap) and a 60 s ``downtime-limit`` on both ends (with QEMU's default
+  300 ms a paused guest still iterates, which is slower), then
+  ``migrate-incoming`` / ``migrate``. The
   time is QEMU's own ``total-time`` from ``query-migrate`` on the source; the
   wall time until the destination's ``MIGRATION`` event says ``completed`` is
   recorded too. Both QEMUs are killed and their backend files deleted after
@@ -35,10 +37,14 @@ With ``iperf3`` installed, a loopback TCP ceiling is measured first with as many
 parallel streams as channels (``iperf3 -s -1`` / ``iperf3 -c 127.0.0.1 -P N``).
 The tool installs nothing; without ``qemu-system-x86_64`` it says so and exits 2.
 
-Example::
+The defaults are the full comparison (about 10 minutes on a 2-vCPU VM)::
 
     python tools/compare_qemu.py --sizes 256M,1G --channels 1,2,4 \\
         --contents random,half-zero,zero,mixed --compression none,zstd --runs 3
+
+A quick look (well under a minute)::
+
+    python tools/compare_qemu.py --sizes 256M --channels 2 --contents half-zero --compression none
 """
 
 from __future__ import annotations
@@ -469,7 +475,8 @@ def main() -> int:
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else (lambda *a: print(*a, flush=True))
     log(f"# {qemu_version}; machine {args.machine}, TCG, paused (-S); max-bandwidth "
         f"{f'{args.qemu_max_bandwidth / 1e9:g} GB/s' if args.qemu_max_bandwidth else 'QEMU default'}, "
-        f"downtime-limit {args.qemu_downtime_limit} ms; mpmultifd start method {args.start_method}, verify {args.verify}; "
+        f"downtime-limit {args.qemu_downtime_limit} ms; "
+        f"mpmultifd start method {args.start_method}, verify {args.verify}; "
         f"{os.cpu_count()} CPUs, {args.runs} runs each; load average {os.getloadavg()[0]:.2f} at start")
 
     iperf = {}
