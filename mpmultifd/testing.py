@@ -8,7 +8,6 @@ way a cooperating guest would, and ``RemoteDestination`` runs a
 
 from __future__ import annotations
 
-import multiprocessing
 import signal
 import time
 from typing import Any
@@ -18,6 +17,7 @@ import numpy as np
 from .config import MigrationConfig
 from .errors import MigrationError
 from .ram import GuestRAM
+from .source import mp_context
 
 __all__ = ["CONTENTS", "fill", "DirtyingWriter", "RemoteDestination"]
 
@@ -97,7 +97,9 @@ class DirtyingWriter:
     """
 
     def __init__(self, ram_name: str, *, seed: int = 1, rate: float = 5000.0, start_method: str = "spawn") -> None:
-        ctx = multiprocessing.get_context(start_method)
+        # the library's context: a forkserver started here preloads numpy and the
+        # worker module, so workers started later through it start in milliseconds
+        ctx = mp_context(start_method)
         self._stop, self._stopped, self._started = ctx.Event(), ctx.Event(), ctx.Event()
         self._count = ctx.Value("q", 0, lock=False)
         self._proc = ctx.Process(
@@ -169,7 +171,9 @@ class RemoteDestination:
         start_method: str = "spawn",
         timeout: float = 60.0,
     ) -> None:
-        ctx = multiprocessing.get_context(start_method)
+        # the library's context: a forkserver started here preloads numpy and the
+        # worker module, so workers started later through it start in milliseconds
+        ctx = mp_context(start_method)
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(
             target=_destination_main,

@@ -25,7 +25,7 @@ from mpmultifd import (
     WorkerDied,
     auth,
 )
-from mpmultifd.testing import RemoteDestination, fill
+from mpmultifd.testing import DirtyingWriter, RemoteDestination, fill
 from mpmultifd.wire import (
     CONTROL_CHANNEL,
     FLAG_SYNC,
@@ -143,10 +143,14 @@ def test_sigkill_whole_destination_process():
     shm_before = set(os.listdir("/dev/shm"))
     with GuestRAM.create({"a": SIZE}) as s, GuestRAM.create({"a": SIZE}) as d:
         fill(s, "random", 3)
-        with RemoteDestination(d.name, cfg(), start_method="fork") as dest, Source(s, cfg()) as src:
-            run = Runner(src, dest.address)
-            wait_for(lambda: moving(src) or run.ended_at, what="bytes to move")
-            time.sleep(0.3)  # past setup: every receiver attached and the shared names are gone
+        # a writer and a tiny downtime limit keep the migration going round after round,
+        # so the kill lands mid-migration however fast this machine is today
+        busy = cfg(downtime_limit=0.0001, max_rounds=1000)
+        with RemoteDestination(d.name, cfg(), start_method="fork") as dest, DirtyingWriter(
+            s.name, rate=20000, start_method="fork"
+        ) as writer, Source(s, busy) as src:
+            run = Runner(src, dest.address, pause=writer.pause)
+            wait_for(lambda: src.query()["rounds"] >= 1 or run.ended_at, what="a second round")
             t0 = time.monotonic()
             os.kill(dest._proc.pid, signal.SIGKILL)
             run.join()
