@@ -179,6 +179,7 @@ class Destination:
 
     @property
     def status(self) -> str:
+        """QEMU's status word for the receiving side: setup, active, device, completed, failed, cancelling, cancelled."""
         return self._status
 
     @property

@@ -61,6 +61,7 @@ class MigrationResult:
         return out
 
     def to_json(self, **kwargs: Any) -> str:
+        """:meth:`to_dict` as JSON; keyword arguments go to ``json.dumps``."""
         return json.dumps(self.to_dict(), **kwargs)
 
 
