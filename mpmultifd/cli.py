@@ -144,6 +144,17 @@ def _emit(a: argparse.Namespace, obj: dict[str, Any]) -> None:
         print(json.dumps(obj), flush=True)
 
 
+def _not_completed(a: argparse.Namespace, exc: MigrationError, query: dict[str, Any]) -> int:
+    """Report a migration that ended without completing; the exit code (130 cancelled, 1 failed)."""
+    if isinstance(exc, MigrationCancelled):
+        _emit(a, {"event": "result", "status": "cancelled", "query": query})
+        print("migration cancelled", file=sys.stderr)
+        return 130
+    _emit(a, {"event": "result", "status": "failed", "error": str(exc), "query": query})
+    print(f"migration failed: {exc}", file=sys.stderr)
+    return 1
+
+
 def cmd_recv(a: argparse.Namespace) -> int:
     """Listen and receive one migration into a region."""
     cfg = _config(a, server=True)
@@ -157,14 +168,8 @@ def cmd_recv(a: argparse.Namespace) -> int:
             with _cancel_on_sigint(dst):
                 try:
                     res = dst.wait()
-                except MigrationCancelled:
-                    _emit(a, {"event": "result", "status": "cancelled", "query": dst.query()})
-                    print("migration cancelled", file=sys.stderr)
-                    return 130
                 except MigrationError as e:
-                    _emit(a, {"event": "result", "status": "failed", "error": str(e), "query": dst.query()})
-                    print(f"migration failed: {e}", file=sys.stderr)
-                    return 1
+                    return _not_completed(a, e, dst.query())
             _emit(a, {"event": "result", **res.to_dict(), "region": ram.name})
             if not a.json:
                 print(f"received {_fmt_bytes(res.total)} in {res.total_time:.3f} s, verified: {res.verified}")
@@ -202,14 +207,8 @@ def cmd_send(a: argparse.Namespace) -> int:
             try:
                 with display:
                     res = src.migrate(a.address, pause=_run_cmd(a.pause_cmd), resume=_run_cmd(a.resume_cmd))
-            except MigrationCancelled:
-                _emit(a, {"event": "result", "status": "cancelled", "query": src.query()})
-                print("migration cancelled", file=sys.stderr)
-                return 130
             except MigrationError as e:
-                _emit(a, {"event": "result", "status": "failed", "error": str(e), "query": src.query()})
-                print(f"migration failed: {e}", file=sys.stderr)
-                return 1
+                return _not_completed(a, e, src.query())
             _emit(a, {"event": "result", **res.to_dict(), "query": src.query()})
             if not a.json:
                 print(
@@ -245,11 +244,10 @@ def check_configuration(a: argparse.Namespace) -> list[dict[str, Any]]:
         out.append({"item": item, "status": status, "detail": detail, "fallback": fallback})
 
     try:
-        cfg = _config(a, server=bool(a.tls_cert or a.tls_key))
+        _config(a, server=bool(a.tls_cert or a.tls_key))
         add("configuration", "ok", "every parameter is valid and the combination is allowed")
     except (ConfigError, OSError, ssl.SSLError) as e:
         add("configuration", "error", str(e))
-        cfg = None
     try:
         get_method(a.compression)(a.compression_level, {})
         add("compression", "ok", f"method {a.compression!r} available here; methods: {', '.join(available_methods())}")

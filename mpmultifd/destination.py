@@ -21,18 +21,16 @@ from .errors import (
     AuthenticationError,
     ChannelBroken,
     ChannelError,
-    ChannelClosed,
     ConfigError,
     MigrationCancelled,
     MigrationError,
-    ProtocolError,
     RemoteProtocolError,
     VerificationError,
     WorkerDied,
 )
 from .methods import get_method
 from .ram import GuestRAM
-from .source import mp_context, read_available, start_worker, worker_start_method
+from .source import mp_context, nudge_worker, read_available, reap_workers, start_worker, worker_start_method
 from .stats import MigrationResult
 from . import auth
 from .transport import Address, format_address, is_loopback, recv_exact, tune_accepted
@@ -41,7 +39,6 @@ from .wire import (
     HELLO_FLAG_AUTH,
     HELLO_SIZE,
     KIND_CONTROL,
-    KIND_DATA,
     Cancel,
     Commit,
     Complete,
@@ -58,9 +55,6 @@ from .wire import (
     ConfigAck,
 )
 from .worker import (
-    C_NORMAL,
-    C_WIRE_BYTES,
-    C_ZERO,
     COUNTERS,
     STATS_WORDS,
     WorkerSpec,
@@ -400,8 +394,7 @@ class Destination:
         self._received = Segment.create(unique_name("rcv"), max(roffs[-1], 64))
         for b in ram.blocks:
             m = np.frombuffer(self._received.buf, dtype=np.uint8, count=b.npages, offset=roffs[b.index])
-            path = b.segment if os.sep in b.segment else os.path.join("/dev/shm", b.segment)
-            _allocated_pages(path, b.npages, b.page_size, m)
+            _allocated_pages(b.path, b.npages, b.page_size, m)
             del m
         self._stats = Segment.create(unique_name("rst"), c.channels * STATS_WORDS * 8)
 
@@ -532,9 +525,8 @@ class Destination:
             for b in self.ram.blocks:
                 # holes in the backing file are zero by the kernel's word; reading them
                 # through the mapping would allocate them, so only data pages are read
-                path = b.segment if os.sep in b.segment else os.path.join("/dev/shm", b.segment)
                 allocated = np.empty(b.npages, dtype=np.uint8)
-                _allocated_pages(path, b.npages, b.page_size, allocated)
+                _allocated_pages(b.path, b.npages, b.page_size, allocated)
                 mine = fingerprint_some(self.ram.pages(b.index), np.flatnonzero(allocated))
                 bad = np.flatnonzero(mine != verify[b.index])
                 if len(bad):
@@ -629,20 +621,8 @@ class Destination:
     def _retire(self, r: _Receiver, why: str) -> None:
         """Stop a receiver whose connection broke or is being replaced; its slot stays open."""
         self._receivers.pop(r.index, None)
-        try:
-            r.conn.send(("stop",))
-        except (OSError, ValueError):
-            pass
-        try:
-            r.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        r.proc.join(_JOIN_GRACE)
-        if r.proc.is_alive():
-            r.proc.kill()
-            r.proc.join(5.0)
-        r.conn.close()
-        r.sock.close()
+        nudge_worker(r.conn, r.sock)
+        reap_workers([(r.proc, r.conn, r.sock)])
         log.info("channel %d retired: %s", r.index, why)
 
     def _receiver_failed(self, r: _Receiver, err: MigrationError) -> None:
@@ -794,23 +774,8 @@ class Destination:
         recv, self._receivers = self._receivers, {}
         for r in recv.values():
             if r.proc.is_alive():
-                try:
-                    r.conn.send(("stop",))
-                except (OSError, ValueError):
-                    pass
-                try:
-                    r.sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-        deadline = time.monotonic() + _JOIN_GRACE
-        for r in recv.values():
-            r.proc.join(max(0.0, deadline - time.monotonic()))
-        for r in recv.values():
-            if r.proc.is_alive():
-                r.proc.kill()
-                r.proc.join(5.0)
-            r.conn.close()
-            r.sock.close()
+                nudge_worker(r.conn, r.sock)
+        reap_workers([(r.proc, r.conn, r.sock) for r in recv.values()])
         if self._control is not None:
             self._control.close()
             self._control = None

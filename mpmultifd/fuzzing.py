@@ -1171,10 +1171,6 @@ def _prefill(ram: GuestRAM, seed: int) -> None:
         ram.view(b.index)[:] = rng.integers(1, 256, size=b.size, dtype=np.uint8)
 
 
-def _segment_path(seg: str) -> str:
-    return seg if os.sep in seg else os.path.join("/dev/shm", seg)
-
-
 def replay(
     cap: Capture,
     streams: Streams,
@@ -1228,7 +1224,7 @@ def _replay(cap: Capture, streams: Streams, *, settle: float, dst_timeout: float
         canary.view(0)[:] = np.arange(canary_size, dtype=np.uint64).astype(np.uint8) ^ 0xA5
         canary_before = canary.view(0).copy()
         before = [ram.view(b.index).copy() for b in ram.blocks]
-        paths = [_segment_path(b.segment) for b in ram.blocks]
+        paths = [b.path for b in ram.blocks]
         sizes = [os.stat(p).st_size for p in paths]
         cfg = MigrationConfig(start_method="fork", timeout=dst_timeout)
         err: BaseException | None = None

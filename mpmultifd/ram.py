@@ -83,6 +83,11 @@ class BlockInfo:
     segment: str
     owned: bool
 
+    @property
+    def path(self) -> str:
+        """The file that backs the block: ``/dev/shm/<segment>``, or the foreign file's path."""
+        return self.segment if os.sep in self.segment else os.path.join(SHM_DIR, self.segment)
+
 
 def _align(n: int) -> int:
     return (n + _ALIGN - 1) & ~(_ALIGN - 1)

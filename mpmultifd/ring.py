@@ -314,7 +314,7 @@ class Ring:
         return pages, n
 
     def _publish(self, head: int, kind: int, block: int, round: int, packet_num: int, pages: np.ndarray | None, n: int) -> None:
-        # write slot `head` and publish it; push() carries an inlined copy
+        # write slot `head` and publish it (producer)
         c = self._ctl
         idx = head & self._mask
         base = _SLOTS + idx * self._stride
@@ -338,7 +338,12 @@ class Ring:
             os.eventfd_write(self._data_efd, 1)
             self._data_notes += 1
         else:
-            lk = self._p_lock  # full fence, see push()
+            # Full fence (StoreLoad), P3 of the handshake: either the
+            # consumer's re-check sees the new head, or we see its c_wake.
+            # Lock acquire+release is a locked instruction, a full barrier on
+            # x86-64. Weakly ordered CPUs would need more (a real dmb/sync, and
+            # ordering for the plain slot stores too), so they use credit mode.
+            lk = self._p_lock
             lk.acquire()
             lk.release()
             if c[_C_WAKE] == seq:
@@ -384,40 +389,7 @@ class Ring:
                 raise RingTimeout(f"ring {self.name!r} still full after {timeout} s")
         elif head - c[_TAIL] >= self.nslots and not self._p_wait_eventidx(head, timeout):
             raise RingTimeout(f"ring {self.name!r} still full after {timeout} s")
-        # the body of _publish, inlined: a method call is a tenth of a push
-        idx = head & self._mask
-        base = _SLOTS + idx * self._stride
-        try:
-            c[base + _S_KIND] = kind
-            c[base + _S_BLOCK] = block
-            c[base + _S_ROUND] = round
-            c[base + _S_PACKET] = packet_num
-        except (ValueError, TypeError, OverflowError) as exc:
-            raise ConfigError(f"batch fields must be integers in 0..2**64-1: {exc}") from None
-        c[base + _S_COUNT] = n
-        if n:
-            self._payload[idx, :n] = pages
-        seq = head + 1
-        # x86 keeps stores in program order: the slot is complete before seq,
-        # and seq before head
-        c[base + _S_SEQ] = seq
-        c[_HEAD] = seq
-        if self._credit:
-            self._p_credits -= 1  # only now: a rejected batch must not cost a slot
-            os.eventfd_write(self._data_efd, 1)
-            self._data_notes += 1
-        else:
-            # Full fence (StoreLoad), P3 of the handshake: either the
-            # consumer's re-check sees the new head, or we see its c_wake.
-            # Lock acquire+release is a locked instruction, a full barrier on
-            # x86-64. Weakly ordered CPUs would need more (a real dmb/sync, and
-            # ordering for the plain slot stores too), so they use credit mode.
-            lk = self._p_lock
-            lk.acquire()
-            lk.release()
-            if c[_C_WAKE] == seq:
-                os.eventfd_write(self._data_efd, 1)
-                self._data_notes += 1
+        self._publish(head, kind, block, round, packet_num, pages, n)
 
     def try_push(self, kind: int, block: int, round: int, packet_num: int, pages: np.ndarray | None = None) -> bool:
         """Publish a batch if a slot is free right now; ``False`` if the ring is full.

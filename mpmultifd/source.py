@@ -123,6 +123,32 @@ def start_worker(ctx: Any, target: Callable[..., Any], args: tuple, name: str) -
     return proc, parent_conn
 
 
+def nudge_worker(conn: Any, sock: socket.socket) -> None:
+    """Ask a worker to stop, and wake it if it is blocked on its socket."""
+    try:
+        conn.send(("stop",))
+    except (OSError, ValueError):
+        pass  # it already left
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def reap_workers(workers: list[tuple[Any, Any, socket.socket]]) -> None:
+    """Join ``(process, connection, socket)`` workers within one grace period, kill the
+    ones still running, and close this side's connection and socket of each."""
+    deadline = time.monotonic() + _JOIN_GRACE
+    for proc, _, _ in workers:
+        proc.join(max(0.0, deadline - time.monotonic()))
+    for proc, conn, sock in workers:
+        if proc.is_alive():
+            proc.kill()
+            proc.join(5.0)
+        conn.close()
+        sock.close()
+
+
 def worker_start_method(config: MigrationConfig) -> str:
     return "fork" if config.tls is not None else config.start_method
 
@@ -258,14 +284,13 @@ class Source:
             self._set_status("cancelled")
             self._running = False
             raise MigrationCancelled("cancelled before the migration started")
-        paused = False
         error: BaseException | None = None
         try:
             # an unknown method or a level it cannot take fails before any byte moves
             get_method(self.config.compression)(self.config.compression_level, {})
             self._t_start = time.monotonic()
             self._set_status("setup")
-            result, paused = self._run(address, pause)
+            result = self._run(address, pause)
             self._set_status("completed")
             return result
         except BaseException as exc:
@@ -460,7 +485,7 @@ class Source:
 
     # ------------------------------------------------------------------ the run
 
-    def _run(self, address: Address, pause: Callable[[], Any] | None) -> tuple[MigrationResult, bool]:
+    def _run(self, address: Address, pause: Callable[[], Any] | None) -> MigrationResult:
         cfg = self.config
         ram = self.ram
         session = secrets.token_bytes(16)
@@ -496,7 +521,7 @@ class Source:
             ch.ring.unlink()
         self._setup_time = time.monotonic() - self._t_start
         self._set_status("active")
-        return self._precopy(pause), self._paused_at is not None
+        return self._precopy(pause)
 
     def _open(self, address: Address, hello: Hello) -> socket.socket:
         """Connect and pass admission: greeting, hello (with a proof of the key), welcome."""
@@ -657,21 +682,9 @@ class Source:
         for name, value in old.items():
             if name != "channel":
                 ch.counter_base[name] = value
-        try:
-            ch.conn.send(("stop",))
-        except (OSError, ValueError):
-            pass
-        try:
-            ch.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        nudge_worker(ch.conn, ch.sock)
         ch.ring.close_producer()
-        ch.proc.join(_JOIN_GRACE)
-        if ch.proc.is_alive():
-            ch.proc.kill()
-            ch.proc.join(5.0)
-        ch.conn.close()
-        ch.sock.close()
+        reap_workers([(ch.proc, ch.conn, ch.sock)])
         ch.ring.close()
         self._resumes.pop(ch.index, None)
         ring, sock, proc, conn = self._spawn_channel(ch.index)
@@ -1054,25 +1067,12 @@ class Source:
                     ch.ring.try_push(KIND_STOP, 0, 0, 0, None)
                 except RingClosed:
                     pass  # the worker already left
-                try:
-                    ch.conn.send(("stop",))
-                except (OSError, ValueError):
-                    pass
-                try:
-                    ch.sock.shutdown(socket.SHUT_RDWR)  # unblocks a worker stuck in sendmsg
-                except OSError:
-                    pass
+                nudge_worker(ch.conn, ch.sock)
             ch.ring.close_producer()
-        deadline = time.monotonic() + _JOIN_GRACE
+        reap_workers([(ch.proc, ch.conn, ch.sock) for ch in chans])
         for ch in chans:
-            ch.proc.join(max(0.0, deadline - time.monotonic()))
-        for ch in chans:
-            if ch.proc.is_alive():
-                ch.proc.kill()
-                ch.proc.join(5.0)
-            ch.proc.close() if ch.proc.exitcode is not None else None
-            ch.conn.close()
-            ch.sock.close()
+            if ch.proc.exitcode is not None:
+                ch.proc.close()
             ch.ring.close()
             ch.ring.unlink()
         if ctrl is not None:

@@ -17,6 +17,7 @@ from .errors import ChannelBroken, ChannelClosed, ConfigError
 __all__ = [
     "IOV_MAX",
     "Address",
+    "drop_sent",
     "sendmsg_all",
     "send_buffers",
     "recv_exact_into",
@@ -29,6 +30,18 @@ __all__ = [
 ]
 
 IOV_MAX = 1024
+
+
+def drop_sent(views: list[memoryview], sent: int) -> list[memoryview]:
+    """What is left of ``views`` (byte memoryviews) after a send that moved ``sent`` bytes:
+    fully sent buffers dropped, the partly sent one sliced."""
+    i = 0
+    while sent >= views[i].nbytes:
+        sent -= views[i].nbytes
+        i += 1
+    views = views[i:]
+    views[0] = views[0][sent:]
+    return views
 
 
 def sendmsg_all(sock: socket.socket, buffers: Sequence, flags: int = 0) -> int:
@@ -50,12 +63,7 @@ def sendmsg_all(sock: socket.socket, buffers: Sequence, flags: int = 0) -> int:
             return calls
         if sent == 0:
             raise ChannelBroken("sendmsg made no progress")
-        i = 0
-        while sent >= views[i].nbytes:
-            sent -= views[i].nbytes
-            i += 1
-        views = views[i:]
-        views[0] = views[0][sent:]
+        views = drop_sent(views, sent)
         sent = sock.sendmsg(views, (), flags)
         calls += 1
 

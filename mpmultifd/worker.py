@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 
 from . import errors
-from ._shm import SHM_DIR, Segment
-from .errors import ChannelBroken, ChannelClosed, MigrationError, RemoteProtocolError
+from ._shm import Segment
+from .errors import ChannelBroken, ChannelClosed, MigrationError
 from .methods import PageBatch, PageSink, Prepared, get_method
 from .ram import GuestRAM
 from .ring import KIND_DATA, KIND_EOS, KIND_STOP, KIND_SYNC, Ring
@@ -387,7 +387,7 @@ def _run_receiver(
         np.frombuffer(received.buf, dtype=np.uint8, count=b.npages, offset=roffs[b.index]) for b in ram.blocks
     ]
     counters = np.frombuffer(stats.buf, dtype=np.uint64, count=STATS_WORDS, offset=ch * STATS_WORDS * 8)
-    fds = [os.open(b.segment if os.sep in b.segment else os.path.join(SHM_DIR, b.segment), os.O_RDWR) for b in ram.blocks]
+    fds = [os.open(b.path, os.O_RDWR) for b in ram.blocks]
     sink = PageSink(grids, datas, rmaps, fds)
     method = get_method(spec.method)(spec.level, spec.options)
     receiver = method.receiver(ps, spec.packet_pages)

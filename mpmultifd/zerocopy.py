@@ -35,6 +35,8 @@ import time
 from collections import deque
 from typing import Any, Sequence
 
+from .transport import drop_sent
+
 __all__ = [
     "SO_ZEROCOPY",
     "MSG_ZEROCOPY",
@@ -251,15 +253,9 @@ class ZeroCopySender:
                     break
                 if sent == 0:
                     raise OSError(errno.EPIPE, "sendmsg made no progress")
-                # Drop what went out, slice the partly sent buffer.
                 if views is None:
                     views = [memoryview(b).cast("B") for b in pending]
-                i = 0
-                while sent >= views[i].nbytes:
-                    sent -= views[i].nbytes
-                    i += 1
-                views = views[i:]
-                views[0] = views[0][sent:]
+                views = drop_sent(views, sent)
                 pending = views
         finally:
             if alias is not None:

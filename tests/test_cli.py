@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
+from mpmultifd import GuestRAM
 from mpmultifd.cli import parse_size
+from mpmultifd.testing import fill
 
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -60,15 +64,6 @@ def test_parse_size_rejects_garbage():
 
 
 # ----------------------------------------------------------------------------- send / recv / check
-
-
-import signal  # noqa: E402
-import time  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-from mpmultifd import GuestRAM  # noqa: E402
-from mpmultifd.testing import fill  # noqa: E402
 
 
 def popen_cli(*args: str) -> subprocess.Popen:
