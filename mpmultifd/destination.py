@@ -29,7 +29,7 @@ from .errors import (
     WorkerDied,
 )
 from .methods import get_method
-from .ram import GuestRAM
+from .ram import GuestRAM, file_data_extents
 from .source import mp_context, nudge_worker, read_available, reap_workers, start_worker, worker_start_method
 from .stats import MigrationResult
 from . import auth
@@ -76,22 +76,8 @@ _MAX_MISMATCHES_REPORTED = 32
 def _allocated_pages(path: str, npages: int, page_size: int, out: np.ndarray) -> None:
     """Mark pages of ``path`` that hold data (not holes); holes read as zeros and need no zeroing."""
     out[:] = 0
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        size = npages * page_size
-        pos = 0
-        while pos < size:
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:  # ENXIO: no data after pos
-                break
-            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-            out[start // page_size : (end + page_size - 1) // page_size] = 1
-            pos = end
-    except OSError:
-        out[:] = 1  # no hole information: assume every page may hold data
-    finally:
-        os.close(fd)
+    for first, end in file_data_extents(path, npages, page_size):
+        out[first:end] = 1
 
 
 class _Receiver:

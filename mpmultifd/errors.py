@@ -14,6 +14,10 @@ so an agent can catch one name. The branches say who is at fault:
   dead peer, with the cause chained.
 - :class:`AuthenticationError`: a peer failed to prove it belongs to the session.
 - :class:`VerificationError`: the destination's bytes differ from the source's.
+- :class:`ConvergenceError`: the guest dirties memory faster than the link
+  carries it and nothing made it converge (dirty rate against bandwidth).
+- :class:`TrackingUnavailable`: the dirty tracker asked for cannot run here.
+- :class:`SaveFileError`: a save file is incomplete, truncated or corrupted.
 - :class:`MigrationCancelled`: someone called ``cancel()``.
 - :class:`RingError`: a shared-memory ring was closed or timed out.
 """
@@ -32,6 +36,9 @@ __all__ = [
     "AuthenticationError",
     "VerificationError",
     "MigrationCancelled",
+    "ConvergenceError",
+    "TrackingUnavailable",
+    "SaveFileError",
     "RingError",
     "RingClosed",
     "RingTimeout",
@@ -105,6 +112,52 @@ class VerificationError(MigrationError):
     def __init__(self, message: str, *, mismatches: dict[str, list[int]] | None = None) -> None:
         super().__init__(message)
         self.mismatches = mismatches or {}
+
+
+class ConvergenceError(MigrationError):
+    """The guest dirties memory faster than the channels can carry it, and nothing made it converge.
+
+    Raised at a round boundary when the stall detector or ``max_rounds`` gives
+    up and the caller did not allow a longer downtime. The figures say why:
+    ``dirty_rate`` and ``bandwidth`` in bytes per second, ``expected_downtime``
+    and ``downtime_limit`` in seconds, ``rounds`` done, and the ``throttle``
+    percentage reached (0 when no throttle callback was given).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        dirty_rate: float,
+        bandwidth: float,
+        expected_downtime: float,
+        downtime_limit: float,
+        rounds: int,
+        throttle: int,
+    ) -> None:
+        super().__init__(message)
+        self.dirty_rate = dirty_rate
+        self.bandwidth = bandwidth
+        self.expected_downtime = expected_downtime
+        self.downtime_limit = downtime_limit
+        self.rounds = rounds
+        self.throttle = throttle
+
+
+class TrackingUnavailable(ConfigError):
+    """The dirty tracker asked for cannot run here; the message says why (kernel, permissions, mapping)."""
+
+
+class SaveFileError(MigrationError):
+    """A save file is incomplete, truncated, corrupted or does not match the region.
+
+    ``field`` names the header field or region that is wrong, ``path`` the file.
+    """
+
+    def __init__(self, message: str, *, field: str | None = None, path: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+        self.path = path
 
 
 class MigrationCancelled(MigrationError):

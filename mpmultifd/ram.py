@@ -26,6 +26,7 @@ Attaching never registers a segment with the resource tracker (see
 
 from __future__ import annotations
 
+import errno
 import json
 import operator
 import os
@@ -41,7 +42,7 @@ import numpy as np
 from mpmultifd._shm import SHM_DIR, Segment, unique_name
 from mpmultifd.errors import ConfigError
 
-__all__ = ["BlockInfo", "GuestRAM", "MAGIC", "VERSION", "MIN_PAGE_SIZE", "MAX_PAGE_SIZE"]
+__all__ = ["BlockInfo", "GuestRAM", "file_data_extents", "MAGIC", "VERSION", "MIN_PAGE_SIZE", "MAX_PAGE_SIZE"]
 
 MAGIC = b"MPMFDRAM"
 """First 8 bytes of every meta segment."""
@@ -589,6 +590,16 @@ class GuestRAM:
         """Number of dirty pages over all blocks (a moment's estimate while writers run)."""
         return sum(int(np.count_nonzero(dm)) for dm in self._live()[1])
 
+    def data_extents(self, block: BlockKey) -> list[tuple[int, int]]:
+        """Page ranges ``[first, end)`` of the block whose backing file holds data.
+
+        The rest are holes, which read as zeros; reading a hole through the
+        mapping would allocate it, so scanners read only these ranges. When
+        the file system cannot tell (no ``SEEK_DATA``), the whole block.
+        """
+        i = self._index(block)
+        return file_data_extents(self.blocks[i].path, self.blocks[i].npages, self.page_size)
+
     def snapshot_dirty(self, block: BlockKey) -> np.ndarray:
         """Take the block's dirty pages: return their indices (int64, ascending) and clear exactly those entries.
 
@@ -660,6 +671,39 @@ class GuestRAM:
             f"<GuestRAM {self.name!r} blocks=[{names}] size={self.total_size} "
             f"page_size={self.page_size} {role} {state}>"
         )
+
+
+def file_data_extents(path: str, npages: int, page_size: int) -> list[tuple[int, int]]:
+    """Page ranges ``[first, end)`` of the first ``npages`` pages of ``path`` that hold data (not holes)."""
+    size = npages * page_size
+    extents: list[tuple[int, int]] = []
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return [(0, npages)]
+    try:
+        pos = 0
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:  # no data after pos
+                    break
+                raise
+            if start >= size:
+                break
+            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+            first, last = start // page_size, (end + page_size - 1) // page_size
+            if extents and extents[-1][1] >= first:
+                extents[-1] = (extents[-1][0], last)
+            else:
+                extents.append((first, last))
+            pos = end
+    except OSError:
+        return [(0, npages)]  # no hole information: every page may hold data
+    finally:
+        os.close(fd)
+    return extents
 
 
 def _publish(meta: Segment, layout: bytes) -> None:
