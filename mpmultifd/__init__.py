@@ -14,17 +14,21 @@ from .errors import (
     ChannelClosed,
     ChannelError,
     ConfigError,
+    ConvergenceError,
     LocalProtocolError,
     MigrationCancelled,
     MigrationError,
     ProtocolError,
     RemoteProtocolError,
+    SaveFileError,
+    TrackingUnavailable,
     VerificationError,
     WorkerDied,
 )
 from .ram import BlockInfo, GuestRAM
 from .source import Source
-from .stats import MigrationResult
+from .stats import DirtyRateEstimate, MigrationResult
+from .tracking import DirtyTracker
 
 __version__ = "0.1.0"
 
@@ -35,6 +39,8 @@ __all__ = [
     "Destination",
     "MigrationConfig",
     "MigrationResult",
+    "DirtyRateEstimate",
+    "DirtyTracker",
     "MigrationError",
     "ConfigError",
     "ProtocolError",
@@ -47,4 +53,7 @@ __all__ = [
     "AuthenticationError",
     "VerificationError",
     "MigrationCancelled",
+    "ConvergenceError",
+    "TrackingUnavailable",
+    "SaveFileError",
 ]

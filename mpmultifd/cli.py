@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from .config import START_METHODS, MigrationConfig
+from .config import DIRTY_TRACKERS, START_METHODS, MigrationConfig
 from .destination import Destination
 from .errors import ConfigError, MigrationCancelled, MigrationError
 from .methods import available_methods, get_method
@@ -51,7 +51,13 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--zero-page", choices=("multifd", "none"), default="multifd", help="zero-page-detection")
     g.add_argument("--downtime-limit", type=float, default=0.3, help="seconds the guest may stay paused (default 0.3)")
     g.add_argument("--max-bandwidth", type=parse_size, default=None, help="bytes per second over all channels")
-    g.add_argument("--max-rounds", type=int, default=30, help="switch over after this many rounds")
+    g.add_argument("--max-rounds", type=int, default=30, help="give up converging after this many rounds")
+    g.add_argument("--dirty-tracker", choices=DIRTY_TRACKERS, default=None,
+                   help="map (writers mark), scan (fingerprint every page: for a region another program writes), "
+                        "kernel (userfaultfd, writers in this process); default map, scan for send --file")
+    g.add_argument("--stall-rounds", type=int, default=5, help="rounds without the dirty set shrinking that make a stall")
+    g.add_argument("--stall-downtime-limit", type=float, default=None,
+                   help="longer downtime (seconds) accepted when precopy does not converge; default: fail")
     g.add_argument("--zerocopy", choices=("auto", "on", "off"), default="auto", help="zero-copy-send")
     g.add_argument("--no-verify", dest="verify", action="store_false", help="skip the fingerprint comparison")
     g.add_argument("--channel-retries", type=int, default=0, help="broken channels that may be reconnected")
@@ -82,6 +88,8 @@ def _tls_context(a: argparse.Namespace, *, server: bool) -> ssl.SSLContext | Non
 
 
 def _config(a: argparse.Namespace, *, server: bool = False) -> MigrationConfig:
+    # a region mapped from files is usually written by another program, which marks nothing
+    default_tracker = "scan" if getattr(a, "file", None) else "map"
     key = None
     if getattr(a, "auth_key_file", None):
         with open(a.auth_key_file, "rb") as f:
@@ -94,6 +102,9 @@ def _config(a: argparse.Namespace, *, server: bool = False) -> MigrationConfig:
         downtime_limit=a.downtime_limit,
         max_bandwidth=a.max_bandwidth,
         max_rounds=a.max_rounds,
+        dirty_tracker=a.dirty_tracker or default_tracker,
+        stall_rounds=a.stall_rounds,
+        stall_downtime_limit=a.stall_downtime_limit,
         zerocopy=a.zerocopy,
         verify=a.verify,
         channel_retries=a.channel_retries,
@@ -304,13 +315,46 @@ def _read_int(path: str) -> int | None:
         return None
 
 
+def cmd_estimate(a: argparse.Namespace) -> int:
+    """Measure a region's dirty rate and forecast whether a migration would converge."""
+    cfg = _config(a)
+    ram = _open_region(a)
+    try:
+        with Source(ram, cfg) as src, _cancel_on_sigint(src):
+            est = src.estimate(a.duration, interval=a.interval, bandwidth=a.bandwidth)
+    finally:
+        ram.close()
+    if a.json:
+        print(json.dumps(est.to_dict()))
+        return 0
+    print(_describe_estimate(est))
+    return 0
+
+
+def _describe_estimate(est: Any) -> str:
+    lines = [
+        f"dirty rate: {_fmt_bytes(int(est.dirty_rate))}/s of {_fmt_bytes(est.total)} "
+        f"(median of {len(est.samples)} samples of {est.interval:g} s, {est.tracker} tracker, "
+        f"{est.tracker_seconds:.3f} s spent tracking)"
+    ]
+    if est.bandwidth:
+        verdict = (
+            f"converges in {est.rounds} rounds, expected downtime {est.expected_downtime * 1000:.0f} ms"
+            if est.converges
+            else f"does NOT converge within {est.downtime_limit * 1000:.0f} ms of downtime "
+            f"(expected {est.expected_downtime * 1000:.0f} ms after {est.rounds} rounds)"
+        )
+        lines.append(f"at {_fmt_bytes(int(est.bandwidth))}/s: {verdict}")
+    return "\n".join(lines)
+
+
 def cmd_bench(a: argparse.Namespace) -> int:
     """Measure this machine and recommend channels, method and zero-copy for a region."""
     report = machine_benchmark(a.size, channels=[int(c) for c in a.channels_list.split(",")],
                                content=a.content, start_method=a.start_method)
-    if a.json:
+    if a.json and not (a.region or a.file):
         print(json.dumps(report, indent=2))
-    else:
+    elif not a.json:
         print(f"zero-page detection: {report['zero-detect-GBps']:.1f} GB/s per worker")
         for name, r in report["compressors"].items():
             print(f"{name:>7}: {r['MBps']:.0f} MB/s, ratio {r['ratio']:.2f}")
@@ -319,6 +363,21 @@ def cmd_bench(a: argparse.Namespace) -> int:
         rec = report["recommendation"]
         print(f"recommendation: --channels {rec['channels']} --compression {rec['compression']} "
               f"--zerocopy {rec['zerocopy']}  ({rec['why']})")
+    if a.region or a.file:
+        # the guest's dirty rate against the best rate measured above
+        link = max(r["GBps"] for r in report["migrations"].values()) * 1e9
+        cfg = MigrationConfig(dirty_tracker=a.dirty_tracker or ("scan" if a.file else "map"))
+        ram = _open_region(a)
+        try:
+            with Source(ram, cfg) as src:
+                est = src.estimate(a.duration, interval=a.interval, bandwidth=link)
+        finally:
+            ram.close()
+        report["dirty-rate"] = est.to_dict()
+        if a.json:
+            print(json.dumps(report, indent=2))
+        else:
+            print(_describe_estimate(est))
     return 0
 
 
@@ -485,7 +544,23 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--channels-list", default="1,2,4", help="channel counts to try (default 1,2,4)")
     b.add_argument("--start-method", choices=START_METHODS, default="forkserver")
     b.add_argument("--json", action="store_true")
+    g = b.add_argument_group("a guest's dirty rate (optional): forecast convergence at the measured bandwidth")
+    g.add_argument("--region", default=None, help="name of a GuestRAM region")
+    g.add_argument("--file", default=None, help="NAME=PATH[,...]: existing files, e.g. a QEMU guest's RAM file")
+    g.add_argument("--page-size", type=parse_size, default=4096)
+    g.add_argument("--dirty-tracker", choices=DIRTY_TRACKERS, default=None)
+    g.add_argument("--duration", type=float, default=2.0, help="seconds to sample (default 2)")
+    g.add_argument("--interval", type=float, default=0.5, help="seconds per sample (default 0.5)")
     b.set_defaults(func=cmd_bench)
+
+    e = sub.add_parser("estimate", help="measure a region's dirty rate and forecast convergence")
+    _region_args(e, create=False)
+    e.add_argument("--duration", type=float, default=2.0, help="seconds to sample (default 2)")
+    e.add_argument("--interval", type=float, default=0.5, help="seconds per sample (default 0.5)")
+    e.add_argument("--bandwidth", type=parse_size, default=None, help="bytes/s to forecast against (e.g. 1G)")
+    e.add_argument("--json", action="store_true")
+    _config_args(e)
+    e.set_defaults(func=cmd_estimate)
     return p
 
 

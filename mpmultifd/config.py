@@ -16,6 +16,7 @@ __all__ = ["MigrationConfig", "START_METHODS"]
 START_METHODS = ("forkserver", "spawn", "fork")
 _ZEROCOPY = ("auto", "on", "off")
 _ZERO_PAGE = ("multifd", "none")
+DIRTY_TRACKERS = ("map", "scan", "kernel")
 
 
 @dataclass(frozen=True)
@@ -37,8 +38,28 @@ class MigrationConfig:
         downtime_limit: seconds the guest may stay paused at switchover; the final
             round starts once the remaining dirty bytes fit in it at the measured rate.
         max_bandwidth: bytes per second over all channels, or ``None`` for no cap.
-        max_rounds: after this many rounds the migration switches over even if the
-            downtime estimate is still above the limit (the result says so).
+            A token bucket shared by every channel paces the precopy rounds;
+            ``Source.set_max_bandwidth`` changes it while a migration runs. The
+            final round, while the guest is paused, is not capped (as QEMU).
+        max_rounds: the most precopy rounds before giving up on converging: then
+            the migration switches over if the expected downtime fits in
+            ``stall_downtime_limit``, and fails with ConvergenceError otherwise.
+        dirty_tracker: how the source learns which pages changed: ``"map"`` (the
+            writers mark the region's dirty map), ``"scan"`` (fingerprint every
+            page each round: no cooperation needed, works for a region another
+            program writes), or ``"kernel"`` (userfaultfd write-protection and
+            PAGEMAP_SCAN, Linux 6.7+, writers must be threads of this process).
+        stall_rounds: a stall is this many rounds in a row whose dirty set did not
+            shrink below the best seen so far, with the throttle (if any) at its
+            maximum. A stall ends precopy as ``max_rounds`` does.
+        stall_downtime_limit: the longer downtime (seconds) the caller accepts when
+            the migration does not converge; ``None`` fails instead, with a
+            ConvergenceError that reports the dirty rate against the bandwidth.
+        cpu_throttle_initial, cpu_throttle_increment, max_cpu_throttle: the
+            percentages passed to the ``throttle`` callback of ``migrate()``
+            (QEMU's auto-converge): first step, each further step, and the cap.
+        throttle_trigger_threshold: throttle when a round's dirtied bytes exceed
+            this percentage of the bytes it sent, twice in a row (QEMU's rule).
         verify: compare per-page fingerprints of every block at switchover; a
             mismatch fails the migration and names the pages.
         auth_key: shared secret (bytes, at least 16) that every connection, control
@@ -73,6 +94,13 @@ class MigrationConfig:
     downtime_limit: float = 0.3
     max_bandwidth: int | None = None
     max_rounds: int = 30
+    dirty_tracker: str = "map"
+    stall_rounds: int = 5
+    stall_downtime_limit: float | None = None
+    cpu_throttle_initial: int = 20
+    cpu_throttle_increment: int = 10
+    max_cpu_throttle: int = 99
+    throttle_trigger_threshold: int = 50
     verify: bool = True
     auth_key: bytes | None = field(default=None, repr=False)
     tls: Any = None
@@ -108,13 +136,29 @@ class MigrationConfig:
             raise bad("zerocopy", "'on' cannot be combined with TLS: TLS encrypts into its own buffers; use 'auto'")
         if not _is_num(self.downtime_limit) or not 0 < self.downtime_limit < math.inf:
             raise bad("downtime_limit", f"{self.downtime_limit!r} is not a positive number of seconds")
-        if self.max_bandwidth is not None:
-            raise bad(
-                "max_bandwidth",
-                "a bandwidth cap is not supported by this version; leave it None",
-            )
+        if self.max_bandwidth is not None and (not _is_int(self.max_bandwidth) or self.max_bandwidth < 4096):
+            raise bad("max_bandwidth", f"{self.max_bandwidth!r} is not a whole number of bytes per second >= 4096, or None")
         if not _is_int(self.max_rounds) or self.max_rounds < 1:
             raise bad("max_rounds", f"{self.max_rounds!r} is not a whole number >= 1")
+        if self.dirty_tracker not in DIRTY_TRACKERS:
+            raise bad("dirty_tracker", f"{self.dirty_tracker!r} is not one of {', '.join(DIRTY_TRACKERS)}")
+        if not _is_int(self.stall_rounds) or self.stall_rounds < 1:
+            raise bad("stall_rounds", f"{self.stall_rounds!r} is not a whole number >= 1")
+        sdl = self.stall_downtime_limit
+        if sdl is not None and (not _is_num(sdl) or not sdl >= self.downtime_limit):
+            raise bad(
+                "stall_downtime_limit",
+                f"{sdl!r} is not a number of seconds >= downtime_limit ({self.downtime_limit:g}), "
+                "math.inf, or None",
+            )
+        for name in ("cpu_throttle_initial", "cpu_throttle_increment", "max_cpu_throttle"):
+            v = getattr(self, name)
+            if not _is_int(v) or not 1 <= v <= 99:
+                raise bad(name, f"{v!r} is not a whole percentage in 1..99")
+        if self.cpu_throttle_initial > self.max_cpu_throttle:
+            raise bad("cpu_throttle_initial", f"{self.cpu_throttle_initial} is above max_cpu_throttle ({self.max_cpu_throttle})")
+        if not _is_int(self.throttle_trigger_threshold) or not 1 <= self.throttle_trigger_threshold <= 100:
+            raise bad("throttle_trigger_threshold", f"{self.throttle_trigger_threshold!r} is not a whole percentage in 1..100")
         if not isinstance(self.verify, bool):
             raise bad("verify", f"{self.verify!r} is not True or False")
         if self.auth_key is not None:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import multiprocessing
 import os
 import random
@@ -372,6 +373,7 @@ def _capture_once(
         start_method="fork",
         max_rounds=max_rounds,
         downtime_limit=1e-6 if writer else 0.3,
+        stall_downtime_limit=math.inf,  # a capture wants its rounds, then a switchover
         timeout=10.0,
     )
     with GuestRAM.create(dict(layout)) as src_ram, GuestRAM.create(dict(layout)) as dst_ram:

@@ -26,6 +26,8 @@ from .errors import (
     ChannelBroken,
     ChannelError,
     ChannelClosed,
+    ConfigError,
+    ConvergenceError,
     MigrationCancelled,
     MigrationError,
     RemoteProtocolError,
@@ -35,9 +37,11 @@ from .errors import (
     WorkerDied,
 )
 from .methods import get_method
+from .pacing import AutoConverge, BandwidthWindow, StallDetector, TokenBucket, rounds_to_converge
 from .ram import GuestRAM
 from .ring import KIND_DATA, KIND_EOS, KIND_STOP, KIND_SYNC, Ring
-from .stats import EventHub, MigrationResult
+from .stats import DirtyRateEstimate, EventHub, MigrationResult
+from .tracking import DirtyTracker, make_tracker
 from .transport import Address, connect, is_loopback, parse_address, recv_exact
 from .wire import (
     CONTROL_CHANNEL,
@@ -61,7 +65,7 @@ from .wire import (
     encode_control,
     encode_hello,
 )
-from .worker import C_WIRE_BYTES, COUNTERS, WorkerSpec, error_from_report, forward_log, sender_main
+from .worker import C_NORMAL, C_WIRE_BYTES, C_ZERO, COUNTERS, WorkerSpec, error_from_report, forward_log, sender_main
 
 __all__ = ["Source"]
 
@@ -249,6 +253,11 @@ class Source:
         self._early: list[Any] = []
         self._running = False
         self._closed = False
+        self._tracker: DirtyTracker | None = None
+        # live parameters, changeable while a migration runs (QEMU's migrate-set-parameters)
+        self._max_bandwidth = self.config.max_bandwidth
+        self._downtime_limit = self.config.downtime_limit
+        self._bucket = TokenBucket(self._max_bandwidth, self._burst())
         self._reset_stats()
 
     # ------------------------------------------------------------------ public
@@ -263,14 +272,22 @@ class Source:
         address: Address,
         pause: Callable[[], Any] | None = None,
         resume: Callable[[], Any] | None = None,
+        *,
+        throttle: Callable[[int], Any] | None = None,
     ) -> MigrationResult:
         """Migrate the region to the destination listening at ``address``; blocks until done.
 
         ``pause()`` is called once, when the remaining dirty pages fit in the
         downtime limit: the writer must stop dirtying pages until the migration
         ends. ``resume()`` is called only if the migration fails or is
-        cancelled after ``pause()``. Raises :class:`MigrationError` (a
-        subclass says what went wrong) on failure.
+        cancelled after ``pause()``. ``throttle(percent)``, if given, is how
+        the source slows the writer when rounds stop shrinking (QEMU's
+        auto-converge): the writer should spend about ``percent`` percent of its
+        time not writing. It is called from this thread between rounds with a
+        rising percentage, and with 0 when the migration ends, however it ends.
+        Raises :class:`MigrationError` (a subclass says what went wrong) on
+        failure; :class:`ConvergenceError` when the writer outruns the link and
+        the caller allowed no longer downtime.
         """
         with self._lock:
             if self._closed:
@@ -289,6 +306,7 @@ class Source:
             # an unknown method or a level it cannot take fails before any byte moves
             get_method(self.config.compression)(self.config.compression_level, {})
             self._t_start = time.monotonic()
+            self._throttle_cb = throttle
             self._set_status("setup")
             result = self._run(address, pause)
             self._set_status("completed")
@@ -298,6 +316,7 @@ class Source:
             raise self._fail(exc) from (None if isinstance(exc, MigrationError) else exc)
         finally:
             self._shutdown(error)
+            self._release_throttle()
             if error is not None and self._paused_at is not None and resume is not None:
                 try:
                     resume()
@@ -325,6 +344,97 @@ class Source:
                 opening.shutdown(socket.SHUT_RDWR)  # wakes a handshake blocked in recv
             except OSError:
                 pass
+
+    def set_max_bandwidth(self, bytes_per_second: int | None) -> None:
+        """Cap the migration at ``bytes_per_second`` over all channels (None: no cap); takes effect at once.
+
+        Callable from any thread, before or during a migration (QEMU's
+        ``migrate-set-parameters max-bandwidth``).
+        """
+        MigrationConfig(max_bandwidth=bytes_per_second)  # the same validation as the config's
+        self._max_bandwidth = bytes_per_second
+        self._bucket.set_rate(bytes_per_second)
+
+    def set_downtime_limit(self, seconds: float) -> None:
+        """Change the downtime limit; the next round boundary compares against it."""
+        MigrationConfig(downtime_limit=seconds)
+        self._downtime_limit = float(seconds)
+
+    def estimate(
+        self,
+        duration: float = 2.0,
+        *,
+        interval: float = 0.5,
+        bandwidth: float | None = None,
+        downtime_limit: float | None = None,
+    ) -> DirtyRateEstimate:
+        """Measure how fast the region's pages are being dirtied, without migrating.
+
+        Samples the configured dirty tracker every ``interval`` seconds for
+        ``duration`` seconds (QEMU's ``calc-dirty-rate``). With the ``map``
+        tracker, the marks it takes are put back, so a later migration (or a
+        top-up after a save) still sees them. With ``bandwidth`` (bytes per
+        second), the estimate also forecasts whether a migration would
+        converge within ``downtime_limit`` (default: the configured one).
+        """
+        if not (isinstance(duration, (int, float)) and 0 < duration < 3600):
+            raise ConfigError(f"duration: {duration!r} is not a number of seconds in (0, 3600)")
+        if not (isinstance(interval, (int, float)) and 0 < interval <= duration):
+            raise ConfigError(f"interval: {interval!r} is not a number of seconds in (0, duration]")
+        with self._lock:
+            if self._closed or self._running:
+                raise MigrationError("estimate() needs an idle, open Source")
+            self._running = True
+        try:
+            tracker = make_tracker(self.config.dirty_tracker, self.ram)
+            taken: list[list[np.ndarray]] = []
+            samples: list[float] = []
+            try:
+                tracker.start()
+                t_prev = t0 = time.monotonic()
+                while True:
+                    wake = min(t_prev + interval, t0 + duration)
+                    while (left := wake - time.monotonic()) > 0:
+                        time.sleep(min(left, 0.05))
+                        self._check_cancel()
+                    got = tracker.collect_all()
+                    now = time.monotonic()
+                    taken.append(got)
+                    samples.append(sum(len(g) for g in got) * self.ram.page_size / (now - t_prev))
+                    t_prev = now
+                    if now >= t0 + duration - 1e-3:
+                        break
+                scan = tracker.seconds
+            finally:
+                tracker.close()
+                if tracker.name == "map":  # give the marks back
+                    for i, dm in enumerate(self.ram.dirty_map(b.index) for b in self.ram.blocks):
+                        for got in taken:
+                            dm[got[i]] = 1
+            rate = float(np.median(samples))
+            limit = self._downtime_limit if downtime_limit is None else downtime_limit
+            forecast = (
+                rounds_to_converge(self.ram.total_size, rate, bandwidth, limit, self.config.max_rounds)
+                if bandwidth
+                else None
+            )
+            return DirtyRateEstimate(
+                dirty_rate=rate,
+                samples=tuple(samples),
+                interval=interval,
+                duration=duration,
+                tracker=tracker.name,
+                tracker_seconds=scan,
+                total=self.ram.total_size,
+                page_size=self.ram.page_size,
+                bandwidth=bandwidth,
+                downtime_limit=limit,
+                converges=None if forecast is None else forecast.converges,
+                rounds=None if forecast is None else forecast.rounds,
+                expected_downtime=None if forecast is None else forecast.expected_downtime,
+            )
+        finally:
+            self._running = False
 
     def query(self) -> dict[str, Any]:
         """A ``query-migrate``-shaped snapshot; cheap, callable from any thread at any time."""
@@ -372,6 +482,13 @@ class Source:
                 "plain-reason": self._zerocopy_reason,
             },
             "rounds": self._round,
+            "cpu-throttle-percentage": self._throttle_percent,
+            "parameters": {
+                "max-bandwidth": self._max_bandwidth,
+                "downtime-limit": int(self._downtime_limit * 1000),
+                "dirty-tracker": self.config.dirty_tracker,
+            },
+            "dirty-sync-time": round(self._sync_seconds, 6),
             "reconnected-channels": self._reconnects,
             "channels": per_channel,
             "config": self.config.to_dict(),
@@ -394,6 +511,9 @@ class Source:
                 return
             self._closed = True
         self._shutdown(None)
+        if self._tracker is not None:
+            self._tracker.close()
+            self._tracker = None
         for fd in (self._wake_r, self._wake_w):
             try:
                 os.close(fd)
@@ -428,6 +548,12 @@ class Source:
         self._resumes: dict[int, int] = {}
         self._zerocopy_reason: str | None = None
         self._confirmed_round = -1
+        self._throttle_percent = 0
+        self._throttle_max = 0
+        self._throttle_cb: Callable[[int], Any] | None = None
+        self._sync_seconds = 0.0
+        self._pages_pushed = 0
+        self._stall_reason: str | None = None
 
     def _progress(self, pages_sent: int) -> float:
         """Percent done that never runs backwards, even while the guest re-dirties pages.
@@ -721,15 +847,19 @@ class Source:
         cfg = self.config
         ram = self.ram
         ps = ram.page_size
-        nblocks = len(ram.blocks)
         self._packet_num = 0
-        # round 0 sends everything; clear the marks first so writes made from now on are seen again
-        for b in ram.blocks:
-            ram.snapshot_dirty(b.index)
+        tracker = self._fresh_tracker()
+        # round 0 sends everything; tracking starts first, so writes made from now on are seen again
+        t_sync = time.perf_counter()
+        tracker.start()
+        self._sync_seconds += time.perf_counter() - t_sync
         pending = [np.arange(b.npages, dtype=np.int64) for b in ram.blocks]
         rnd = 0
-        bytes_sent_total = 0
-        send_time_total = 0.0
+        window = BandwidthWindow()
+        auto = AutoConverge(
+            cfg.cpu_throttle_initial, cfg.cpu_throttle_increment, cfg.max_cpu_throttle, cfg.throttle_trigger_threshold
+        )
+        stall = StallDetector(cfg.stall_rounds)
         converged = True
         while True:
             t_round = time.monotonic()
@@ -739,12 +869,14 @@ class Source:
             self._wait_synced(rnd)
             elapsed = time.monotonic() - t_round
             sent = self._wire_bytes() - before
-            bytes_sent_total += sent
-            send_time_total += elapsed
             self._round_end_bytes[rnd] = before + sent
-            bandwidth = bytes_sent_total / send_time_total if send_time_total > 0 else 0.0
+            window.add(sent, elapsed)
+            bandwidth = window.rate
             # dirty sync: what the writer changed while this round was on the wire
-            pending = [ram.snapshot_dirty(i) for i in range(nblocks)]
+            t_sync = time.perf_counter()
+            pending = tracker.collect_all()
+            sync_time = time.perf_counter() - t_sync
+            self._sync_seconds += sync_time
             self._dirty_syncs += 1
             remaining = sum(len(p) for p in pending)
             self._remaining_pages = remaining
@@ -769,21 +901,99 @@ class Source:
                     "dirty-pages-rate": self._dirty_rate,
                     "mbps": bandwidth * 8 / 1e6,
                     "expected-downtime": self._expected_downtime,
+                    "dirty-sync-time": sync_time,
+                    "cpu-throttle-percentage": self._throttle_percent,
                 },
             )
             rnd += 1
-            if self._expected_downtime <= cfg.downtime_limit:
+            if self._expected_downtime <= self._downtime_limit:
                 break
+            self._check_cancel()
+            dirty_bytes = remaining * ps
+            # round 0 sent the whole region, so only later rounds say how the writer keeps up
+            stalled = stall.update(dirty_bytes) if rnd > 1 else False
+            if self._throttle_cb is not None and rnd > 1:
+                percent = auto.update(dirty_bytes, sent)
+                if percent is not None:
+                    self._set_throttle(percent)
+            why = None
             if rnd >= cfg.max_rounds:
-                converged = False
-                log.warning(
-                    "max_rounds=%d reached with expected downtime %.3f s above the limit %.3f s; switching over",
-                    cfg.max_rounds,
-                    self._expected_downtime,
-                    cfg.downtime_limit,
+                why = f"max_rounds={cfg.max_rounds} reached"
+            elif stalled and (self._throttle_cb is None or auto.exhausted):
+                why = f"the dirty set has not shrunk for {cfg.stall_rounds} rounds" + (
+                    f" with the throttle at {auto.percent}%" if self._throttle_cb is not None else ""
                 )
+            if why is not None:
+                converged = False
+                self._give_up_or_force(why, rnd, bandwidth, elapsed)
                 break
         return self._switchover(rnd, pending, pause, converged)
+
+    def _give_up_or_force(self, why: str, rounds: int, bandwidth: float, elapsed: float) -> None:
+        """Precopy will not converge: switch over with a longer downtime if allowed, else fail."""
+        cfg = self.config
+        ps = self.ram.page_size
+        dirty_rate = self._dirty_rate * ps  # bytes per second
+        expected = self._expected_downtime
+        allowed = cfg.stall_downtime_limit
+        if allowed is not None and expected <= allowed:
+            self._stall_reason = why
+            log.warning(
+                "%s: expected downtime %.3f s is above downtime_limit %.3f s but within stall_downtime_limit %g s; "
+                "switching over",
+                why,
+                expected,
+                self._downtime_limit,
+                allowed,
+            )
+            return
+        mb = 1e6
+        raise ConvergenceError(
+            f"not converging: {why}; the guest dirties {dirty_rate / mb:.3g} MB/s against "
+            f"{bandwidth / mb:.3g} MB/s of bandwidth, so the {self._remaining_pages * ps / mb:.3g} MB still dirty "
+            f"would take {expected:.3g} s of downtime, above downtime_limit {self._downtime_limit:g} s"
+            + (f" and stall_downtime_limit {allowed:g} s" if allowed is not None else "")
+            + ". Raise max_bandwidth, pass throttle= to slow the writer, or accept a longer downtime "
+            "with stall_downtime_limit",
+            dirty_rate=dirty_rate,
+            bandwidth=bandwidth,
+            expected_downtime=expected,
+            downtime_limit=self._downtime_limit,
+            rounds=rounds,
+            throttle=self._throttle_percent,
+        )
+
+    def _fresh_tracker(self) -> DirtyTracker:
+        if self._tracker is not None:
+            self._tracker.close()
+            self._tracker = None
+        self._tracker = make_tracker(self.config.dirty_tracker, self.ram)
+        return self._tracker
+
+    def _set_throttle(self, percent: int) -> None:
+        cb = self._throttle_cb
+        if cb is None or percent == self._throttle_percent:
+            return
+        log.info("throttling the writer to %d%%", percent)
+        self._throttle_percent = percent
+        self._throttle_max = max(self._throttle_max, percent)
+        self._events.emit("MIGRATION_THROTTLE", **{"cpu-throttle-percentage": percent})
+        try:
+            cb(percent)
+        except Exception as e:
+            raise MigrationError(f"throttle({percent}) callback failed: {type(e).__name__}: {e}") from e
+
+    def _release_throttle(self) -> None:
+        if self._throttle_cb is not None and self._throttle_percent:
+            try:
+                self._set_throttle(0)
+            except MigrationError:
+                log.exception("throttle(0) failed at the end of the migration")
+        self._throttle_cb = None
+
+    def _burst(self) -> int:
+        # one packet per channel may be in flight beyond the budget
+        return self.config.channels * self.config.packet_pages * self.ram.page_size
 
     def _switchover(
         self, rnd: int, pending: list[np.ndarray], pause: Callable[[], Any] | None, converged: bool
@@ -797,7 +1007,10 @@ class Source:
             pause()
         self._set_status("device")
         # pages dirtied between the last sync and the pause
-        final = [np.union1d(p, ram.snapshot_dirty(i)) for i, p in enumerate(pending)]
+        assert self._tracker is not None
+        t_sync = time.perf_counter()
+        final = [np.union1d(p, more) for p, more in zip(pending, self._tracker.collect_all())]
+        self._sync_seconds += time.perf_counter() - t_sync
         self._dirty_syncs += 1
         self._round = rnd
         self._send_round(rnd, final, final=True)
@@ -840,6 +1053,10 @@ class Source:
             channels=cfg.channels,
             method=cfg.compression,
             per_channel=tuple(q["channels"]),
+            stall_reason=self._stall_reason,
+            throttle=self._throttle_max,
+            dirty_tracker=cfg.dirty_tracker,
+            dirty_sync_time=self._sync_seconds,
         )
 
     # ------------------------------------------------------------------ rounds
@@ -853,16 +1070,39 @@ class Source:
         n = self.config.packet_pages
         for ch in chans:
             ch.packets_in_round = 0
+        ps = self.ram.page_size
+        paced = not final  # the final round runs with the guest paused: no cap (as QEMU)
         for block, pages in enumerate(pending):
             for start in range(0, len(pages), n):
+                batch = pages[start : start + n]
+                if paced and self._max_bandwidth is not None:
+                    self._wait_for_budget(len(batch) * ps)
                 ch = min(chans, key=lambda c: len(c.ring))
-                self._push(ch, KIND_DATA, block, rnd, pages[start : start + n])
+                self._push(ch, KIND_DATA, block, rnd, batch)
+                self._pages_pushed += len(batch)
                 ch.packets_in_round += 1
         kind = KIND_EOS if final else KIND_SYNC
         for ch in chans:
             self._push(ch, kind, 0, rnd, None)
         counts = tuple(ch.packets_in_round for ch in chans)
         self._control_send(Complete(rnd, counts) if final else RoundEnd(rnd, counts))
+
+    def _wait_for_budget(self, nbytes: int) -> None:
+        """Hold the next batch until the shared token bucket has room for it."""
+        ps = self.ram.page_size
+        while self._max_bandwidth is not None:
+            wire = done = 0
+            for ch in self._channels:
+                c, base = ch.ring.counters, ch.counter_base
+                wire += int(c[C_WIRE_BYTES]) + base.get("bytes", 0)
+                done += int(c[C_NORMAL]) + int(c[C_ZERO]) + base.get("normal", 0) + base.get("duplicate", 0)
+            # bytes sent, plus batches queued but not sent yet at their full size
+            # (resent batches after a reconnect make done run ahead: never negative)
+            used = wire + max(self._pages_pushed - done, 0) * ps + nbytes
+            wait = self._bucket.delay(used, time.monotonic())
+            if wait <= 0:
+                return
+            self._pump(min(wait, 0.05))
 
     def _push(self, ch: _Channel, kind: int, block: int, rnd: int, pages: np.ndarray | None) -> None:
         num = self._packet_num

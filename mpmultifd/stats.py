@@ -10,7 +10,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator
 
-__all__ = ["MigrationResult", "EventHub", "STATUSES", "TERMINAL_STATUSES"]
+__all__ = ["MigrationResult", "DirtyRateEstimate", "EventHub", "STATUSES", "TERMINAL_STATUSES"]
 
 log = logging.getLogger("mpmultifd.events")
 
@@ -27,8 +27,11 @@ class MigrationResult:
     (headers included); ``normal`` and ``duplicate`` count pages sent with
     data and as zero pages. ``verified`` is ``True`` when the per-page
     fingerprints of every block matched at switchover, ``None`` when
-    verification was off. ``converged`` is ``False`` when ``max_rounds`` forced
-    the switchover while the expected downtime was still above the limit.
+    verification was off. ``converged`` is ``False`` when precopy gave up
+    (``max_rounds`` or a stall, named by ``stall_reason``) and the switchover
+    took a longer downtime than the limit, as ``stall_downtime_limit`` allowed.
+    ``throttle`` is the highest throttle percentage applied, ``dirty_tracker``
+    the tracker used, ``dirty_sync_time`` the seconds spent finding dirty pages.
     """
 
     status: str
@@ -46,6 +49,10 @@ class MigrationResult:
     channels: int = 0
     method: str = "none"
     per_channel: tuple[dict[str, int], ...] = field(default_factory=tuple)
+    stall_reason: str | None = None
+    throttle: int = 0
+    dirty_tracker: str = "map"
+    dirty_sync_time: float = 0.0
 
     @property
     def throughput(self) -> float:
@@ -63,6 +70,38 @@ class MigrationResult:
     def to_json(self, **kwargs: Any) -> str:
         """:meth:`to_dict` as JSON; keyword arguments go to ``json.dumps``."""
         return json.dumps(self.to_dict(), **kwargs)
+
+
+@dataclass(frozen=True)
+class DirtyRateEstimate:
+    """What ``Source.estimate()`` measured: how fast the guest dirties pages, and what that means.
+
+    ``dirty_rate`` is the median over the samples, in bytes per second of
+    distinct pages dirtied per ``interval``; ``samples`` are the individual
+    rates. With a ``bandwidth`` (bytes per second), ``converges``, ``rounds``
+    and ``expected_downtime`` forecast precopy at that bandwidth against
+    ``downtime_limit``: each round sends what the previous one let the guest
+    dirty, so it converges when the dirty rate stays well below the bandwidth.
+    ``tracker_seconds`` is the time the tracker itself took.
+    """
+
+    dirty_rate: float
+    samples: tuple[float, ...]
+    interval: float
+    duration: float
+    tracker: str
+    tracker_seconds: float
+    total: int
+    page_size: int
+    bandwidth: float | None = None
+    downtime_limit: float | None = None
+    converges: bool | None = None
+    rounds: int | None = None
+    expected_downtime: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly dict with kebab-case names."""
+        return {k.replace("_", "-"): (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
 
 
 class EventHub:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import io
 import logging
 import threading
@@ -17,7 +18,7 @@ BLOCKS = {"pc.ram": 24 << 20, "vga.vram": 8 << 20}
 
 
 def test_progress_never_decreases_while_the_writer_redirties_pages():
-    cfg = MigrationConfig(channels=2, start_method="forkserver", downtime_limit=0.002, max_rounds=6)
+    cfg = MigrationConfig(channels=2, start_method="forkserver", downtime_limit=0.002, max_rounds=6, stall_downtime_limit=math.inf)
     seen: list[float] = []
     events: list[dict] = []
     with GuestRAM.create(BLOCKS) as s, GuestRAM.create(BLOCKS) as d:

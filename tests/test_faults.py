@@ -145,7 +145,7 @@ def test_sigkill_whole_destination_process():
         fill(s, "random", 3)
         # a writer and a tiny downtime limit keep the migration going round after round,
         # so the kill lands mid-migration however fast this machine is today
-        busy = cfg(downtime_limit=0.0001, max_rounds=1000)
+        busy = cfg(downtime_limit=0.0001, max_rounds=1000, stall_rounds=1000)
         with RemoteDestination(d.name, cfg(), start_method="fork") as dest, DirtyingWriter(
             s.name, rate=20000, start_method="fork"
         ) as writer, Source(s, busy) as src:

@@ -10,6 +10,7 @@ named, and never touch memory outside its region.
 
 from __future__ import annotations
 
+import math
 import importlib.util
 import logging
 import multiprocessing
@@ -412,7 +413,7 @@ class _Writer:
 def test_stray_connections_do_not_disturb_a_running_migration():
     """Junk connections before and during a session are dropped; the migration completes and verifies."""
     size = 4 << 20
-    cfg = MigrationConfig(channels=2, packet_pages=PP, start_method="fork", max_rounds=4, downtime_limit=1e-6)
+    cfg = MigrationConfig(channels=2, packet_pages=PP, start_method="fork", max_rounds=4, downtime_limit=1e-6, stall_downtime_limit=math.inf)
     rng = random.Random(1)
     with GuestRAM.create({"ram": size}) as src_ram, GuestRAM.create({"ram": size}) as dst_ram:
         fill(src_ram, "mixed", 2)

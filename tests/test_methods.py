@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import sys
@@ -423,7 +424,7 @@ def test_entry_point_plugin_end_to_end(tmp_path, monkeypatch):
 def test_live_writer_every_method(method):
     from test_migration import run_live_migration
 
-    config = MigrationConfig(channels=4, compression=method, start_method="forkserver", downtime_limit=0.005, max_rounds=4)
+    config = MigrationConfig(channels=4, compression=method, start_method="forkserver", downtime_limit=0.005, max_rounds=4, stall_downtime_limit=math.inf)
     result, query, (dest_result, dest_valid), same, pauses, resumes = run_live_migration(
         "forkserver", config, content="mixed"
     )
