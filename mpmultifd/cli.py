@@ -150,6 +150,14 @@ def _open_region(a: argparse.Namespace) -> GuestRAM:
     return GuestRAM.create(_parse_blocks(a.create, parse_size), page_size=a.page_size)
 
 
+def _release_region(ram: GuestRAM) -> None:
+    """Close a region opened by --region or --file; a --file layout's meta segment is ours to remove
+    (the files themselves are never removed)."""
+    ram.close()
+    if ram.owner:
+        ram.unlink()
+
+
 def _emit(a: argparse.Namespace, obj: dict[str, Any]) -> None:
     if a.json:
         print(json.dumps(obj), flush=True)
@@ -228,7 +236,7 @@ def cmd_send(a: argparse.Namespace) -> int:
                 )
             return 0
     finally:
-        ram.close()
+        _release_region(ram)
 
 
 def cmd_check(a: argparse.Namespace) -> int:
@@ -323,7 +331,7 @@ def cmd_estimate(a: argparse.Namespace) -> int:
         with Source(ram, cfg) as src, _cancel_on_sigint(src):
             est = src.estimate(a.duration, interval=a.interval, bandwidth=a.bandwidth)
     finally:
-        ram.close()
+        _release_region(ram)
     if a.json:
         print(json.dumps(est.to_dict()))
         return 0
@@ -372,7 +380,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
             with Source(ram, cfg) as src:
                 est = src.estimate(a.duration, interval=a.interval, bandwidth=link)
         finally:
-            ram.close()
+            _release_region(ram)
         report["dirty-rate"] = est.to_dict()
         if a.json:
             print(json.dumps(report, indent=2))

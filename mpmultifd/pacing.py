@@ -20,35 +20,37 @@ class TokenBucket:
     """A byte budget that refills at ``rate`` bytes per second, shared by every channel.
 
     The coordinator charges a batch before handing it to a worker and waits
-    ``delay()`` seconds when the budget is spent. ``used`` is the caller's count
-    of bytes spent so far (bytes on the wire plus batches queued but not yet
-    sent), so what the kernel actually sent corrects the estimate of queued
-    batches as they drain. ``rate=None`` means no cap. Changing the rate starts
-    a new budget from the bytes spent so far, so a change takes effect at once
-    without a burst or a debt carried over.
+    ``delay()`` seconds when the budget is spent. ``used`` is the caller's
+    running count of bytes spent (bytes on the wire plus batches queued but not
+    yet sent, at their full size), so when a queued batch turns out smaller on
+    the wire (zero pages, compression) the difference flows back into the
+    budget. The budget never holds more than ``burst`` bytes: time spent idle
+    between rounds does not turn into a burst later. ``rate=None`` means no cap;
+    a new rate takes effect at the next call.
     """
 
     def __init__(self, rate: int | None, burst: int) -> None:
         self.rate = rate
         self.burst = burst
-        self._t0 = 0.0
-        self._base = 0
-        self._armed = False
+        self._tokens = float(burst)
+        self._last_t: float | None = None
+        self._last_used = 0
 
     def set_rate(self, rate: int | None) -> None:
         self.rate = rate
-        self._armed = False  # re-anchored at the next delay() call
 
     def delay(self, used: int, now: float) -> float:
         """Seconds to wait before ``used`` bytes fit the budget (0 when they do)."""
-        if self.rate is None:
+        if self._last_t is None:
+            self._last_t, self._last_used = now, used
+        spent = used - self._last_used
+        self._last_used = used
+        refill = 0.0 if self.rate is None else self.rate * max(now - self._last_t, 0.0)
+        self._last_t = now
+        self._tokens = min(float(self.burst), self._tokens + refill - spent)
+        if self.rate is None or self._tokens >= 0:
             return 0.0
-        if not self._armed:
-            self._t0, self._base, self._armed = now, used, True
-        allowed = self._base + self.burst + self.rate * (now - self._t0)
-        if used <= allowed:
-            return 0.0
-        return (used - allowed) / self.rate
+        return -self._tokens / self.rate
 
 
 class BandwidthWindow:

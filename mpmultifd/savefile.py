@@ -575,7 +575,9 @@ def decode_header(
         _FIXED.unpack_from(data, 0)
     )
     if version != FORMAT_VERSION:
-        raise _fail("version", f"save file version {version} is not supported (this reader knows {FORMAT_VERSION})", path)
+        raise _fail(
+            "version", f"save file version {version} is not supported (this reader knows {FORMAT_VERSION})", path
+        )
     if header_size % META_ALIGN or not META_ALIGN <= header_size <= MAX_HEADER_SIZE:
         raise _fail(
             "header_size", f"{header_size} is not a multiple of {META_ALIGN} in {META_ALIGN}..{MAX_HEADER_SIZE}", path
@@ -727,7 +729,7 @@ def _pread_all(fd: int, size: int, offset: int) -> bytes:
     return b"".join(chunks)
 
 
-def read_layout(path: str, *, require_complete: bool = True) -> tuple[SaveLayout, SaveState]:
+def read_layout(path: str | os.PathLike[str], *, require_complete: bool = True) -> tuple[SaveLayout, SaveState]:
     """Read and validate a save file's header: the one function here that opens a file.
 
     Reads at most :data:`MAX_HEADER_SIZE` bytes, whatever the file claims.
@@ -735,7 +737,7 @@ def read_layout(path: str, *, require_complete: bool = True) -> tuple[SaveLayout
     file) are raised as :class:`SaveFileError` with ``field=None`` and the
     ``OSError`` chained.
     """
-    path = os.fspath(path)
+    path = os.fsdecode(path)
     try:
         # O_NONBLOCK: opening a FIFO must not wait for a writer
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)

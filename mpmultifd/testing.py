@@ -52,37 +52,48 @@ def fill(ram: GuestRAM, content: str = "half-zero", seed: int = 0) -> None:
                 g[kind == 3] = words.view(np.uint8)
 
 
-def _writer_main(ram_name: str, stop: Any, stopped: Any, started: Any, count: Any, seed: int, rate: float) -> None:
+def _writer_main(
+    ram_name: str, stop: Any, stopped: Any, started: Any, count: Any, seed: int, rate: float, mark: bool, throttle: Any
+) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the process running the migration
     ram = GuestRAM.attach(ram_name)
     rng = np.random.default_rng(seed)
     ps = ram.page_size
     blocks = [(b.index, b.npages) for b in ram.blocks]
+    views = [ram.view(b.index) for b in ram.blocks]
     n = 0
     group = 16
     t_next = time.monotonic()
     try:
         while not stop.is_set():
+            t_work = time.monotonic()
             for _ in range(group):
                 block, npages = blocks[n % len(blocks)]
                 length = int(rng.integers(1, 3 * ps))
                 off = int(rng.integers(0, npages * ps - length + 1))
-                ram.write(block, off, rng.integers(0, 256, size=length, dtype=np.uint8).tobytes())
+                data = rng.integers(0, 256, size=length, dtype=np.uint8)
+                if mark:
+                    ram.write(block, off, data.tobytes())
+                else:
+                    views[block][off : off + length] = data  # a foreign writer: no marks
                 n += 1
             count.value = n
             if n >= 64:
                 started.set()
-            if rate:
-                t_next += group / rate
-                pause = t_next - time.monotonic()
-                if pause > 0:
-                    time.sleep(pause)
-                else:
-                    t_next = time.monotonic()
+            # a throttle of p percent keeps the writer idle p percent of the time
+            p = int(throttle.value)
+            interval = group / rate if rate else time.monotonic() - t_work
+            t_next += interval * 100 / (100 - p) if p < 100 else interval
+            pause = t_next - time.monotonic()
+            if pause > 0:
+                time.sleep(pause)
+            else:
+                t_next = time.monotonic()
     finally:
         count.value = n
         started.set()
         stopped.set()
+        del views
         ram.close()
 
 
@@ -90,21 +101,28 @@ class DirtyingWriter:
     """A process that keeps writing random bytes into a region and marking them dirty.
 
     ``rate`` is writes per second (each of 1 byte to 3 pages at a random
-    offset); 0 means as fast as it can.
+    offset); 0 means as fast as it can. With ``mark=False`` it writes through
+    the mapping without marking the dirty map, as a program that knows nothing
+    of mpmultifd would (only the ``scan`` and ``kernel`` trackers see it).
+    :meth:`throttle` is a ready-made ``throttle`` callback for ``migrate()``.
 
     Use :meth:`pause` as the migration's ``pause`` callback: it stops the
     writer and returns once it has stopped writing.
     """
 
-    def __init__(self, ram_name: str, *, seed: int = 1, rate: float = 5000.0, start_method: str = "spawn") -> None:
+    def __init__(
+        self, ram_name: str, *, seed: int = 1, rate: float = 5000.0, start_method: str = "spawn", mark: bool = True
+    ) -> None:
         # the library's context: a forkserver started here preloads numpy and the
         # worker module, so workers started later through it start in milliseconds
         ctx = mp_context(start_method)
         self._stop, self._stopped, self._started = ctx.Event(), ctx.Event(), ctx.Event()
         self._count = ctx.Value("q", 0, lock=False)
+        self._throttle = ctx.Value("i", 0, lock=False)
+        self.throttles: list[int] = []
         self._proc = ctx.Process(
             target=_writer_main,
-            args=(ram_name, self._stop, self._stopped, self._started, self._count, seed, rate),
+            args=(ram_name, self._stop, self._stopped, self._started, self._count, seed, rate, mark, self._throttle),
             name="mpmultifd-writer",
             daemon=True,
         )
@@ -119,6 +137,11 @@ class DirtyingWriter:
     @property
     def writes(self) -> int:
         return int(self._count.value)
+
+    def throttle(self, percent: int) -> None:
+        """Stay idle ``percent`` percent of the time (0 writes at full rate again)."""
+        self.throttles.append(percent)
+        self._throttle.value = max(0, min(int(percent), 99))
 
     def pause(self) -> None:
         """Stop writing; returns once the writer wrote its last byte."""
