@@ -131,6 +131,7 @@ UFFDIO_WRITEPROTECT = _ioc(
     _IOC_READ | _IOC_WRITE, _UFFDIO, _UFFDIO_WRITEPROTECT_NR, ctypes.sizeof(_UffdioWriteprotect)
 )  # 0xC018AA06
 # /dev/userfaultfd (Linux 6.1+): USERFAULTFD_IOC_NEW = _IO(0xAA, 0x00)
+_DEV_USERFAULTFD = "/dev/userfaultfd"
 USERFAULTFD_IOC_NEW = _ioc(0, 0xAA, 0x00, 0)
 
 UFFD_USER_MODE_ONLY = 1
@@ -247,24 +248,28 @@ def _new_userfaultfd(nr: int) -> int:
     # Container runtimes often block the syscall with seccomp; /dev/userfaultfd
     # (Linux 6.1+) is governed by file permissions instead.
     try:
-        dev = os.open("/dev/userfaultfd", os.O_RDWR | os.O_CLOEXEC)
+        dev = os.open(_DEV_USERFAULTFD, os.O_RDWR | os.O_CLOEXEC)
     except OSError as exc:
-        dev_text = f"/dev/userfaultfd: {exc.strerror}"
+        dev_text = f"{_DEV_USERFAULTFD}: {exc.strerror}"
     else:
         try:
             fd = _ioctl(dev, USERFAULTFD_IOC_NEW, flags)
             if fd >= 0:
                 return fd
-            dev_text = f"/dev/userfaultfd USERFAULTFD_IOC_NEW: {_errno_text(ctypes.get_errno())}"
+            dev_text = f"{_DEV_USERFAULTFD} USERFAULTFD_IOC_NEW: {_errno_text(ctypes.get_errno())}"
         finally:
             os.close(dev)
     if err == errno.ENOSYS:
         why = "the kernel is built without CONFIG_USERFAULTFD"
     elif err == errno.EPERM:
+        # with UFFD_USER_MODE_ONLY the kernel skips its sysctl/capability check
         why = (
-            "denied: a seccomp filter or LSM blocks it (container runtimes do by default), or, "
-            "without UFFD_USER_MODE_ONLY support, vm.unprivileged_userfaultfd=0 and no CAP_SYS_PTRACE"
+            "denied by a seccomp filter or LSM (Docker's default profile allows userfaultfd only with "
+            "CAP_SYS_PTRACE); vm.unprivileged_userfaultfd=0 without CAP_SYS_PTRACE refuses only "
+            "userfaultfds that handle kernel faults, which this one does not ask for"
         )
+    elif err == errno.EINVAL:
+        why = f"{_kernel()} predates UFFD_USER_MODE_ONLY (Linux 5.11); kernel tracking needs Linux 6.7+"
     else:
         why = "unexpected error"
     raise TrackingUnavailable(f"userfaultfd(2) failed with {_errno_text(err)}: {why}; {dev_text}")

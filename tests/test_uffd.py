@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
+import fcntl
 import multiprocessing
 import os
 import platform
@@ -118,6 +120,38 @@ def test_unknown_architecture_is_refused(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(platform, "machine", lambda: "ppc64le")
     with pytest.raises(TrackingUnavailable, match="no userfaultfd syscall number known for 'ppc64le'"):
         uffd._check_platform()
+
+
+def _blocked_syscall(*args: object) -> int:
+    ctypes.set_errno(errno.EPERM)  # what a seccomp filter answers
+    return -1
+
+
+def test_blocked_userfaultfd_names_errno_and_the_knobs(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(uffd, "_syscall", _blocked_syscall)
+    monkeypatch.setattr(uffd, "_DEV_USERFAULTFD", "/nonexistent/userfaultfd")
+    with pytest.raises(TrackingUnavailable) as info:
+        uffd._new_userfaultfd(323)
+    text = str(info.value)
+    assert "userfaultfd(2) failed with EPERM" in text
+    assert "vm.unprivileged_userfaultfd" in text and "CAP_SYS_PTRACE" in text
+    assert "/nonexistent/userfaultfd: No such file or directory" in text
+
+
+@needs_kernel
+@pytest.mark.skipif(not os.access("/dev/userfaultfd", os.R_OK | os.W_OK), reason="/dev/userfaultfd not usable")
+def test_blocked_syscall_falls_back_to_dev_userfaultfd(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(uffd, "_syscall", _blocked_syscall)
+    fd = uffd._new_userfaultfd(323)
+    try:
+        assert fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+        assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK
+    finally:
+        os.close(fd)
+    # and a whole tracker runs on it
+    with _region({"a": 4 * PS}) as ram, _tracking(ram) as tracker:
+        ram.view(0)[2 * PS] = 1
+        assert _pages(tracker.collect(0)) == [2]
 
 
 def test_probe_answer_is_cached():
