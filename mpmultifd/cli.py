@@ -14,6 +14,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import time
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -237,6 +238,91 @@ def cmd_send(a: argparse.Namespace) -> int:
             return 0
     finally:
         _release_region(ram)
+
+
+def cmd_save(a: argparse.Namespace) -> int:
+    """Save a region (live) to a file; the file is marked complete only once it is whole and synced."""
+    cfg = _config(a)
+    ram = _open_region(a)
+    on_event = (lambda ev: print(json.dumps(ev), flush=True)) if a.json else None
+    try:
+        with Source(ram, cfg, on_event=on_event) as src, _cancel_on_sigint(src):
+            show = a.progress if a.progress is not None else sys.stderr.isatty()
+            display = ProgressDisplay(src.query, sys.stderr) if show else contextlib.nullcontext()
+            try:
+                with display:
+                    res = src.save(a.path, pause=_run_cmd(a.pause_cmd), resume=_run_cmd(a.resume_cmd), direct=a.direct)
+            except MigrationError as e:
+                return _not_completed(a, e, src.query())
+            _emit(a, {"event": "result", **res.to_dict()})
+            if not a.json:
+                print(
+                    f"saved {_fmt_bytes(res.total)} to {res.path} in {res.total_time:.3f} s over {res.rounds} rounds "
+                    f"({res.present_pages} pages with data, {_fmt_bytes(res.allocated)} on disk), "
+                    f"downtime {res.downtime * 1000:.1f} ms, save id {res.save_id}",
+                    flush=True,
+                )
+            if a.top_up_to is None:
+                return 0
+            # the guest runs on; once a destination restored from the file listens, send what changed since
+            if not a.json:
+                print(f"waiting up to {a.top_up_wait:g} s for {a.top_up_to} to listen for the top-up", flush=True)
+            deadline = time.monotonic() + a.top_up_wait
+            while True:
+                try:
+                    mig = src.migrate(
+                        a.top_up_to, pause=_run_cmd(a.pause_cmd), resume=_run_cmd(a.resume_cmd), top_up=True
+                    )
+                    break
+                except MigrationError as e:
+                    refused = isinstance(e.__cause__, (ConnectionRefusedError, FileNotFoundError))
+                    if not refused or time.monotonic() > deadline:
+                        return _not_completed(a, e, src.query())
+                    time.sleep(0.2)
+            _emit(a, {"event": "result", **mig.to_dict()})
+            if not a.json:
+                print(f"topped up: {_fmt_bytes(mig.transferred)} sent in {mig.total_time:.3f} s, verified: {mig.verified}")
+            return 0
+    finally:
+        _release_region(ram)
+
+
+def cmd_restore(a: argparse.Namespace) -> int:
+    """Restore a region from a save file; with --listen, then receive a top-up migration."""
+    cfg = _config(a, server=True)
+    ram = _open_region(a)
+    try:
+        with Destination(ram, a.listen, cfg) as dst:
+            res = dst.restore(a.path, verify=a.verify, direct=a.direct)
+            _emit(a, {"event": "restored", **res.to_dict(), "region": ram.name})
+            if not a.json:
+                print(
+                    f"restored {_fmt_bytes(res.total)} from {res.path} in {res.total_time:.3f} s "
+                    f"({res.present_pages} pages with data), verified: {res.verified}; region {ram.name}",
+                    flush=True,
+                )
+            if a.top_up:
+                address = dst.address if isinstance(dst.address, str) else f"{dst.address[0]}:{dst.address[1]}"
+                _emit(a, {"event": "listening", "address": address, "region": ram.name})
+                if not a.json:
+                    print(f"listening on {address} for a top-up of save {res.save_id}", flush=True)
+                with _cancel_on_sigint(dst):
+                    try:
+                        mig = dst.wait()
+                    except MigrationError as e:
+                        return _not_completed(a, e, dst.query())
+                _emit(a, {"event": "result", **mig.to_dict(), "region": ram.name})
+                if not a.json:
+                    print(f"topped up: {_fmt_bytes(mig.transferred)} received, verified: {mig.verified}")
+        if a.create and a.keep:
+            ram.close()  # leave the region in /dev/shm for its next user
+            ram = None  # type: ignore[assignment]
+        return 0
+    finally:
+        if ram is not None:
+            ram.close()
+            if ram.owner and not a.keep:
+                ram.unlink()
 
 
 def cmd_check(a: argparse.Namespace) -> int:
@@ -539,6 +625,36 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the result (and the final query) as JSON")
     _config_args(s)
     s.set_defaults(func=cmd_send)
+
+    sv = sub.add_parser("save", help="save a named region or /dev/shm file to a file, live")
+    sv.add_argument("path", help="the save file to write (replaced if it exists)")
+    _region_args(sv, create=False)
+    sv.add_argument("--pause-cmd", default=None, help="shell command that stops the writer for the final round")
+    sv.add_argument("--resume-cmd", default=None, help="shell command that restarts it")
+    sv.add_argument("--direct", action="store_true", help="write with O_DIRECT (not on tmpfs)")
+    sv.add_argument("--top-up-to", type=parse_address, default=None,
+                    help="after saving, migrate the changes since the save to a destination restored from the file "
+                         "(mpmultifd restore FILE --top-up --listen HOST:PORT)")
+    sv.add_argument("--top-up-wait", type=float, default=300.0, help="seconds to wait for that destination (default 300)")
+    sv.add_argument("--progress", dest="progress", action="store_true", default=None, help="show progress")
+    sv.add_argument("--no-progress", dest="progress", action="store_false")
+    sv.add_argument("--json", action="store_true", help="print events and the result as JSON lines")
+    _config_args(sv)
+    sv.set_defaults(func=cmd_save)
+
+    rs = sub.add_parser("restore", help="restore a region from a save file (then optionally receive a top-up)")
+    rs.add_argument("path", help="a complete save file")
+    _region_args(rs, create=True)
+    rs.add_argument("--top-up", action="store_true",
+                    help="after restoring, listen and receive the changes since the save (send --top-up)")
+    rs.add_argument("--listen", type=parse_address, default=("127.0.0.1", 0), help="HOST:PORT or unix:/path for --top-up")
+    rs.add_argument("--direct", action="store_true", help="read with O_DIRECT")
+    rs.add_argument("--no-verify-pages", dest="verify", action="store_false",
+                    help="skip checking every page against the save's digests")
+    rs.add_argument("--keep", action="store_true", help="leave a region made with --create in /dev/shm")
+    rs.add_argument("--json", action="store_true", help="one JSON object per line")
+    _config_args(rs)
+    rs.set_defaults(func=cmd_restore)
 
     c = sub.add_parser("check", help="validate a configuration against this kernel and its limits")
     c.add_argument("--address", type=parse_address, default=None, help="where the migration would go")

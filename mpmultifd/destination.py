@@ -31,7 +31,7 @@ from .errors import (
 from .methods import get_method
 from .ram import GuestRAM, file_data_extents
 from .source import mp_context, nudge_worker, read_available, reap_workers, start_worker, worker_start_method
-from .stats import MigrationResult
+from .stats import MigrationResult, RestoreResult
 from . import auth
 from .transport import Address, format_address, is_loopback, recv_exact, tune_accepted
 from .transport import listen as tcp_listen
@@ -150,6 +150,8 @@ class Destination:
         self._broken: dict[int, float] = {}  # channel -> deadline for its reconnection
         self._connected: set[int] = set()
         self._control_bytes = 0
+        self._restore_lock = threading.Lock()
+        self._restored_id: bytes | None = None  # the save this region was restored from
         self._acceptor = threading.Thread(target=self._accept_loop, name="mpmultifd-accept", daemon=True)
         self._coordinator = threading.Thread(target=self._run, name="mpmultifd-destination", daemon=True)
         self._acceptor.start()
@@ -189,6 +191,30 @@ class Destination:
             os.write(self._wake_w, b"c")
         except OSError:
             pass
+
+    def restore(
+        self, path: str | os.PathLike[str], *, verify: bool = True, direct: bool = False
+    ) -> RestoreResult:
+        """Fill this destination's region from a save file, before a migration arrives.
+
+        Uses the configured ``channels`` workers, each reading runs of pages
+        with ``os.preadv`` straight into the shared RAM; with ``verify``,
+        every page is checked against the digests the save recorded. Raises
+        :class:`SaveFileError` (naming the field) for an incomplete,
+        truncated, corrupted or mismatched file. Afterwards the source that
+        wrote the file can send just what changed since
+        (``Source.migrate(..., top_up=True)``); this destination refuses a
+        top-up from any other save.
+        """
+        from .checkpoint import restore
+
+        with self._restore_lock:
+            if self._session is not None or self._closing:
+                raise MigrationError("restore: a migration already reached this destination; restore before it starts")
+            self._restored_id = None
+            result, save_id = restore(path, self.ram, self.config, verify=verify, direct=direct)
+            self._restored_id = save_id
+            return result
 
     def query(self) -> dict[str, Any]:
         """Counters of the receiving side, shaped like the source's ``query()``."""
@@ -346,12 +372,13 @@ class Destination:
         msg = self._next_message(decoder, deadline)
         if not isinstance(msg, Config):
             raise RemoteProtocolError(f"expected CONFIG first, got {type(msg).__name__}", field="type")
-        try:
-            self._check_config(msg)
-        except MigrationError as e:
-            self._send(ErrorMessage("config-refused", str(e)))
-            raise
-        self._session = msg
+        with self._restore_lock:  # a restore still running finishes first
+            try:
+                self._check_config(msg)
+            except MigrationError as e:
+                self._send(ErrorMessage("config-refused", str(e)))
+                raise
+            self._session = msg
         self._retries_left = msg.channel_retries
         self._make_segments(msg)
         self._send(ConfigAck())
@@ -373,6 +400,14 @@ class Destination:
             raise ConfigError(f"blocks: source sends {theirs}, this region has {mine}")
         # ConfigError names the methods this end has, or the levels the method takes
         get_method(c.method)(c.method_options.get("level"), {})
+        if c.base is not None and c.base != self._restored_id:
+            have = "was not restored from a save" if self._restored_id is None else (
+                f"was restored from save {self._restored_id.hex()}"
+            )
+            raise ConfigError(
+                f"base: the source sends only the changes since save {c.base.hex()}, but this region {have}; "
+                "restore that file first, or migrate without top_up"
+            )
 
     def _make_segments(self, c: Config) -> None:
         ram = self.ram

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import mmap
 import multiprocessing
 import os
 import secrets
@@ -20,7 +21,9 @@ import numpy as np
 
 from . import auth
 from .config import MigrationConfig
-from .digest import fingerprint_pages
+from ._shm import Segment, unique_name
+from .digest import fingerprint_pages, fingerprint_some
+from .file_worker import FileSpec, saver_main
 from .errors import (
     AuthenticationError,
     ChannelBroken,
@@ -40,7 +43,8 @@ from .methods import get_method
 from .pacing import AutoConverge, BandwidthWindow, StallDetector, TokenBucket, rounds_to_converge
 from .ram import GuestRAM
 from .ring import KIND_DATA, KIND_EOS, KIND_STOP, KIND_SYNC, Ring
-from .stats import DirtyRateEstimate, EventHub, MigrationResult
+from .savefile import STATE_OFFSET, SaveLayout, SaveState, encode_state, pack_bitmap, pack_digests
+from .stats import DirtyRateEstimate, EventHub, MigrationResult, SaveResult
 from .tracking import DirtyTracker, make_tracker
 from .transport import Address, connect, is_loopback, parse_address, recv_exact
 from .wire import (
@@ -127,19 +131,21 @@ def start_worker(ctx: Any, target: Callable[..., Any], args: tuple, name: str) -
     return proc, parent_conn
 
 
-def nudge_worker(conn: Any, sock: socket.socket) -> None:
-    """Ask a worker to stop, and wake it if it is blocked on its socket."""
+def nudge_worker(conn: Any, sock: socket.socket | None) -> None:
+    """Ask a worker to stop, and wake it if it is blocked on its socket (file workers have none)."""
     try:
         conn.send(("stop",))
     except (OSError, ValueError):
         pass  # it already left
+    if sock is None:
+        return
     try:
         sock.shutdown(socket.SHUT_RDWR)
     except OSError:
         pass
 
 
-def reap_workers(workers: list[tuple[Any, Any, socket.socket]]) -> None:
+def reap_workers(workers: list[tuple[Any, Any, socket.socket | None]]) -> None:
     """Join ``(process, connection, socket)`` workers within one grace period, kill the
     ones still running, and close this side's connection and socket of each."""
     deadline = time.monotonic() + _JOIN_GRACE
@@ -150,7 +156,22 @@ def reap_workers(workers: list[tuple[Any, Any, socket.socket]]) -> None:
             proc.kill()
             proc.join(5.0)
         conn.close()
-        sock.close()
+        if sock is not None:
+            sock.close()
+
+
+def _fsync_dir(path: str) -> None:
+    """Make a new file's directory entry durable too."""
+    try:
+        dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
 
 
 def worker_start_method(config: MigrationConfig) -> str:
@@ -162,7 +183,7 @@ def mp_context(method: str) -> multiprocessing.context.BaseContext:
     ctx = multiprocessing.get_context(method)
     if method == "forkserver":
         _forget_foreign_forkserver()
-        ctx.set_forkserver_preload(["numpy", "mpmultifd.worker"])
+        ctx.set_forkserver_preload(["numpy", "mpmultifd.worker", "mpmultifd.file_worker"])
     return ctx
 
 
@@ -202,7 +223,7 @@ def read_available(sock: socket.socket, peer: str) -> bytes:
 class _Channel:
     """The source's handle on one data channel: ring, socket, worker and its connection."""
 
-    def __init__(self, index: int, ring: Ring, sock: socket.socket, proc: Any, conn: Any) -> None:
+    def __init__(self, index: int, ring: Ring, sock: socket.socket | None, proc: Any, conn: Any) -> None:
         self.index = index
         self.ring = ring
         self.sock = sock
@@ -254,6 +275,9 @@ class Source:
         self._running = False
         self._closed = False
         self._tracker: DirtyTracker | None = None
+        self._save_base: bytes | None = None  # the id of the last save, while the tracker still covers it
+        self._present: Segment | None = None  # a save's map of pages with data in the file
+        self._save_resume: Callable[[], Any] | None = None  # called once a save no longer needs the pause
         # live parameters, changeable while a migration runs (QEMU's migrate-set-parameters)
         self._max_bandwidth = self.config.max_bandwidth
         self._downtime_limit = self.config.downtime_limit
@@ -274,6 +298,7 @@ class Source:
         resume: Callable[[], Any] | None = None,
         *,
         throttle: Callable[[int], Any] | None = None,
+        top_up: bool = False,
     ) -> MigrationResult:
         """Migrate the region to the destination listening at ``address``; blocks until done.
 
@@ -288,6 +313,12 @@ class Source:
         Raises :class:`MigrationError` (a subclass says what went wrong) on
         failure; :class:`ConvergenceError` when the writer outruns the link and
         the caller allowed no longer downtime.
+
+        ``top_up=True`` sends only the pages changed since this Source's last
+        :meth:`save`, to a destination restored from that file
+        (:meth:`Destination.restore`); the destination refuses a top-up from
+        any other save. The save's tracking ends with any migration, so after
+        a failed top-up the next migration must be a full one.
         """
         with self._lock:
             if self._closed:
@@ -303,12 +334,17 @@ class Source:
             raise MigrationCancelled("cancelled before the migration started")
         error: BaseException | None = None
         try:
+            if top_up and self._save_base is None:
+                raise ConfigError(
+                    "top_up: this Source has no save to top up from: save() first (and migrate nothing "
+                    "else in between), then restore that file on the destination"
+                )
             # an unknown method or a level it cannot take fails before any byte moves
             get_method(self.config.compression)(self.config.compression_level, {})
             self._t_start = time.monotonic()
             self._throttle_cb = throttle
             self._set_status("setup")
-            result = self._run(address, pause)
+            result = self._run(address, pause, top_up)
             self._set_status("completed")
             return result
         except BaseException as exc:
@@ -344,6 +380,258 @@ class Source:
                 opening.shutdown(socket.SHUT_RDWR)  # wakes a handshake blocked in recv
             except OSError:
                 pass
+
+    def save(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        pause: Callable[[], Any] | None = None,
+        resume: Callable[[], Any] | None = None,
+        throttle: Callable[[int], Any] | None = None,
+        direct: bool = False,
+    ) -> SaveResult:
+        """Save the region to a file while its owner keeps writing; blocks until the file is complete.
+
+        The channel workers write every page at its fixed place in the file
+        (``docs/savefile.md``) with positional writes straight from the shared
+        RAM, round after round like a migration (the same trackers, bandwidth
+        cap, throttle and stall rules apply); zero pages stay holes. Then
+        ``pause()``, a final round, the bitmaps and digests, ``fsync``, and only
+        then the mark that the file is complete. ``resume()`` is called as
+        soon as the file holds the paused state (before the digests are
+        written and the file is synced, which need no pause), or if the save
+        fails after ``pause()``: the guest stays with this host either way.
+        With ``verify``, the file's pages are checked against the paused
+        guest before the file is marked complete. A failed or cancelled save
+        removes the file it was writing; one killed outright leaves a file that
+        ``restore`` refuses as incomplete. ``direct=True`` writes with O_DIRECT
+        (ConfigError where the file system does not support it).
+
+        Afterwards this Source keeps tracking the pages the guest changes, so
+        ``migrate(..., top_up=True)`` to a destination restored from this file
+        sends only those.
+        """
+        path = os.fspath(path)
+        with self._lock:
+            if self._closed:
+                raise MigrationError("this Source is closed")
+            if self._running:
+                raise MigrationError("a migration or save is already running on this Source")
+            self._running = True
+            self._reset_stats()
+            cancelled_early = self._cancel_requested
+        if cancelled_early:
+            self._set_status("cancelled")
+            self._running = False
+            raise MigrationCancelled("cancelled before the save started")
+        error: BaseException | None = None
+        fd = -1
+        try:
+            cfg = self.config
+            if cfg.compression != "none":
+                raise ConfigError(
+                    f"compression: a save file keeps every page raw at its own offset (as QEMU's mapped-ram), "
+                    f"so {cfg.compression!r} cannot apply; save with compression='none'"
+                )
+            if direct and self.ram.page_size < 4096:
+                raise ConfigError(f"direct: O_DIRECT needs pages of at least 4096 bytes, not {self.ram.page_size}")
+            self._t_start = time.monotonic()
+            self._throttle_cb = throttle
+            self._retries_left = 0  # a file channel is not reconnected
+            self._set_status("setup")
+            layout = SaveLayout.plan([(b.name, b.size) for b in self.ram.blocks], self.ram.page_size, method="raw")
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            os.ftruncate(fd, layout.file_size)  # sparse: every page a hole until written
+            os.pwrite(fd, layout.encode_header(), 0)  # state INCOMPLETE, from the first byte on
+            self._save_resume = resume
+            self._start_file_channels(path, layout, direct)
+            deadline = time.monotonic() + cfg.timeout
+            while not all(ch.ready for ch in self._channels):
+                if time.monotonic() > deadline:
+                    raise WorkerDied("save workers did not start in time")
+                self._pump(0.1)
+            for ch in self._channels:
+                ch.ring.unlink()
+            assert self._present is not None
+            self._present.unlink()
+            self._setup_time = time.monotonic() - self._t_start
+            self._set_status("active")
+            rnd, pending, converged = self._precopy()
+            result = self._finish_save(fd, path, layout, rnd, pending, pause, converged, direct)
+            self._set_status("completed")
+            return result
+        except BaseException as exc:
+            error = exc
+            raise self._fail(exc) from (None if isinstance(exc, MigrationError) else exc)
+        finally:
+            self._shutdown(error)
+            self._release_throttle()
+            if self._present is not None:
+                self._present.close()
+                self._present.unlink()
+                self._present = None
+            if fd >= 0:
+                os.close(fd)
+                if error is not None:
+                    try:
+                        os.unlink(path)  # never leave a half-written save behind
+                    except OSError:
+                        pass
+            if self._paused_at is not None and self._save_resume is not None:
+                try:
+                    self._resume_now()
+                except Exception:
+                    log.exception("resume() failed after the save")
+            self._save_resume = None
+            self._t_end = time.monotonic()
+            self._running = False
+
+    def _resume_now(self) -> None:
+        cb, self._save_resume = self._save_resume, None
+        if cb is not None:
+            cb()
+
+    def _verify_save(self, fd: int, layout: SaveLayout, maps: list[np.ndarray], prints: list[np.ndarray]) -> None:
+        """Check the file's pages against the paused guest's fingerprints before marking it complete."""
+        ps = self.ram.page_size
+        bad: dict[str, list[int]] = {}
+        for b, entry, mine, fp in zip(self.ram.blocks, layout.blocks, maps, prints):
+            untracked = np.flatnonzero((mine == 0) & (fp != 0))  # data the file never got
+            mm = mmap.mmap(fd, entry.npages * ps, mmap.MAP_SHARED, mmap.PROT_READ, offset=entry.data_offset)
+            try:
+                file_pages = np.frombuffer(mm, dtype=np.uint8).reshape(entry.npages, ps)
+                have = fingerprint_some(file_pages, np.flatnonzero(mine))
+                wrong = np.flatnonzero((mine != 0) & (have != fp))
+                del file_pages
+            finally:
+                mm.close()
+            pages = np.union1d(untracked, wrong)
+            if len(pages):
+                bad[b.name] = pages[:32].tolist()
+        if bad:
+            raise VerificationError(
+                "the save file differs from the paused guest in "
+                + ", ".join(f"block {k!r} pages {v}" for k, v in bad.items())
+                + f": pages changed without the {self.config.dirty_tracker!r} tracker seeing them "
+                "(a writer that does not mark its pages needs dirty_tracker='scan')",
+                mismatches=bad,
+            )
+
+    def _start_file_channels(self, path: str, layout: SaveLayout, direct: bool) -> None:
+        cfg = self.config
+        ram = self.ram
+        self._ctx = mp_context(cfg.start_method)
+        self._present = Segment.create(unique_name("present"), max(ram.total_pages, 1))
+        offsets, total = [], 0
+        for b in ram.blocks:
+            offsets.append(total)
+            total += b.npages
+        for i in range(cfg.channels):
+            self._check_cancel()
+            spec = FileSpec(
+                worker=WorkerSpec(
+                    channel=i,
+                    page_size=ram.page_size,
+                    packet_pages=cfg.packet_pages,
+                    block_sizes=tuple(b.size for b in ram.blocks),
+                    zero_page=cfg.zero_page,
+                    log_level=logging.getLogger("mpmultifd").getEffectiveLevel(),
+                ),
+                path=path,
+                data_offsets=tuple(b.data_offset for b in layout.blocks),
+                present_name=self._present.name,
+                present_offsets=tuple(offsets),
+                direct=direct,
+            )
+            ring = Ring.create(nslots=cfg.ring_slots, capacity=cfg.packet_pages)
+            try:
+                proc, conn = start_worker(self._ctx, saver_main, (spec, ram, ring), f"mpmultifd-save-{i}")
+            except BaseException:
+                ring.close()
+                ring.unlink()
+                raise
+            self._channels.append(_Channel(i, ring, None, proc, conn))
+
+    def _finish_save(
+        self,
+        fd: int,
+        path: str,
+        layout: SaveLayout,
+        rnd: int,
+        pending: list[np.ndarray],
+        pause: Callable[[], Any] | None,
+        converged: bool,
+        direct: bool,
+    ) -> SaveResult:
+        ram = self.ram
+        self._check_cancel()
+        self._paused_at = time.monotonic()
+        if pause is not None:
+            pause()
+        self._set_status("device")
+        assert self._tracker is not None and self._present is not None
+        t_sync = time.perf_counter()
+        final = [np.union1d(p, more) for p, more in zip(pending, self._tracker.collect_all())]
+        self._sync_seconds += time.perf_counter() - t_sync
+        self._dirty_syncs += 1
+        self._round = rnd
+        self._send_round(rnd, final, final=True)
+        self._wait_done()
+        # the digests are of the paused guest's RAM itself: the file is checked against them
+        # (here, with verify, and by every restore)
+        prints = []
+        for b in ram.blocks:
+            pages = ram.pages(b.index)
+            fp = np.zeros(b.npages, dtype=np.uint64)
+            for first, end in ram.data_extents(b.index):
+                fp[first:end] = fingerprint_pages(pages[first:end])
+            prints.append(fp)
+        # the file holds the paused state: the guest may run again while the file is finished
+        self._downtime = time.monotonic() - self._paused_at
+        self._resume_now()
+        present = np.frombuffer(self._present.buf, dtype=np.uint8)
+        maps, start = [], 0
+        for b in ram.blocks:
+            maps.append(present[start : start + b.npages].copy())
+            start += b.npages
+        del present
+        if self.config.verify:
+            self._verify_save(fd, layout, maps, prints)
+        npresent = 0
+        for entry, mine, fp in zip(layout.blocks, maps, prints):
+            npresent += int(np.count_nonzero(mine))
+            os.pwrite(fd, pack_bitmap(mine), entry.bitmap_offset)
+            os.pwrite(fd, pack_digests(fp), entry.digest_offset)
+        self._check_cancel()
+        os.fsync(fd)  # every page, bitmap and digest is on disk before the file says it is complete
+        os.pwrite(fd, encode_state(SaveState(True, time.time_ns(), npresent)), STATE_OFFSET)
+        os.fsync(fd)
+        _fsync_dir(path)
+        self._remaining_pages = 0
+        self._save_base = layout.save_id  # the tracker keeps running: a top-up sends what changes next
+        self._t_end = time.monotonic()
+        q = self.query()
+        st = os.fstat(fd)
+        return SaveResult(
+            path=path,
+            save_id=layout.save_id.hex(),
+            total_time=self._t_end - (self._t_start or self._t_end),
+            setup_time=self._setup_time,
+            downtime=self._downtime,
+            rounds=rnd + 1,
+            total=ram.total_size,
+            written=q["ram"]["transferred"],
+            present_pages=npresent,
+            zero_pages=ram.total_pages - npresent,
+            file_size=st.st_size,
+            allocated=st.st_blocks * 512,
+            converged=converged,
+            channels=self.config.channels,
+            direct=direct,
+            stall_reason=self._stall_reason,
+            throttle=self._throttle_max,
+            dirty_tracker=self.config.dirty_tracker,
+        )
 
     def set_max_bandwidth(self, bytes_per_second: int | None) -> None:
         """Cap the migration at ``bytes_per_second`` over all channels (None: no cap); takes effect at once.
@@ -611,7 +899,7 @@ class Source:
 
     # ------------------------------------------------------------------ the run
 
-    def _run(self, address: Address, pause: Callable[[], Any] | None) -> MigrationResult:
+    def _run(self, address: Address, pause: Callable[[], Any] | None, top_up: bool) -> MigrationResult:
         cfg = self.config
         ram = self.ram
         session = secrets.token_bytes(16)
@@ -629,6 +917,7 @@ class Source:
             zero_page=cfg.zero_page,
             verify=cfg.verify,
             channel_retries=cfg.channel_retries,
+            base=self._save_base if top_up else None,
         )
         ctrl.sendall(encode_control(config_msg))
         ctrl.setblocking(False)
@@ -647,7 +936,8 @@ class Source:
             ch.ring.unlink()
         self._setup_time = time.monotonic() - self._t_start
         self._set_status("active")
-        return self._precopy(pause)
+        rnd, pending, converged = self._precopy(top_up)
+        return self._switchover(rnd, pending, pause, converged)
 
     def _open(self, address: Address, hello: Hello) -> socket.socket:
         """Connect and pass admission: greeting, hello (with a proof of the key), welcome."""
@@ -843,17 +1133,26 @@ class Source:
                         return  # replaced again while resending: that replacement resent everything
         log.info("channel %d reconnected; resent %d packets from round %d", ch.index, len(ch.log), start)
 
-    def _precopy(self, pause: Callable[[], Any] | None) -> MigrationResult:
+    def _precopy(self, top_up: bool = False) -> tuple[int, list[np.ndarray], bool]:
+        """Run precopy rounds until the rest fits the downtime limit; returns (next round, pages left, converged)."""
         cfg = self.config
         ram = self.ram
         ps = ram.page_size
         self._packet_num = 0
-        tracker = self._fresh_tracker()
-        # round 0 sends everything; tracking starts first, so writes made from now on are seen again
         t_sync = time.perf_counter()
-        tracker.start()
+        if top_up:
+            # the tracker has run since the save: round 0 sends only what changed since
+            assert self._tracker is not None and self._tracker.started
+            tracker = self._tracker
+            pending = tracker.collect_all()
+            # those pages are taken: if this migration fails, a later top-up would miss them
+            self._save_base = None
+        else:
+            tracker = self._fresh_tracker()
+            # round 0 sends everything; tracking starts first, so writes made from now on are seen again
+            tracker.start()
+            pending = [np.arange(b.npages, dtype=np.int64) for b in ram.blocks]
         self._sync_seconds += time.perf_counter() - t_sync
-        pending = [np.arange(b.npages, dtype=np.int64) for b in ram.blocks]
         rnd = 0
         window = BandwidthWindow()
         auto = AutoConverge(
@@ -927,7 +1226,7 @@ class Source:
                 converged = False
                 self._give_up_or_force(why, rnd, bandwidth, elapsed)
                 break
-        return self._switchover(rnd, pending, pause, converged)
+        return rnd, pending, converged
 
     def _give_up_or_force(self, why: str, rounds: int, bandwidth: float, elapsed: float) -> None:
         """Precopy will not converge: switch over with a longer downtime if allowed, else fail."""
@@ -964,6 +1263,7 @@ class Source:
         )
 
     def _fresh_tracker(self) -> DirtyTracker:
+        self._save_base = None  # a new tracker knows nothing of the last save
         if self._tracker is not None:
             self._tracker.close()
             self._tracker = None
@@ -1085,7 +1385,8 @@ class Source:
         for ch in chans:
             self._push(ch, kind, 0, rnd, None)
         counts = tuple(ch.packets_in_round for ch in chans)
-        self._control_send(Complete(rnd, counts) if final else RoundEnd(rnd, counts))
+        if self._control is not None:  # a save has no destination to tell
+            self._control_send(Complete(rnd, counts) if final else RoundEnd(rnd, counts))
 
     def _wait_for_budget(self, nbytes: int) -> None:
         """Hold the next batch until the shared token bucket has room for it."""
@@ -1107,7 +1408,7 @@ class Source:
     def _push(self, ch: _Channel, kind: int, block: int, rnd: int, pages: np.ndarray | None) -> None:
         num = self._packet_num
         self._packet_num += 1
-        if self.config.channel_retries:
+        if self.config.channel_retries and ch.sock is not None:
             ch.log.append((kind, block, rnd, num, pages))
         gen = ch.generation
         while True:

@@ -10,7 +10,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator
 
-__all__ = ["MigrationResult", "DirtyRateEstimate", "EventHub", "STATUSES", "TERMINAL_STATUSES"]
+__all__ = ["MigrationResult", "SaveResult", "RestoreResult", "DirtyRateEstimate", "EventHub", "STATUSES", "TERMINAL_STATUSES"]
 
 log = logging.getLogger("mpmultifd.events")
 
@@ -70,6 +70,78 @@ class MigrationResult:
     def to_json(self, **kwargs: Any) -> str:
         """:meth:`to_dict` as JSON; keyword arguments go to ``json.dumps``."""
         return json.dumps(self.to_dict(), **kwargs)
+
+
+@dataclass(frozen=True)
+class SaveResult:
+    """What ``Source.save`` wrote: a complete save file at ``path``.
+
+    ``present_pages`` pages hold data in the file, the other pages of
+    ``total`` bytes are holes; ``written`` counts page bytes written over all
+    rounds (pages rewritten in later rounds count again); ``allocated`` is
+    the disk space the file takes. ``downtime`` runs from ``pause()`` to
+    ``resume()``: the final round and the guest's fingerprints (the file's
+    tables and fsync come after, with the guest running again).
+    """
+
+    path: str
+    save_id: str
+    total_time: float
+    setup_time: float
+    downtime: float
+    rounds: int
+    total: int
+    written: int
+    present_pages: int
+    zero_pages: int
+    file_size: int
+    allocated: int
+    converged: bool
+    channels: int
+    direct: bool
+    stall_reason: str | None = None
+    throttle: int = 0
+    dirty_tracker: str = "map"
+
+    @property
+    def throughput(self) -> float:
+        """Bytes of guest RAM per second of total time."""
+        return self.total / self.total_time if self.total_time > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k.replace("_", "-"): v for k, v in asdict(self).items()}
+        out["throughput"] = self.throughput
+        return out
+
+
+@dataclass(frozen=True)
+class RestoreResult:
+    """What ``Destination.restore`` (or ``mpmultifd.checkpoint.restore``) read back.
+
+    ``verified`` is True when every restored page matched the digest the save
+    recorded; ``zeroed_pages`` are pages of the region that held stale data and
+    were cleared because the file has none for them.
+    """
+
+    path: str
+    save_id: str
+    total_time: float
+    total: int
+    read: int
+    present_pages: int
+    zeroed_pages: int
+    verified: bool
+    channels: int
+    direct: bool
+
+    @property
+    def throughput(self) -> float:
+        return self.total / self.total_time if self.total_time > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k.replace("_", "-"): v for k, v in asdict(self).items()}
+        out["throughput"] = self.throughput
+        return out
 
 
 @dataclass(frozen=True)

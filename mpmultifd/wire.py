@@ -459,6 +459,7 @@ class Config:
     zero_page: str = "multifd"
     verify: bool = True
     channel_retries: int = 0
+    base: bytes | None = None  # top-up: the save id the destination must have been restored from
 
 
 @dataclass(frozen=True)
@@ -562,21 +563,21 @@ def encode_control(msg: ControlMessage) -> bytes:
     """Encode one control message with its frame header."""
     if isinstance(msg, Config):
         _validate_config(msg, LocalProtocolError)
-        body = _json(
-            {
-                "session": msg.session_id.hex(),
-                "page_size": msg.page_size,
-                "channels": msg.channels,
-                "packet_pages": msg.packet_pages,
-                "blocks": [{"name": b.name, "size": b.size} for b in msg.blocks],
-                "method": msg.method,
-                "method_options": msg.method_options,
-                "zero_page": msg.zero_page,
-                "verify": msg.verify,
-                "channel_retries": msg.channel_retries,
-            }
-        )
-        return _frame(T_CONFIG, body)
+        obj = {
+            "session": msg.session_id.hex(),
+            "page_size": msg.page_size,
+            "channels": msg.channels,
+            "packet_pages": msg.packet_pages,
+            "blocks": [{"name": b.name, "size": b.size} for b in msg.blocks],
+            "method": msg.method,
+            "method_options": msg.method_options,
+            "zero_page": msg.zero_page,
+            "verify": msg.verify,
+            "channel_retries": msg.channel_retries,
+        }
+        if msg.base is not None:
+            obj["base"] = msg.base.hex()
+        return _frame(T_CONFIG, _json(obj))
     if isinstance(msg, ConfigAck):
         return _frame(T_CONFIG_ACK, b"")
     if isinstance(msg, (RoundEnd, Complete)):
@@ -647,6 +648,8 @@ def _validate_config(cfg: Config, err: type) -> None:
         raise bad("verify", f"{cfg.verify!r} is not a boolean")
     if not _is_int(cfg.channel_retries) or not 0 <= cfg.channel_retries <= 1000:
         raise bad("channel_retries", f"{cfg.channel_retries!r} not in 0..1000")
+    if cfg.base is not None and (not isinstance(cfg.base, bytes) or len(cfg.base) != 16):
+        raise bad("base", "must be a 16-byte save id or absent")
 
 
 _CONFIG_KEYS = {
@@ -678,7 +681,7 @@ def _decode_config(body: bytes) -> Config:
     missing = _CONFIG_KEYS - obj.keys()
     if missing:
         raise _fail(sorted(missing)[0], "missing from the config")
-    extra = obj.keys() - _CONFIG_KEYS
+    extra = obj.keys() - _CONFIG_KEYS - {"base"}
     if extra:
         raise _fail(sorted(extra)[0], "is not a config field")
     session = obj["session"]
@@ -688,6 +691,14 @@ def _decode_config(body: bytes) -> Config:
         sid = bytes.fromhex(session)
     except ValueError:
         raise _fail("session", "must be 32 hex digits") from None
+    base = None
+    if "base" in obj:
+        try:
+            if not isinstance(obj["base"], str) or len(obj["base"]) != 32:
+                raise ValueError
+            base = bytes.fromhex(obj["base"])
+        except ValueError:
+            raise _fail("base", "must be 32 hex digits") from None
     blocks_raw = obj["blocks"]
     if not isinstance(blocks_raw, list):
         raise _fail("blocks", "must be a list")
@@ -707,6 +718,7 @@ def _decode_config(body: bytes) -> Config:
         zero_page=obj["zero_page"],
         verify=obj["verify"],
         channel_retries=obj["channel_retries"],
+        base=base,
     )
     _validate_config(cfg, RemoteProtocolError)
     return cfg
