@@ -1180,7 +1180,10 @@ class Source:
             remaining = sum(len(p) for p in pending)
             self._remaining_pages = remaining
             self._dirty_rate = remaining / elapsed if elapsed > 0 else 0.0
-            self._expected_downtime = remaining * ps / bandwidth if bandwidth > 0 else float("inf")
+            if remaining == 0:
+                self._expected_downtime = 0.0
+            else:
+                self._expected_downtime = remaining * ps / bandwidth if bandwidth > 0 else float("inf")
             log.info(
                 "round %d: %d bytes in %.3f s, %d pages dirty, expected downtime %.3f s",
                 rnd,

@@ -165,13 +165,17 @@ class DirtyingWriter:
         self.close()
 
 
-def _destination_main(ram_name: str, listen: tuple[str, int], config: MigrationConfig, conn: Any) -> None:
+def _destination_main(
+    ram_name: str, listen: tuple[str, int], config: MigrationConfig, restore_from: str | None, conn: Any
+) -> None:
     from .destination import Destination
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the source side cancels; the destination follows it
     ram = GuestRAM.attach(ram_name)
     try:
         with Destination(ram, listen, config) as dst:
+            if restore_from is not None:
+                dst.restore(restore_from)
             conn.send(("address", dst.address))
             try:
                 res = dst.wait()
@@ -183,7 +187,11 @@ def _destination_main(ram_name: str, listen: tuple[str, int], config: MigrationC
 
 
 class RemoteDestination:
-    """A :class:`~mpmultifd.Destination` receiving into ``ram_name`` in its own process."""
+    """A :class:`~mpmultifd.Destination` receiving into ``ram_name`` in its own process.
+
+    With ``restore_from``, the destination first restores that save file, so it
+    can take a top-up migration (``Source.migrate(..., top_up=True)``).
+    """
 
     def __init__(
         self,
@@ -193,6 +201,7 @@ class RemoteDestination:
         listen: tuple[str, int] = ("127.0.0.1", 0),
         start_method: str = "spawn",
         timeout: float = 60.0,
+        restore_from: str | None = None,
     ) -> None:
         # the library's context: a forkserver started here preloads numpy and the
         # worker module, so workers started later through it start in milliseconds
@@ -200,7 +209,7 @@ class RemoteDestination:
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(
             target=_destination_main,
-            args=(ram_name, listen, config or MigrationConfig(), child),
+            args=(ram_name, listen, config or MigrationConfig(), restore_from, child),
             name="mpmultifd-destination",  # not a daemon: it starts worker processes
         )
         self._proc.start()
