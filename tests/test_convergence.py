@@ -399,3 +399,49 @@ def test_cli_estimate_prints_a_forecast(capsys):
             assert out["tracker"] == "scan" and out["dirty-rate"] == 0 and out["converges"] is True
         finally:
             ram.unlink()
+
+
+@pytest.mark.timeout(120)
+def test_live_migration_with_the_kernel_tracker_and_a_writer_thread():
+    from mpmultifd.uffd import kernel_tracking_available
+
+    ok, why = kernel_tracking_available()
+    if not ok:
+        pytest.skip(why)
+    cfg = _cfg(dirty_tracker="kernel", downtime_limit=0.05, stall_downtime_limit=math.inf)
+    with GuestRAM.create({"pc.ram": 24 << 20}) as src_ram, GuestRAM.create({"pc.ram": 24 << 20}) as dst_ram:
+        try:
+            fill(src_ram, "half-zero", 3)
+            stop = threading.Event()
+            writes = [0]
+
+            def writer() -> None:  # a thread of this process that marks nothing
+                rng = np.random.default_rng(5)
+                view = src_ram.view("pc.ram")
+                while not stop.is_set():
+                    off = int(rng.integers(0, view.size - 64))
+                    view[off : off + 64] = rng.integers(0, 256, 64, dtype=np.uint8)
+                    writes[0] += 1
+                    if writes[0] % 64 == 0:
+                        time.sleep(0.005)
+
+            t = threading.Thread(target=writer)
+            t.start()
+
+            def pause() -> None:
+                stop.set()
+                t.join()
+
+            try:
+                with RemoteDestination(dst_ram.name, cfg, start_method="forkserver") as dest, Source(
+                    src_ram, cfg
+                ) as src:
+                    result = src.migrate(dest.address, pause=pause)
+                    dest.result()
+            finally:
+                pause()
+            assert writes[0] > 100 and result.verified and result.dirty_tracker == "kernel"
+            assert np.array_equal(src_ram.view("pc.ram"), dst_ram.view("pc.ram"))
+        finally:
+            src_ram.unlink()
+            dst_ram.unlink()
