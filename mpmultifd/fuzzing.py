@@ -700,7 +700,8 @@ def _mutate_control_message(cap: Capture, chunk: bytes, variant: int, pos: int) 
     body = bytearray(chunk[FRAME_SIZE:])
     if mtype in (3, 4) and len(body) >= 8:  # ROUND_END, COMPLETE
         rnd, n, _ = struct.unpack_from(">IHH", body)
-        counts = list(np.frombuffer(bytes(body[8:]), dtype=">u8").astype(np.uint64))
+        rest = bytes(body[8:])  # an earlier truncation may have cut a count in half
+        counts = list(np.frombuffer(rest[: len(rest) // 8 * 8], dtype=">u8").astype(np.uint64))
         j = pos % max(1, len(counts))
         v = variant % 9
         if v == 0 and counts:
