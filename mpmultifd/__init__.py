@@ -25,6 +25,7 @@ from .errors import (
     VerificationError,
     WorkerDied,
 )
+from .pool import WorkerPool
 from .ram import BlockInfo, GuestRAM
 from .source import Source
 from .stats import DirtyRateEstimate, MigrationResult
@@ -37,6 +38,7 @@ __all__ = [
     "BlockInfo",
     "Source",
     "Destination",
+    "WorkerPool",
     "MigrationConfig",
     "MigrationResult",
     "DirtyRateEstimate",

@@ -74,11 +74,13 @@ def restore(
     *,
     verify: bool = True,
     direct: bool = False,
+    pool: Any = None,
 ) -> tuple[RestoreResult, bytes]:
     """Fill ``ram`` from the save file at ``path``; returns the result and the save id.
 
     ``config`` supplies ``channels``, ``packet_pages``, ``ring_slots``,
-    ``start_method`` and ``timeout``. Raises :class:`SaveFileError` naming the
+    ``start_method`` and ``timeout``; ``pool``, a ``WorkerPool``, lends the
+    workers. Raises :class:`SaveFileError` naming the
     field for an incomplete, truncated, corrupted or mismatched file, before
     anything is written when the header, tables or layout are wrong. A
     page-data mismatch is found after the pages were read: the region then
@@ -121,7 +123,7 @@ def restore(
                 if view[s : s + n].any():
                     view[s : s + n] = 0
                     zeroed += n
-    nread = _load(path, layout, ram, present, cfg, direct)
+    nread = _load(path, layout, ram, present, cfg, direct, pool)
     verified = False
     if verify:
         mismatches: dict[str, list[int]] = {}
@@ -157,7 +159,13 @@ def restore(
 
 
 def _load(
-    path: str, layout: SaveLayout, ram: GuestRAM, present: list[np.ndarray], cfg: MigrationConfig, direct: bool
+    path: str,
+    layout: SaveLayout,
+    ram: GuestRAM,
+    present: list[np.ndarray],
+    cfg: MigrationConfig,
+    direct: bool,
+    pool: Any,
 ) -> int:
     """Read every present page into ``ram`` with ``cfg.channels`` workers; returns the bytes read."""
     if direct:
@@ -181,7 +189,7 @@ def _load(
             )
             ring = Ring.create(nslots=cfg.ring_slots, capacity=cfg.packet_pages)
             try:
-                proc, conn = start_worker(ctx, loader_main, (spec, ram, ring), f"mpmultifd-restore-{i}")
+                proc, conn = start_worker(ctx, loader_main, (spec, ram, ring), f"mpmultifd-restore-{i}", pool)
             except BaseException:
                 ring.close()
                 ring.unlink()

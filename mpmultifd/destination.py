@@ -30,6 +30,7 @@ from .errors import (
 )
 from .methods import get_method
 from .ram import GuestRAM, file_data_extents
+from .pool import WorkerPool
 from .source import mp_context, nudge_worker, read_available, reap_workers, start_worker, worker_start_method
 from .stats import MigrationResult, RestoreResult
 from . import auth
@@ -108,9 +109,12 @@ class Destination:
         ram: GuestRAM,
         listen: Address = ("127.0.0.1", 0),
         config: MigrationConfig | None = None,
+        *,
+        pool: WorkerPool | None = None,
     ) -> None:
         self.ram = ram
         self.config = config if config is not None else MigrationConfig()
+        self._pool = pool if self.config.tls is None else None  # a TLS session cannot be handed over
         key_ok = self.config.auth_key is not None or self.config.allow_unauthenticated
         if not key_ok and not is_loopback(listen):
             raise ConfigError(
@@ -212,7 +216,7 @@ class Destination:
             if self._session is not None or self._closing:
                 raise MigrationError("restore: a migration already reached this destination; restore before it starts")
             self._restored_id = None
-            result, save_id = restore(path, self.ram, self.config, verify=verify, direct=direct)
+            result, save_id = restore(path, self.ram, self.config, verify=verify, direct=direct, pool=self._pool)
             self._restored_id = save_id
             return result
 
@@ -458,6 +462,7 @@ class Destination:
                     receiver_main,
                     (spec, self.ram, self._received.name, self._stats.name, sock),
                     f"mpmultifd-recv-{hello.channel}",
+                    self._pool,
                 )
                 if resumed:
                     # the source resends this channel's packets from our current round on

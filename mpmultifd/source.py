@@ -43,6 +43,7 @@ from .methods import get_method
 from .pacing import AutoConverge, BandwidthWindow, StallDetector, TokenBucket, rounds_to_converge
 from .ram import GuestRAM
 from .ring import KIND_DATA, KIND_EOS, KIND_STOP, KIND_SYNC, Ring
+from .pool import WorkerPool
 from .savefile import STATE_OFFSET, SaveLayout, SaveState, encode_state, pack_bitmap, pack_digests
 from .stats import DirtyRateEstimate, EventHub, MigrationResult, SaveResult
 from .tracking import DirtyTracker, make_tracker
@@ -102,8 +103,14 @@ def _forget_foreign_forkserver() -> None:
 _START_LOCK = threading.Lock()
 
 
-def start_worker(ctx: Any, target: Callable[..., Any], args: tuple, name: str) -> tuple[Any, Any]:
+def start_worker(
+    ctx: Any, target: Callable[..., Any], args: tuple, name: str, pool: Any = None
+) -> tuple[Any, Any]:
     """Start a worker process with a connection to it; returns (process, our end of the connection).
+
+    With a :class:`~mpmultifd.pool.WorkerPool`, an idle pool worker runs the job
+    instead, and the handles returned give it back to the pool when joined and
+    closed.
 
     One lock serialises every worker start in this process: a fork in one
     thread must not copy the half-made pipes of a start in another thread (a
@@ -114,6 +121,8 @@ def start_worker(ctx: Any, target: Callable[..., Any], args: tuple, name: str) -
     Python 3.12+ warns about forking a process that has threads. The child runs
     only mpmultifd's worker code, which takes none of the parent threads' locks.
     """
+    if pool is not None:
+        return pool.run(target, args)
     with _START_LOCK:
         parent_conn, child_conn = ctx.Pipe()
         proc = ctx.Process(target=target, args=(*args, child_conn), name=name, daemon=True)
@@ -248,7 +257,9 @@ class Source:
     ``migrate()`` blocks the calling thread, which runs the precopy loop;
     ``query()`` and ``cancel()`` may be called from any other thread meanwhile.
     A Source runs one migration at a time; workers it starts end with the
-    migration, and ``close()`` releases whatever is left.
+    migration, and ``close()`` releases whatever is left. With ``pool``, a
+    :class:`~mpmultifd.pool.WorkerPool` of the caller's, the channel workers
+    are borrowed from it (no process start) and given back at the end.
     """
 
     def __init__(
@@ -257,9 +268,12 @@ class Source:
         config: MigrationConfig | None = None,
         *,
         on_event: Callable[[dict[str, Any]], Any] | None = None,
+        pool: WorkerPool | None = None,
     ) -> None:
         self.ram = ram
         self.config = config if config is not None else MigrationConfig()
+        # TLS channel workers must be forked with their session: never pooled
+        self._pool = pool if self.config.tls is None else None
         self._events = EventHub(on_event)
         self._lock = threading.Lock()
         self._progress_lock = threading.Lock()
@@ -545,7 +559,7 @@ class Source:
             )
             ring = Ring.create(nslots=cfg.ring_slots, capacity=cfg.packet_pages)
             try:
-                proc, conn = start_worker(self._ctx, saver_main, (spec, ram, ring), f"mpmultifd-save-{i}")
+                proc, conn = start_worker(self._ctx, saver_main, (spec, ram, ring), f"mpmultifd-save-{i}", self._pool)
             except BaseException:
                 ring.close()
                 ring.unlink()
@@ -1066,6 +1080,7 @@ class Source:
                 sender_main,
                 (WorkerSpec(channel=i, **self._spec_base), self.ram, ring, sock),
                 f"mpmultifd-send-{i}",
+                self._pool,
             )
         except BaseException:
             ring.close()

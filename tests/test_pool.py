@@ -1,0 +1,130 @@
+"""The warm worker pool: the same processes serve migrations, saves and restores one after another."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from mpmultifd import ConfigError, Destination, GuestRAM, MigrationConfig, MigrationError, Source, WorkerPool
+from mpmultifd.testing import fill
+
+BLOCKS = {"pc.ram": 8 << 20, "vga": 2 << 20}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.timeout(120)
+def test_pooled_migrations_reuse_the_same_processes(start_method):
+    cfg = MigrationConfig(channels=2, start_method=start_method)
+    with GuestRAM.create(BLOCKS) as src, GuestRAM.create(BLOCKS) as dst, WorkerPool(
+        4, start_method=start_method
+    ) as pool:
+        try:
+            pids = set(pool.pids())
+            assert len(pids) == 4 and pool.idle == 4
+            for seed in range(3):
+                fill(src, "mixed", seed)
+                with Destination(dst, config=cfg, pool=pool) as d, Source(src, cfg, pool=pool) as s:
+                    result = s.migrate(d.address)
+                    assert d.wait(30).verified and result.verified
+                assert all(np.array_equal(src.view(b.index), dst.view(b.index)) for b in src.blocks)
+                assert pool.idle == 4, "every borrowed worker came back"
+            assert set(pool.pids()) == pids, "no process was started for the migrations"
+            assert pool.reused == 3 * 4 and pool.started == 4
+        finally:
+            src.unlink()
+            dst.unlink()
+
+
+@pytest.mark.timeout(120)
+def test_pooled_save_and_restore(tmp_path):
+    with GuestRAM.create(BLOCKS) as src, GuestRAM.create(BLOCKS) as dst, WorkerPool(2) as pool:
+        try:
+            fill(src, "half-zero", 4)
+            cfg = MigrationConfig(channels=2)
+            path = str(tmp_path / "pooled.mpsave")
+            with Source(src, cfg, pool=pool) as s:
+                s.save(path)
+            with Destination(dst, config=cfg, pool=pool) as d:
+                assert d.restore(path).verified
+            assert all(np.array_equal(src.view(b.index), dst.view(b.index)) for b in src.blocks)
+            assert pool.started == 2 and pool.idle == 2
+        finally:
+            src.unlink()
+            dst.unlink()
+
+
+@pytest.mark.timeout(120)
+def test_a_failed_job_does_not_poison_the_pool(tmp_path):
+    with GuestRAM.create(BLOCKS) as src, GuestRAM.create(BLOCKS) as dst, WorkerPool(2) as pool:
+        try:
+            fill(src, "random", 5)
+            cfg = MigrationConfig(channels=2)
+            path = str(tmp_path / "good.mpsave")
+            with Source(src, cfg, pool=pool) as s:
+                s.save(path)
+            with open(path, "r+b") as f:  # damage page data: the restore fails after the workers ran
+                f.seek(os.path.getsize(path) - 4096 * 3 + 7)
+                f.write(b"\xff")
+            with Destination(dst, config=cfg, pool=pool) as d:
+                with pytest.raises(MigrationError):
+                    d.restore(path)
+            # the pool still serves a full migration afterwards
+            with Destination(dst, config=cfg, pool=pool) as d, Source(src, cfg, pool=pool) as s:
+                s.migrate(d.address)
+                assert d.wait(30).verified
+            assert pool.idle == pool.size >= 2
+        finally:
+            src.unlink()
+            dst.unlink()
+
+
+def _own_a_pool(conn) -> None:
+    pool = WorkerPool(2, start_method="forkserver")
+    conn.send(pool.pids())
+    time.sleep(60)
+
+
+@pytest.mark.timeout(60)
+def test_pool_workers_leave_when_their_owner_dies():
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    owner = ctx.Process(target=_own_a_pool, args=(child,))
+    owner.start()
+    try:
+        assert parent.poll(30)
+        pids = parent.recv()
+        assert len(pids) == 2 and all(_alive(p) for p in pids)
+        os.kill(owner.pid, signal.SIGKILL)
+        owner.join(10)
+        deadline = time.monotonic() + 10
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(p) for p in pids)
+    finally:
+        if owner.is_alive():
+            owner.kill()
+        owner.join()
+
+
+def test_pool_arguments_are_checked():
+    with pytest.raises(ConfigError, match="start_method"):
+        WorkerPool(1, start_method="teleport")
+    with pytest.raises(ConfigError, match="size"):
+        WorkerPool(-1)
+    pool = WorkerPool(0)
+    pool.close()
+    pool.close()  # idempotent
+    with pytest.raises(MigrationError, match="closed"):
+        pool.run(print, ())
