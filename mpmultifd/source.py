@@ -169,6 +169,31 @@ def reap_workers(workers: list[tuple[Any, Any, socket.socket | None]]) -> None:
             sock.close()
 
 
+_FINGERPRINT_COST: dict[int, float] = {}
+
+
+def _fingerprint_seconds_per_page(page_size: int) -> float:
+    """What fingerprinting one page costs on this machine, timed once on a private buffer."""
+    cost = _FINGERPRINT_COST.get(page_size)
+    if cost is None:
+        n = max(1, (8 << 20) // page_size)
+        buf = np.ones((n, page_size), dtype=np.uint8)  # touched now, not inside the timing
+        fingerprint_pages(buf)
+        t0 = time.perf_counter()
+        fingerprint_pages(buf)
+        cost = _FINGERPRINT_COST[page_size] = (time.perf_counter() - t0) / n
+    return cost
+
+
+def _block_fingerprints(ram: GuestRAM, block: int) -> np.ndarray:
+    """Fingerprints of every page of a block, reading only pages with data (a hole's is 0, a zero page's)."""
+    pages = ram.pages(block)
+    out = np.zeros(len(pages), dtype=np.uint64)
+    for first, end in ram.data_extents(block):
+        out[first:end] = fingerprint_pages(pages[first:end])
+    return out
+
+
 def _fsync_dir(path: str) -> None:
     """Make a new file's directory entry durable too."""
     try:
@@ -470,7 +495,7 @@ class Source:
             self._present.unlink()
             self._setup_time = time.monotonic() - self._t_start
             self._set_status("active")
-            rnd, pending, converged = self._precopy()
+            rnd, pending, converged = self._precopy(save=True)
             result = self._finish_save(fd, path, layout, rnd, pending, pause, converged, direct)
             self._set_status("completed")
             return result
@@ -593,13 +618,7 @@ class Source:
         self._wait_done()
         # the digests are of the paused guest's RAM itself: the file is checked against them
         # (here, with verify, and by every restore)
-        prints = []
-        for b in ram.blocks:
-            pages = ram.pages(b.index)
-            fp = np.zeros(b.npages, dtype=np.uint64)
-            for first, end in ram.data_extents(b.index):
-                fp[first:end] = fingerprint_pages(pages[first:end])
-            prints.append(fp)
+        prints = [_block_fingerprints(ram, b.index) for b in ram.blocks]
         # the file holds the paused state: the guest may run again while the file is finished
         self._downtime = time.monotonic() - self._paused_at
         self._resume_now()
@@ -1148,7 +1167,13 @@ class Source:
                         return  # replaced again while resending: that replacement resent everything
         log.info("channel %d reconnected; resent %d packets from round %d", ch.index, len(ch.log), start)
 
-    def _precopy(self, top_up: bool = False) -> tuple[int, list[np.ndarray], bool]:
+    def _fingerprint_cost(self) -> float:
+        """Seconds the switchover will spend fingerprinting the region's pages with data."""
+        ram = self.ram
+        pages = sum(e - f for b in ram.blocks for f, e in ram.data_extents(b.index))
+        return _fingerprint_seconds_per_page(ram.page_size) * pages
+
+    def _precopy(self, top_up: bool = False, save: bool = False) -> tuple[int, list[np.ndarray], bool]:
         """Run precopy rounds until the rest fits the downtime limit; returns (next round, pages left, converged)."""
         cfg = self.config
         ram = self.ram
@@ -1169,6 +1194,7 @@ class Source:
             pending = [np.arange(b.npages, dtype=np.int64) for b in ram.blocks]
         self._sync_seconds += time.perf_counter() - t_sync
         rnd = 0
+        fingerprint_cost = self._fingerprint_cost() if (cfg.verify or save) else 0.0
         window = BandwidthWindow()
         auto = AutoConverge(
             cfg.cpu_throttle_initial, cfg.cpu_throttle_increment, cfg.max_cpu_throttle, cfg.throttle_trigger_threshold
@@ -1196,9 +1222,13 @@ class Source:
             self._remaining_pages = remaining
             self._dirty_rate = remaining / elapsed if elapsed > 0 else 0.0
             if remaining == 0:
-                self._expected_downtime = 0.0
+                transfer = 0.0
             else:
-                self._expected_downtime = remaining * ps / bandwidth if bandwidth > 0 else float("inf")
+                transfer = remaining * ps / bandwidth if bandwidth > 0 else float("inf")
+            # the pause also pays one more dirty sync and, with verify (or a save's digests),
+            # a fingerprint of the region: no round can make those smaller
+            overhead = sync_time + fingerprint_cost
+            self._expected_downtime = transfer + overhead
             log.info(
                 "round %d: %d bytes in %.3f s, %d pages dirty, expected downtime %.3f s",
                 rnd,
@@ -1226,6 +1256,17 @@ class Source:
             if self._expected_downtime <= self._downtime_limit:
                 break
             self._check_cancel()
+            if remaining == 0 and overhead > self._downtime_limit:
+                converged = False
+                self._give_up_or_force(
+                    f"the pause's fixed cost alone ({sync_time:.3f} s to find the last dirty pages with the "
+                    f"{tracker.name!r} tracker, {fingerprint_cost:.3f} s to fingerprint the region) exceeds "
+                    "downtime_limit, and more rounds cannot lower it (verify=False or a cheaper tracker can)",
+                    rnd,
+                    bandwidth,
+                    elapsed,
+                )
+                break
             dirty_bytes = remaining * ps
             # round 0 sent the whole region, so only later rounds say how the writer keeps up
             stalled = stall.update(dirty_bytes) if rnd > 1 else False
@@ -1334,7 +1375,7 @@ class Source:
         self._send_round(rnd, final, final=True)
         if cfg.verify:
             for b in ram.blocks:
-                self._control_send(Verify(b.index, fingerprint_pages(ram.pages(b.index))))
+                self._control_send(Verify(b.index, _block_fingerprints(ram, b.index)))
         self._wait_done()
         deadline = time.monotonic() + cfg.timeout + 2.0 * ram.total_size / (1 << 30)
         while True:

@@ -445,3 +445,28 @@ def test_live_migration_with_the_kernel_tracker_and_a_writer_thread():
         finally:
             src_ram.unlink()
             dst_ram.unlink()
+
+
+@pytest.mark.timeout(60)
+def test_a_pause_whose_fixed_cost_exceeds_the_limit_is_reported_not_retried():
+    """Verification fingerprints the region while paused; no round can make that cheaper."""
+    with GuestRAM.create(SMALL) as src_ram, GuestRAM.create(SMALL) as dst_ram:
+        try:
+            fill(src_ram, "random", 1)
+            for allowed, expect in ((None, "error"), (math.inf, "ok")):
+                cfg = _cfg(downtime_limit=1e-7, stall_downtime_limit=allowed)
+                with RemoteDestination(dst_ram.name, cfg, start_method="forkserver") as dest, Source(
+                    src_ram, cfg
+                ) as src:
+                    if expect == "error":
+                        with pytest.raises(ConvergenceError, match="fixed cost") as e:
+                            src.migrate(dest.address)
+                        assert e.value.rounds == 1  # gave up after the first round, not after max_rounds
+                    else:
+                        result = src.migrate(dest.address)
+                        assert not result.converged and "fixed cost" in result.stall_reason
+                        assert result.rounds == 2
+                        dest.result()
+        finally:
+            src_ram.unlink()
+            dst_ram.unlink()
