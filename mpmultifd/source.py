@@ -970,6 +970,9 @@ class Source:
         self._setup_time = time.monotonic() - self._t_start
         self._set_status("active")
         rnd, pending, converged = self._precopy(top_up)
+        # let the destination drain what is still in flight while the guest runs:
+        # otherwise the pause would also wait for socket buffers to empty
+        self._wait_confirmed(rnd - 1)
         return self._switchover(rnd, pending, pause, converged)
 
     def _open(self, address: Address, hello: Hello) -> socket.socket:
@@ -1486,6 +1489,16 @@ class Source:
     def _wait_synced(self, rnd: int) -> None:
         while any(ch.synced < rnd for ch in self._channels):
             self._pump(1.0)
+
+    def _wait_confirmed(self, rnd: int) -> None:
+        """Wait until the destination passed round ``rnd``'s barrier (its ROUND_ACK)."""
+        deadline = time.monotonic() + self.config.timeout
+        while self._confirmed_round < rnd:
+            if time.monotonic() > deadline:
+                raise ChannelBroken(
+                    f"the destination did not confirm round {rnd} within {self.config.timeout:g} s of it being sent"
+                )
+            self._pump(0.05)
 
     def _wait_done(self) -> None:
         while not all(ch.done for ch in self._channels):
