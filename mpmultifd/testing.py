@@ -166,14 +166,21 @@ class DirtyingWriter:
 
 
 def _destination_main(
-    ram_name: str, listen: tuple[str, int], config: MigrationConfig, restore_from: str | None, conn: Any
+    ram_name: str,
+    listen: tuple[str, int],
+    config: MigrationConfig,
+    restore_from: str | None,
+    pool_size: int,
+    conn: Any,
 ) -> None:
     from .destination import Destination
+    from .pool import WorkerPool
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the source side cancels; the destination follows it
     ram = GuestRAM.attach(ram_name)
+    pool = WorkerPool(pool_size, start_method=config.start_method) if pool_size else None
     try:
-        with Destination(ram, listen, config) as dst:
+        with Destination(ram, listen, config, pool=pool) as dst:
             if restore_from is not None:
                 dst.restore(restore_from)
             conn.send(("address", dst.address))
@@ -183,6 +190,8 @@ def _destination_main(
             except MigrationError as e:
                 conn.send(("error", e, dst.valid))
     finally:
+        if pool is not None:
+            pool.close()
         ram.close()
 
 
@@ -190,7 +199,9 @@ class RemoteDestination:
     """A :class:`~mpmultifd.Destination` receiving into ``ram_name`` in its own process.
 
     With ``restore_from``, the destination first restores that save file, so it
-    can take a top-up migration (``Source.migrate(..., top_up=True)``).
+    can take a top-up migration (``Source.migrate(..., top_up=True)``). With
+    ``pool_size``, its receiver workers come from a warm ``WorkerPool`` started
+    before the address is reported, as an agent that migrates often keeps one.
     """
 
     def __init__(
@@ -202,6 +213,7 @@ class RemoteDestination:
         start_method: str = "spawn",
         timeout: float = 60.0,
         restore_from: str | None = None,
+        pool_size: int = 0,
     ) -> None:
         # the library's context: a forkserver started here preloads numpy and the
         # worker module, so workers started later through it start in milliseconds
@@ -209,7 +221,7 @@ class RemoteDestination:
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(
             target=_destination_main,
-            args=(ram_name, listen, config or MigrationConfig(), restore_from, child),
+            args=(ram_name, listen, config or MigrationConfig(), restore_from, pool_size, child),
             name="mpmultifd-destination",  # not a daemon: it starts worker processes
         )
         self._proc.start()

@@ -358,8 +358,11 @@ def mpm_once(src: GuestRAM, size: int, channels: int, compression: str, args: ar
         start_method=args.start_method,
         verify=args.verify,
     )
+    pool_size = channels if args.pool else 0
     with GuestRAM.create({BLOCK: size}) as dst:
-        with RemoteDestination(dst.name, cfg, start_method=args.start_method) as dest, Source(src, cfg) as source:
+        with RemoteDestination(dst.name, cfg, start_method=args.start_method, pool_size=pool_size) as dest, Source(
+            src, cfg, pool=args.source_pool
+        ) as source:
             t0 = time.perf_counter()
             res = source.migrate(dest.address)
             elapsed = time.perf_counter() - t0
@@ -437,6 +440,8 @@ def main() -> int:
     p.add_argument("--machine", default="pc", help="QEMU machine type (pc or q35)")
     p.add_argument("--start-method", default="forkserver", help="mpmultifd worker start method")
     p.add_argument("--verify", action="store_true", help="mpmultifd: compare page fingerprints at switchover")
+    p.add_argument("--pool", action="store_true",
+                   help="mpmultifd: warm WorkerPools on both ends (started before the timing, as an agent keeps one)")
     p.add_argument("--no-check", action="store_true", help="skip the sha256 checks of the destinations")
     p.add_argument("--no-iperf", action="store_true", help="skip the iperf3 ceiling even if installed")
     p.add_argument("--iperf-seconds", type=int, default=3)
@@ -450,6 +455,11 @@ def main() -> int:
 
     sizes = [parse_size(s) for s in args.sizes.split(",")]
     channels = [int(c) for c in args.channels.split(",")]
+    args.source_pool = None
+    if args.pool:
+        from mpmultifd import WorkerPool
+
+        args.source_pool = WorkerPool(max(channels), start_method=args.start_method)
     contents = args.contents.split(",")
     comps = args.compression.split(",")
     for c in contents:
@@ -542,12 +552,15 @@ def main() -> int:
             finally:
                 with_suppressed(os.unlink, master)
     elapsed = time.monotonic() - t_start
+    if args.source_pool is not None:
+        args.source_pool.close()
 
     example = Qemu.command(args.qemu, args.machine, f"{SHM}/<unique>", max(sizes), "<dir>/dst.qmp", incoming=True)
     doc = json.dumps({"qemu": qemu_version, "qemu_destination_argv": example, "machine": args.machine,
                       "runs": args.runs,
                       "max_bandwidth": args.qemu_max_bandwidth or None, "downtime_limit_ms": args.qemu_downtime_limit,
-                      "start_method": args.start_method, "verify": args.verify, "loadavg_end": os.getloadavg(),
+                      "start_method": args.start_method, "verify": args.verify, "pool": args.pool,
+                      "loadavg_end": os.getloadavg(),
                       "cpus": os.cpu_count(), "iperf3_Bps": iperf, "elapsed_s": elapsed, "rows": rows}, indent=2)
     if args.json_file:
         with open(args.json_file, "w") as f:
