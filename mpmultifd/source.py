@@ -707,10 +707,18 @@ class Source:
                 raise MigrationError("estimate() needs an idle, open Source")
             self._running = True
         try:
+            if self.config.dirty_tracker == "kernel" and self._tracker is not None and self._tracker.started:
+                raise MigrationError(
+                    "estimate(): the kernel tracker of this region is busy tracking the changes since the last "
+                    "save (for a top-up); a region takes one kernel tracker at a time"
+                )
             tracker = make_tracker(self.config.dirty_tracker, self.ram)
             taken: list[list[np.ndarray]] = []
             samples: list[float] = []
             try:
+                if tracker.name == "map":
+                    # marks made before the estimate (since a save, say) are given back afterwards too
+                    taken.append([self.ram.snapshot_dirty(b.index) for b in self.ram.blocks])
                 tracker.start()
                 t_prev = t0 = time.monotonic()
                 while True:

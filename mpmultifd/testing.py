@@ -171,6 +171,7 @@ def _destination_main(
     config: MigrationConfig,
     restore_from: str | None,
     pool_size: int,
+    prefault: bool,
     conn: Any,
 ) -> None:
     from .destination import Destination
@@ -180,9 +181,11 @@ def _destination_main(
     ram = GuestRAM.attach(ram_name)
     pool = WorkerPool(pool_size, start_method=config.start_method) if pool_size else None
     try:
-        with Destination(ram, listen, config, pool=pool) as dst:
+        with Destination(ram, listen, config, pool=pool, prefault=prefault) as dst:
             if restore_from is not None:
                 dst.restore(restore_from)
+            elif prefault:
+                dst._prefaulter.join()  # ready before the address is reported: the agent prepared ahead
             conn.send(("address", dst.address))
             try:
                 res = dst.wait()
@@ -202,6 +205,7 @@ class RemoteDestination:
     can take a top-up migration (``Source.migrate(..., top_up=True)``). With
     ``pool_size``, its receiver workers come from a warm ``WorkerPool`` started
     before the address is reported, as an agent that migrates often keeps one.
+    With ``prefault``, the region is allocated before the address is reported.
     """
 
     def __init__(
@@ -214,6 +218,7 @@ class RemoteDestination:
         timeout: float = 60.0,
         restore_from: str | None = None,
         pool_size: int = 0,
+        prefault: bool = False,
     ) -> None:
         # the library's context: a forkserver started here preloads numpy and the
         # worker module, so workers started later through it start in milliseconds
@@ -221,7 +226,7 @@ class RemoteDestination:
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(
             target=_destination_main,
-            args=(ram_name, listen, config or MigrationConfig(), restore_from, pool_size, child),
+            args=(ram_name, listen, config or MigrationConfig(), restore_from, pool_size, prefault, child),
             name="mpmultifd-destination",  # not a daemon: it starts worker processes
         )
         self._proc.start()

@@ -21,7 +21,6 @@ from mpmultifd import (
     MigrationError,
     SaveFileError,
     Source,
-    VerificationError,
 )
 from mpmultifd.cli import main as cli_main
 from mpmultifd.ram import file_data_extents
@@ -353,3 +352,22 @@ def test_cli_save_and_restore(regions, tmp_path, capsys):
     os.truncate(path, 8192)
     assert cli_main(["restore", path, "--region", dst.name]) == 1
     assert "file_size" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(120)
+def test_an_estimate_between_save_and_top_up_loses_no_marks(regions, tmp_path):
+    src, dst = regions
+    fill(src, "half-zero", 13)
+    path = str(tmp_path / "est.mpsave")
+    with Source(src, _cfg()) as s:
+        s.save(path)
+        for i in range(25):
+            src.write("vga", i * 3 * PS, b"after the save")
+        est = s.estimate(0.2, interval=0.1)
+        assert est.dirty_rate == 0  # nothing new while it sampled
+        with Destination(dst, config=_cfg()) as d:
+            d.restore(path)
+            result = s.migrate(d.address, top_up=True)
+            assert d.wait(30).verified
+    assert result.normal == 25
+    assert _same(src, dst)

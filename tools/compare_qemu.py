@@ -168,24 +168,26 @@ class Qemu:
     """One qemu-system-x86_64, paused, guest RAM in a shared /dev/shm file, driven over QMP."""
 
     def __init__(self, binary: str, machine: str, mem_path: str, size: int, workdir: str, role: str,
-                 incoming: bool = False) -> None:
+                 incoming: bool = False, prealloc: bool = False) -> None:
         self.qmp_path = os.path.join(workdir, f"{role}.qmp")
         self.log = os.path.join(workdir, f"{role}.log")
-        self.argv = self.command(binary, machine, mem_path, size, self.qmp_path, incoming)
+        self.argv = self.command(binary, machine, mem_path, size, self.qmp_path, incoming, prealloc)
         self.qmp: QMP | None = None
         with open(self.log, "wb") as logf:
             self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
                                          start_new_session=True)
 
     @staticmethod
-    def command(binary: str, machine: str, mem_path: str, size: int, qmp_path: str, incoming: bool) -> list[str]:
+    def command(binary: str, machine: str, mem_path: str, size: int, qmp_path: str, incoming: bool,
+                prealloc: bool = False) -> list[str]:
         """A paused TCG guest without devices, disk or kernel whose RAM is the shared file ``mem_path``."""
         mib = size >> 20
+        extra = ",prealloc=on" if prealloc else ""
         argv = [
             binary, "-machine", f"{machine},memory-backend=mem",
             "-accel", "tcg", "-nodefaults", "-no-user-config", "-nographic", "-display", "none", "-S",
             "-smp", "1", "-m", f"{mib}M",
-            "-object", f"memory-backend-file,id=mem,size={mib}M,mem-path={mem_path},share=on",
+            "-object", f"memory-backend-file,id=mem,size={mib}M,mem-path={mem_path},share=on{extra}",
             "-qmp", f"unix:{qmp_path},server=on,wait=off",
         ]
         if incoming:
@@ -268,7 +270,7 @@ def qemu_once(master: str, size: int, channels: int, compression: str, args: arg
     try:
         copy_file(master, src_mem)
         src = Qemu(args.qemu, args.machine, src_mem, size, workdir, "src")
-        dst = Qemu(args.qemu, args.machine, dst_mem, size, workdir, "dst", incoming=True)
+        dst = Qemu(args.qemu, args.machine, dst_mem, size, workdir, "dst", incoming=True, prealloc=args.prefault)
         sq, dq = src.connect(), dst.connect()
         setup_migration(dq, channels, compression, args.qemu_downtime_limit, args.qemu_max_bandwidth)
         setup_migration(sq, channels, compression, args.qemu_downtime_limit, args.qemu_max_bandwidth)
@@ -360,7 +362,8 @@ def mpm_once(src: GuestRAM, size: int, channels: int, compression: str, args: ar
     )
     pool_size = channels if args.pool else 0
     with GuestRAM.create({BLOCK: size}) as dst:
-        with RemoteDestination(dst.name, cfg, start_method=args.start_method, pool_size=pool_size) as dest, Source(
+        with RemoteDestination(dst.name, cfg, start_method=args.start_method, pool_size=pool_size,
+                               prefault=args.prefault) as dest, Source(
             src, cfg, pool=args.source_pool
         ) as source:
             t0 = time.perf_counter()
@@ -440,6 +443,9 @@ def main() -> int:
     p.add_argument("--machine", default="pc", help="QEMU machine type (pc or q35)")
     p.add_argument("--start-method", default="forkserver", help="mpmultifd worker start method")
     p.add_argument("--verify", action="store_true", help="mpmultifd: compare page fingerprints at switchover")
+    p.add_argument("--prefault", action="store_true",
+                   help="both destinations allocate their RAM before the timing: QEMU's prealloc=on, "
+                        "mpmultifd's Destination(prefault=True)")
     p.add_argument("--pool", action="store_true",
                    help="mpmultifd: warm WorkerPools on both ends (started before the timing, as an agent keeps one)")
     p.add_argument("--no-check", action="store_true", help="skip the sha256 checks of the destinations")
@@ -559,7 +565,7 @@ def main() -> int:
     doc = json.dumps({"qemu": qemu_version, "qemu_destination_argv": example, "machine": args.machine,
                       "runs": args.runs,
                       "max_bandwidth": args.qemu_max_bandwidth or None, "downtime_limit_ms": args.qemu_downtime_limit,
-                      "start_method": args.start_method, "verify": args.verify, "pool": args.pool,
+                      "start_method": args.start_method, "verify": args.verify, "pool": args.pool, "prefault": args.prefault,
                       "loadavg_end": os.getloadavg(),
                       "cpus": os.cpu_count(), "iperf3_Bps": iperf, "elapsed_s": elapsed, "rows": rows}, indent=2)
     if args.json_file:
