@@ -136,6 +136,16 @@ class _Worker:
         self.conn = conn
         self.jobs = 0
         self.settled = True  # idle: its last job reported that it released everything
+        self.ended: int | None = None  # the exit code, once the pool closed the process object
+
+    @property
+    def exitcode(self) -> int | None:
+        if self.ended is not None:
+            return self.ended
+        return self.proc.exitcode
+
+    def alive(self) -> bool:
+        return self.ended is None and self.proc.is_alive()
 
 
 class _BorrowedConnection:
@@ -186,14 +196,14 @@ class _BorrowedProcess:
 
     @property
     def exitcode(self) -> int | None:
-        return 0 if self._idle else self._worker.proc.exitcode
+        return 0 if self._idle else self._worker.exitcode
 
     def join(self, timeout: float | None = None) -> None:
         from .worker import forward_log
 
         deadline = None if timeout is None else time.monotonic() + timeout
         conn = self._worker.conn
-        while not self._idle and self._worker.proc.exitcode is None:
+        while not self._idle and self._worker.exitcode is None:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
                 if not conn.poll(left):
@@ -209,10 +219,11 @@ class _BorrowedProcess:
                 forward_log(msg)
 
     def is_alive(self) -> bool:
-        return not self._idle and self._worker.proc.is_alive()
+        return not self._idle and self._worker.alive()
 
     def kill(self) -> None:
-        self._worker.proc.kill()
+        if self._worker.ended is None:
+            self._worker.proc.kill()
 
     def close(self) -> None:
         pass  # the process is the pool's
@@ -269,7 +280,7 @@ class WorkerPool:
                 w = self._idle.pop() if self._idle else None
             if w is None:
                 w = self._new_worker()
-            elif w.proc.exitcode is not None:
+            elif w.exitcode is not None:
                 self._forget(w)
                 continue
             else:
@@ -290,7 +301,7 @@ class WorkerPool:
 
     def _give_back(self, w: _Worker) -> None:
         """A job's owner is done with ``w``: keep it if its job reported idle, else end it."""
-        if w.settled and w.proc.exitcode is None:
+        if w.settled and w.exitcode is None:
             with self._lock:
                 if not self._closed:
                     self._idle.append(w)
@@ -307,6 +318,8 @@ class WorkerPool:
 
     @staticmethod
     def _end(w: _Worker, grace: float = _RETURN_GRACE) -> None:
+        if w.ended is not None:
+            return
         try:
             w.conn.send(None)
         except (OSError, ValueError):
@@ -316,6 +329,7 @@ class WorkerPool:
             w.proc.kill()
             w.proc.join(5.0)
         w.conn.close()
+        w.ended = w.proc.exitcode if w.proc.exitcode is not None else -9
         try:
             w.proc.close()
         except ValueError:

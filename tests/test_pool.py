@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import threading
 import time
 
 import numpy as np
@@ -128,3 +129,38 @@ def test_pool_arguments_are_checked():
     pool.close()  # idempotent
     with pytest.raises(MigrationError, match="closed"):
         pool.run(print, ())
+
+
+@pytest.mark.timeout(120)
+def test_a_migration_that_breaks_gives_its_pooled_workers_back_cleanly():
+    """A destination that dies mid-migration fails the source's jobs; the pool carries on."""
+    from mpmultifd.testing import RemoteDestination
+
+    big = {"pc.ram": 96 << 20}
+    with GuestRAM.create(big) as src, GuestRAM.create(big) as dst, WorkerPool(2) as pool:
+        try:
+            fill(src, "random", 6)
+            cfg = MigrationConfig(channels=2, max_bandwidth=8_000_000, timeout=5.0)
+            with RemoteDestination(dst.name, cfg, start_method="forkserver") as dest, Source(src, cfg, pool=pool) as s:
+                def kill_later():
+                    time.sleep(1.0)
+                    os.kill(dest._proc.pid, signal.SIGKILL)
+
+                threading.Thread(target=kill_later).start()
+                with pytest.raises(MigrationError):
+                    s.migrate(dest.address)
+                assert s.status == "failed"
+            # the pool still works: a full migration into a fresh in-process destination
+            cfg2 = MigrationConfig(channels=2)
+            with GuestRAM.create(big) as dst2:
+                try:
+                    with Destination(dst2, config=cfg2, pool=pool) as d, Source(src, cfg2, pool=pool) as s:
+                        s.migrate(d.address)
+                        assert d.wait(30).verified
+                    assert np.array_equal(src.view(0), dst2.view(0))
+                finally:
+                    dst2.unlink()
+            assert pool.idle == pool.size >= 2
+        finally:
+            src.unlink()
+            dst.unlink()
