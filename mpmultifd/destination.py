@@ -391,6 +391,7 @@ class Destination:
             self._take_incoming(accept_data=False)
         ctrl = self._control
         decoder = ControlDecoder()
+        self._decoder = decoder  # a failing receiver may need to read why the source left
         ctrl.setblocking(False)
         deadline = time.monotonic() + cfg.timeout
         msg = self._next_message(decoder, deadline)
@@ -702,10 +703,41 @@ class Destination:
         if self._receivers.get(r.index) is not r:
             return  # a report from a receiver already retired (replaced by a reconnection)
         if self._retries_left <= 0 or not isinstance(err, ChannelError):
+            if isinstance(err, ChannelError):
+                self._raise_why_source_left(err)
             raise err
         self._retire(r, str(err))
         self._broken[r.index] = time.monotonic() + self.config.timeout
         log.warning("channel %d broke (%s); waiting for the source to reconnect it", r.index, err)
+
+    def _raise_why_source_left(self, err: MigrationError, grace: float = 0.5) -> None:
+        """A data channel closed: if the source said why on the control channel (a cancel, its own
+        failure), that is the error to report, not the closed channel it caused."""
+        ctrl, decoder = self._control, getattr(self, "_decoder", None)
+        if ctrl is None or decoder is None:
+            return
+        deadline = time.monotonic() + grace
+        while True:
+            try:
+                msgs = []
+                while (msg := decoder.next_message()) is not None:
+                    msgs.append(msg)
+            except MigrationError:
+                return  # garbage on the control channel: the closed channel stands
+            for msg in msgs:
+                if isinstance(msg, Cancel):
+                    raise MigrationCancelled("the source cancelled the migration") from err
+                if isinstance(msg, ErrorMessage):
+                    raise MigrationError(f"source failed: {msg.message}") from err
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            try:
+                if not mp_wait([ctrl], left):
+                    return
+                decoder.feed(read_available(ctrl, "the source"))
+            except (MigrationError, OSError):
+                return
 
     def _wait(self, receivers: list[_Receiver], ctrl: socket.socket | None, timeout: float | None = 1.0) -> None:
         waitables: list[Any] = [self._wake_r]
