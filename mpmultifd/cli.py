@@ -178,30 +178,38 @@ def _not_completed(a: argparse.Namespace, exc: MigrationError, query: dict[str, 
 def cmd_recv(a: argparse.Namespace) -> int:
     """Listen and receive one migration into a region."""
     cfg = _config(a, server=True)
+    with _receiving_region(a) as ram, Destination(ram, a.listen, cfg) as dst:
+        return _await_migration(a, dst, ram, f"receiving into region {ram.name}")
+
+
+@contextlib.contextmanager
+def _receiving_region(a: argparse.Namespace) -> Iterator[GuestRAM]:
+    """The region to receive into; closed at the end, and removed unless --keep (or not ours)."""
     ram = _open_region(a)
     try:
-        with Destination(ram, a.listen, cfg) as dst:
-            address = dst.address if isinstance(dst.address, str) else f"{dst.address[0]}:{dst.address[1]}"
-            _emit(a, {"event": "listening", "address": address, "region": ram.name})
-            if not a.json:
-                print(f"listening on {address}; receiving into region {ram.name}", flush=True)
-            with _cancel_on_sigint(dst):
-                try:
-                    res = dst.wait()
-                except MigrationError as e:
-                    return _not_completed(a, e, dst.query())
-            _emit(a, {"event": "result", **res.to_dict(), "region": ram.name})
-            if not a.json:
-                print(f"received {_fmt_bytes(res.total)} in {res.total_time:.3f} s, verified: {res.verified}")
-            if a.create and a.keep:
-                ram.close()  # leave the region in /dev/shm for its next user
-                ram = None  # type: ignore[assignment]
-            return 0
+        yield ram
     finally:
-        if ram is not None:
-            ram.close()
-            if ram.owner and not a.keep:
-                ram.unlink()
+        ram.close()
+        if ram.owner and not a.keep:
+            ram.unlink()
+
+
+def _await_migration(a: argparse.Namespace, dst: Destination, ram: GuestRAM, doing: str) -> int:
+    """Say where the destination listens, wait for the migration, report it; the exit code."""
+    address = dst.address if isinstance(dst.address, str) else f"{dst.address[0]}:{dst.address[1]}"
+    _emit(a, {"event": "listening", "address": address, "region": ram.name})
+    if not a.json:
+        print(f"listening on {address}; {doing}", flush=True)
+    with _cancel_on_sigint(dst):
+        try:
+            res = dst.wait()
+        except MigrationError as e:
+            return _not_completed(a, e, dst.query())
+    _emit(a, {"event": "result", **res.to_dict(), "region": ram.name})
+    if not a.json:
+        print(f"received {_fmt_bytes(res.transferred)} of {_fmt_bytes(res.total)} in {res.total_time:.3f} s, "
+              f"verified: {res.verified}")
+    return 0
 
 
 def _run_cmd(cmd: str | None) -> Callable[[], None] | None:
@@ -275,7 +283,7 @@ def cmd_save(a: argparse.Namespace) -> int:
                     )
                     break
                 except MigrationError as e:
-                    refused = isinstance(e.__cause__, (ConnectionRefusedError, FileNotFoundError))
+                    refused = _not_listening_yet(e)
                     if not refused or time.monotonic() > deadline:
                         return _not_completed(a, e, src.query())
                     time.sleep(0.2)
@@ -287,42 +295,33 @@ def cmd_save(a: argparse.Namespace) -> int:
         _release_region(ram)
 
 
+def _not_listening_yet(exc: BaseException) -> bool:
+    """Whether a failed connect means nobody listens there yet (refused, or no Unix socket file)."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        if isinstance(e, (ConnectionRefusedError, FileNotFoundError)):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def cmd_restore(a: argparse.Namespace) -> int:
     """Restore a region from a save file; with --listen, then receive a top-up migration."""
     cfg = _config(a, server=True)
-    ram = _open_region(a)
-    try:
-        with Destination(ram, a.listen, cfg) as dst:
-            res = dst.restore(a.path, verify=a.verify, direct=a.direct)
-            _emit(a, {"event": "restored", **res.to_dict(), "region": ram.name})
-            if not a.json:
-                print(
-                    f"restored {_fmt_bytes(res.total)} from {res.path} in {res.total_time:.3f} s "
-                    f"({res.present_pages} pages with data), verified: {res.verified}; region {ram.name}",
-                    flush=True,
-                )
-            if a.top_up:
-                address = dst.address if isinstance(dst.address, str) else f"{dst.address[0]}:{dst.address[1]}"
-                _emit(a, {"event": "listening", "address": address, "region": ram.name})
-                if not a.json:
-                    print(f"listening on {address} for a top-up of save {res.save_id}", flush=True)
-                with _cancel_on_sigint(dst):
-                    try:
-                        mig = dst.wait()
-                    except MigrationError as e:
-                        return _not_completed(a, e, dst.query())
-                _emit(a, {"event": "result", **mig.to_dict(), "region": ram.name})
-                if not a.json:
-                    print(f"topped up: {_fmt_bytes(mig.transferred)} received, verified: {mig.verified}")
-        if a.create and a.keep:
-            ram.close()  # leave the region in /dev/shm for its next user
-            ram = None  # type: ignore[assignment]
-        return 0
-    finally:
-        if ram is not None:
-            ram.close()
-            if ram.owner and not a.keep:
-                ram.unlink()
+    with _receiving_region(a) as ram, Destination(ram, a.listen, cfg) as dst:
+        res = dst.restore(a.path, verify=a.verify, direct=a.direct)
+        _emit(a, {"event": "restored", **res.to_dict(), "region": ram.name})
+        if not a.json:
+            print(
+                f"restored {_fmt_bytes(res.total)} from {res.path} in {res.total_time:.3f} s "
+                f"({res.present_pages} pages with data), verified: {res.verified}; region {ram.name}",
+                flush=True,
+            )
+        if not a.top_up:
+            return 0
+        return _await_migration(a, dst, ram, f"waiting for a top-up of save {res.save_id}")
 
 
 def cmd_check(a: argparse.Namespace) -> int:

@@ -359,18 +359,7 @@ class Source:
         any other save. The save's tracking ends with any migration, so after
         a failed top-up the next migration must be a full one.
         """
-        with self._lock:
-            if self._closed:
-                raise MigrationError("this Source is closed")
-            if self._running:
-                raise MigrationError("a migration is already running on this Source")
-            self._running = True
-            self._reset_stats()
-            cancelled_early = self._cancel_requested
-        if cancelled_early:
-            self._set_status("cancelled")
-            self._running = False
-            raise MigrationCancelled("cancelled before the migration started")
+        self._begin("migration")
         error: BaseException | None = None
         try:
             if top_up and self._save_base is None:
@@ -399,6 +388,21 @@ class Source:
                     log.exception("resume() failed after a failed migration")
             self._t_end = time.monotonic()
             self._running = False
+
+    def _begin(self, what: str) -> None:
+        """Claim this Source for one migration or save; a cancel that came first ends it here."""
+        with self._lock:
+            if self._closed:
+                raise MigrationError("this Source is closed")
+            if self._running:
+                raise MigrationError("a migration or save is already running on this Source")
+            self._running = True
+            self._reset_stats()
+            cancelled_early = self._cancel_requested
+        if cancelled_early:
+            self._set_status("cancelled")
+            self._running = False
+            raise MigrationCancelled(f"cancelled before the {what} started")
 
     def cancel(self) -> None:
         """Ask the running migration to stop; idempotent, and safe from any thread or a signal handler.
@@ -451,18 +455,7 @@ class Source:
         sends only those.
         """
         path = os.fspath(path)
-        with self._lock:
-            if self._closed:
-                raise MigrationError("this Source is closed")
-            if self._running:
-                raise MigrationError("a migration or save is already running on this Source")
-            self._running = True
-            self._reset_stats()
-            cancelled_early = self._cancel_requested
-        if cancelled_early:
-            self._set_status("cancelled")
-            self._running = False
-            raise MigrationCancelled("cancelled before the save started")
+        self._begin("save")
         error: BaseException | None = None
         fd = -1
         try:

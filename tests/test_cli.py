@@ -170,3 +170,40 @@ def test_sigint_during_send_ends_cancelled():
                     p.kill()
                 if p is not None:
                     p.communicate()
+
+
+@pytest.mark.timeout(120)
+def test_cli_save_with_top_up_to_a_restored_destination(tmp_path):
+    """Two processes: `save --top-up-to` saves, then sends the changes to `restore --top-up` once it listens."""
+    with GuestRAM.create({"pc.ram": 8 << 20}) as s, GuestRAM.create({"pc.ram": 8 << 20}) as d:
+        fill(s, "half-zero", 9)
+        path = str(tmp_path / "vm.mpsave")
+        sock = f"unix:{tmp_path}/topup.sock"
+        save = popen_cli("save", path, "--region", s.name, "--channels", "2", "--json", "--no-progress",
+                         "--top-up-to", sock, "--top-up-wait", "60")
+        restore = None
+        try:
+            while True:  # the save is complete once its result is out
+                event = json.loads(save.stdout.readline())
+                if event.get("event") == "result":
+                    break
+            assert event["present-pages"] > 0
+            for i in range(12):  # the guest runs on after the save
+                s.write("pc.ram", i * 5 * 4096, b"new since the save")
+            restore = popen_cli("restore", path, "--region", d.name, "--channels", "2", "--json",
+                                "--top-up", "--listen", sock)
+            out, err = restore.communicate(timeout=60)
+            assert restore.returncode == 0, err
+            events = [json.loads(x) for x in out.splitlines()]
+            assert [e["event"] for e in events] == ["restored", "listening", "result"]
+            assert events[-1]["verified"] is True and events[-1]["normal"] == 12
+            sout, serr = save.communicate(timeout=60)
+            assert save.returncode == 0, serr
+            assert json.loads(sout.splitlines()[-1])["normal"] == 12
+            assert np.array_equal(s.view(0), d.view(0))
+        finally:
+            for p in (save, restore):
+                if p is not None and p.poll() is None:
+                    p.kill()
+                if p is not None:
+                    p.communicate()
