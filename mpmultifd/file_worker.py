@@ -162,111 +162,114 @@ def _round_marker(batch, ring: Ring, conn: Connection) -> bool:
     return batch.kind == KIND_STOP
 
 
+def _serve_batches(ring: Ring, conn: Connection, handle) -> None:
+    """Pop batches until EOS or STOP: ``handle`` each data batch, report each round marker."""
+    counters = ring.counters
+    watch = CoordinatorWatch(conn)
+    while True:
+        batch = ring.pop(timeout=_POLL)
+        if batch is None:
+            watch.check()
+            continue
+        if batch.kind != KIND_DATA:
+            if _round_marker(batch, ring, conn):
+                return
+            continue
+        t0 = time.perf_counter_ns()
+        handle(batch)
+        counters[C_PACKETS] += 1
+        counters[C_BUSY_NS] += time.perf_counter_ns() - t0
+
+
 def _run_saver(spec: FileSpec, ram: GuestRAM, ring: Ring, conn: Connection, fd: int, present_seg) -> None:
     ps = spec.worker.page_size
     grids = [ram.pages(b.index) for b in ram.blocks]
     words = [g.view(np.uint64) for g in grids]
     datas = [memoryview(ram.view(b.index)).cast("B") for b in ram.blocks]
-    present = np.frombuffer(present_seg.buf, dtype=np.uint8)
+    presents = [np.frombuffer(present_seg.buf, dtype=np.uint8)]
     detect_zero = spec.worker.zero_page == "multifd"
     counters = ring.counters
-    watch = CoordinatorWatch(conn)
-    can_punch = True
-    try:
-        while True:
-            batch = ring.pop(timeout=_POLL)
-            if batch is None:
-                watch.check()
-                continue
-            t0 = time.perf_counter_ns()
-            if batch.kind != KIND_DATA:
-                if _round_marker(batch, ring, conn):
-                    return
-                continue
-            blk = batch.block
-            pages = batch.pages.astype(np.intp, copy=False)
-            mine = present[spec.present_offsets[blk] : spec.present_offsets[blk] + len(grids[blk])]
-            if detect_zero and len(pages):
-                first, n = int(pages[0]), len(pages)
-                if int(pages[-1]) - first == n - 1:  # batches are sorted: a range is one run
-                    nonzero = words[blk][first : first + n].any(axis=1)
-                else:
-                    nonzero = words[blk][pages].any(axis=1)
-                normal, zero = pages[nonzero], pages[~nonzero]
+    can_punch = [True]
+
+    def save(batch) -> None:
+        blk = batch.block
+        pages = batch.pages.astype(np.intp, copy=False)
+        mine = presents[0][spec.present_offsets[blk] : spec.present_offsets[blk] + len(grids[blk])]
+        if detect_zero and len(pages):
+            first, n = int(pages[0]), len(pages)
+            if int(pages[-1]) - first == n - 1:  # batches are sorted: a range is one run
+                nonzero = words[blk][first : first + n].any(axis=1)
             else:
-                normal, zero = pages, pages[:0]
-            base = spec.data_offsets[blk]
-            starts, lengths = page_runs(normal)
-            written = 0
-            for s, n in zip(starts.tolist(), lengths.tolist()):
-                view = datas[blk][s * ps : (s + n) * ps]
-                off = base + s * ps
-                done = os.pwritev(fd, [view], off)
-                while done < len(view):  # short writes: a signal, or a full disk (then OSError)
-                    done += os.pwritev(fd, [view[done:]], off + done)
-                written += len(view)
-            counters[C_SYSCALLS] += len(starts)
-            mine[normal] = 1
-            # zero pages that held data in an earlier round lose it again
-            stale = zero[mine[zero] != 0]
-            if len(stale):
-                zs, zl = page_runs(stale)
-                for s, n in zip(zs.tolist(), zl.tolist()):
-                    if can_punch:
-                        can_punch = punch_hole(fd, base + s * ps, n * ps)
-                    if not can_punch:
-                        os.pwrite(fd, bytes(n * ps), base + s * ps)
-                counters[C_ZERO_WRITTEN] += len(stale)
-                mine[stale] = 0
-            counters[C_PACKETS] += 1
-            counters[C_NORMAL] += len(normal)
-            counters[C_ZERO] += len(zero)
-            counters[C_PAYLOAD] += written
-            counters[C_WIRE_BYTES] += written
-            counters[C_BUSY_NS] += time.perf_counter_ns() - t0
+                nonzero = words[blk][pages].any(axis=1)
+            normal, zero = pages[nonzero], pages[~nonzero]
+        else:
+            normal, zero = pages, pages[:0]
+        base = spec.data_offsets[blk]
+        starts, lengths = page_runs(normal)
+        written = 0
+        for s, n in zip(starts.tolist(), lengths.tolist()):
+            view = datas[blk][s * ps : (s + n) * ps]
+            off = base + s * ps
+            done = os.pwritev(fd, [view], off)
+            while done < len(view):  # short writes: a signal, or a full disk (then OSError)
+                done += os.pwritev(fd, [view[done:]], off + done)
+            written += len(view)
+        counters[C_SYSCALLS] += len(starts)
+        mine[normal] = 1
+        # zero pages that held data in an earlier round lose it again
+        stale = zero[mine[zero] != 0]
+        if len(stale):
+            zs, zl = page_runs(stale)
+            for s, n in zip(zs.tolist(), zl.tolist()):
+                if can_punch[0]:
+                    can_punch[0] = punch_hole(fd, base + s * ps, n * ps)
+                if not can_punch[0]:
+                    os.pwrite(fd, bytes(n * ps), base + s * ps)
+            counters[C_ZERO_WRITTEN] += len(stale)
+            mine[stale] = 0
+        counters[C_NORMAL] += len(normal)
+        counters[C_ZERO] += len(zero)
+        counters[C_PAYLOAD] += written
+        counters[C_WIRE_BYTES] += written
+
+    try:
+        _serve_batches(ring, conn, save)
     finally:
-        del grids, words, datas, present
+        # the mappings close after this: no view of them may outlive it, even in a traceback
+        for views in (grids, words, datas, presents):
+            views.clear()
 
 
 def _run_loader(spec: FileSpec, ram: GuestRAM, ring: Ring, conn: Connection, fd: int) -> None:
     ps = spec.worker.page_size
     datas = [memoryview(ram.view(b.index)).cast("B") for b in ram.blocks]
     counters = ring.counters
-    watch = CoordinatorWatch(conn)
+
+    def load(batch) -> None:
+        blk = batch.block
+        pages = batch.pages.astype(np.intp, copy=False)
+        base = spec.data_offsets[blk]
+        starts, lengths = page_runs(pages)
+        read = 0
+        for s, n in zip(starts.tolist(), lengths.tolist()):
+            view = datas[blk][s * ps : (s + n) * ps]
+            off = base + s * ps
+            got = os.preadv(fd, [view], off)
+            while got < len(view):
+                more = os.preadv(fd, [view[got:]], off + got)
+                if more == 0:
+                    raise MigrationError(
+                        f"save file ended at offset {off + got} inside block {blk} page {s + got // ps}: "
+                        "it was truncated after it was checked"
+                    )
+                got += more
+            read += len(view)
+        counters[C_SYSCALLS] += len(starts)
+        counters[C_NORMAL] += len(pages)
+        counters[C_PAYLOAD] += read
+        counters[C_WIRE_BYTES] += read
+
     try:
-        while True:
-            batch = ring.pop(timeout=_POLL)
-            if batch is None:
-                watch.check()
-                continue
-            t0 = time.perf_counter_ns()
-            if batch.kind != KIND_DATA:
-                if _round_marker(batch, ring, conn):
-                    return
-                continue
-            blk = batch.block
-            pages = batch.pages.astype(np.intp, copy=False)
-            base = spec.data_offsets[blk]
-            starts, lengths = page_runs(pages)
-            read = 0
-            for s, n in zip(starts.tolist(), lengths.tolist()):
-                view = datas[blk][s * ps : (s + n) * ps]
-                off = base + s * ps
-                got = os.preadv(fd, [view], off)
-                while got < len(view):
-                    more = os.preadv(fd, [view[got:]], off + got)
-                    if more == 0:
-                        raise MigrationError(
-                            f"save file ended at offset {off + got} inside block {blk} page {s + got // ps}: "
-                            "it was truncated after it was checked"
-                        )
-                    got += more
-                read += len(view)
-            counters[C_SYSCALLS] += len(starts)
-            counters[C_PACKETS] += 1
-            counters[C_NORMAL] += len(pages)
-            counters[C_PAYLOAD] += read
-            counters[C_WIRE_BYTES] += read
-            counters[C_BUSY_NS] += time.perf_counter_ns() - t0
+        _serve_batches(ring, conn, load)
     finally:
-        del datas
+        datas.clear()
