@@ -143,6 +143,24 @@ def test_token_bucket_paces_to_its_rate_and_never_saves_up_more_than_a_burst():
     assert bucket.delay(10**12, now=20.0) == 0.0
 
 
+@given(
+    rate=st.integers(4096, 10**9),
+    burst=st.integers(4096, 8 << 20),
+    steps=st.lists(st.tuples(st.integers(0, 4 << 20), st.floats(0.0, 0.5)), min_size=1, max_size=60),
+)
+def test_token_bucket_never_lets_more_than_rate_times_time_plus_a_burst_through(rate, burst, steps):
+    """A sender that waits what delay() says never exceeds rate * elapsed + burst, idle gaps or not."""
+    bucket = TokenBucket(rate, burst=burst)
+    t, used = 100.0, 0
+    bucket.delay(0, t)
+    for chunk, idle in steps:
+        t += idle  # the sender had nothing to send for a while
+        used += chunk
+        t += bucket.delay(used, t)
+        assert bucket.delay(used, t) <= 1e-9 * max(1.0, used / rate)
+        assert used <= rate * (t - 100.0) + burst + 1e-6 * used
+
+
 @given(st.lists(st.tuples(st.integers(1, 10**6), st.floats(0.001, 0.2)), min_size=1, max_size=30))
 def test_bandwidth_window_covers_at_least_100_ms_of_the_latest_rounds(rounds):
     w = BandwidthWindow()
