@@ -21,14 +21,14 @@ import numpy as np
 
 from .config import MigrationConfig
 from .digest import fingerprint_some
-from .errors import MigrationError, SaveFileError, WorkerDied
-from .file_worker import FileSpec, loader_main, open_file, page_runs
+from .errors import ConfigError, MigrationError, SaveFileError, WorkerDied
+from .file_worker import file_spec, loader_main, open_file, page_runs
 from .ram import GuestRAM
 from .ring import KIND_DATA, KIND_EOS, KIND_STOP, Ring
 from .savefile import SaveLayout, read_layout, unpack_bitmap, unpack_digests
 from .source import mp_context, nudge_worker, reap_workers, start_worker
 from .stats import RestoreResult
-from .worker import C_WIRE_BYTES, WorkerSpec, error_from_report, forward_log
+from .worker import C_WIRE_BYTES, error_from_report, forward_log
 
 __all__ = ["restore", "read_save_tables"]
 
@@ -92,8 +92,6 @@ def restore(
     layout, state = read_layout(path)
     layout.check_matches([(b.name, b.size) for b in ram.blocks], ram.page_size, path=path)
     if direct and ram.page_size < 4096:
-        from .errors import ConfigError
-
         raise ConfigError(f"direct: O_DIRECT needs pages of at least 4096 bytes, not {ram.page_size}")
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -173,20 +171,10 @@ def _load(
     ctx = mp_context(cfg.start_method)
     loaders: list[_Loader] = []
     error: BaseException | None = None
+    data_offsets = tuple(b.data_offset for b in layout.blocks)
     try:
         for i in range(cfg.channels):
-            spec = FileSpec(
-                worker=WorkerSpec(
-                    channel=i,
-                    page_size=ram.page_size,
-                    packet_pages=cfg.packet_pages,
-                    block_sizes=tuple(b.size for b in ram.blocks),
-                    log_level=logging.getLogger("mpmultifd").getEffectiveLevel(),
-                ),
-                path=path,
-                data_offsets=tuple(b.data_offset for b in layout.blocks),
-                direct=direct,
-            )
+            spec = file_spec(ram, data_offsets, path, i, packet_pages=cfg.packet_pages, direct=direct)
             ring = Ring.create(nslots=cfg.ring_slots, capacity=cfg.packet_pages)
             try:
                 proc, conn = start_worker(ctx, loader_main, (spec, ram, ring), f"mpmultifd-restore-{i}", pool)

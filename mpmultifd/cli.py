@@ -224,87 +224,78 @@ def _run_cmd(cmd: str | None) -> Callable[[], None] | None:
 
 def cmd_send(a: argparse.Namespace) -> int:
     """Migrate a named region or /dev/shm file to a listening destination."""
+    with _cli_source(a) as src:
+        try:
+            res = _with_progress(a, src, lambda: src.migrate(a.address, pause=_run_cmd(a.pause_cmd),
+                                                             resume=_run_cmd(a.resume_cmd)))
+        except MigrationError as e:
+            return _not_completed(a, e, src.query())
+        _emit(a, {"event": "result", **res.to_dict(), "query": src.query()})
+        if not a.json:
+            print(
+                f"migrated {_fmt_bytes(res.total)} in {res.total_time:.3f} s over {res.rounds} rounds, "
+                f"downtime {res.downtime * 1000:.1f} ms, verified: {res.verified}"
+            )
+        return 0
+
+
+@contextlib.contextmanager
+def _cli_source(a: argparse.Namespace) -> Iterator[Source]:
+    """A Source over the region --region/--file names; --json prints its events, Ctrl-C cancels."""
     cfg = _config(a)
     ram = _open_region(a)
     # with --json, every status change and round is a line of its own as it happens
     on_event = (lambda ev: print(json.dumps(ev), flush=True)) if a.json else None
     try:
         with Source(ram, cfg, on_event=on_event) as src, _cancel_on_sigint(src):
-            show = a.progress if a.progress is not None else sys.stderr.isatty()
-            display = ProgressDisplay(src.query, sys.stderr) if show else contextlib.nullcontext()
-            try:
-                with display:
-                    res = src.migrate(a.address, pause=_run_cmd(a.pause_cmd), resume=_run_cmd(a.resume_cmd))
-            except MigrationError as e:
-                return _not_completed(a, e, src.query())
-            _emit(a, {"event": "result", **res.to_dict(), "query": src.query()})
-            if not a.json:
-                print(
-                    f"migrated {_fmt_bytes(res.total)} in {res.total_time:.3f} s over {res.rounds} rounds, "
-                    f"downtime {res.downtime * 1000:.1f} ms, verified: {res.verified}"
-                )
-            return 0
+            yield src
     finally:
         _release_region(ram)
+
+
+def _with_progress(a: argparse.Namespace, src: Source, run: Callable[[], Any]) -> Any:
+    """``run()`` under the progress display (--progress, or by default when stderr is a terminal)."""
+    show = a.progress if a.progress is not None else sys.stderr.isatty()
+    with ProgressDisplay(src.query, sys.stderr) if show else contextlib.nullcontext():
+        return run()
 
 
 def cmd_save(a: argparse.Namespace) -> int:
     """Save a region (live) to a file; the file is marked complete only once it is whole and synced."""
-    cfg = _config(a)
-    ram = _open_region(a)
-    on_event = (lambda ev: print(json.dumps(ev), flush=True)) if a.json else None
-    try:
-        with Source(ram, cfg, on_event=on_event) as src, _cancel_on_sigint(src):
-            show = a.progress if a.progress is not None else sys.stderr.isatty()
-            display = ProgressDisplay(src.query, sys.stderr) if show else contextlib.nullcontext()
-            try:
-                with display:
-                    res = src.save(a.path, pause=_run_cmd(a.pause_cmd), resume=_run_cmd(a.resume_cmd), direct=a.direct)
-            except MigrationError as e:
-                return _not_completed(a, e, src.query())
-            _emit(a, {"event": "result", **res.to_dict()})
-            if not a.json:
-                print(
-                    f"saved {_fmt_bytes(res.total)} to {res.path} in {res.total_time:.3f} s over {res.rounds} rounds "
-                    f"({res.present_pages} pages with data, {_fmt_bytes(res.allocated)} on disk), "
-                    f"downtime {res.downtime * 1000:.1f} ms, save id {res.save_id}",
-                    flush=True,
-                )
-            if a.top_up_to is None:
-                return 0
-            # the guest runs on; once a destination restored from the file listens, send what changed since
-            if not a.json:
-                print(f"waiting up to {a.top_up_wait:g} s for {a.top_up_to} to listen for the top-up", flush=True)
-            deadline = time.monotonic() + a.top_up_wait
-            while True:
-                try:
-                    mig = src.migrate(
-                        a.top_up_to, pause=_run_cmd(a.pause_cmd), resume=_run_cmd(a.resume_cmd), top_up=True
-                    )
-                    break
-                except MigrationError as e:
-                    refused = _not_listening_yet(e)
-                    if not refused or time.monotonic() > deadline:
-                        return _not_completed(a, e, src.query())
-                    time.sleep(0.2)
-            _emit(a, {"event": "result", **mig.to_dict()})
-            if not a.json:
-                print(f"topped up: {_fmt_bytes(mig.transferred)} sent in {mig.total_time:.3f} s, verified: {mig.verified}")
+    with _cli_source(a) as src:
+        try:
+            res = _with_progress(a, src, lambda: src.save(a.path, pause=_run_cmd(a.pause_cmd),
+                                                          resume=_run_cmd(a.resume_cmd), direct=a.direct))
+        except MigrationError as e:
+            return _not_completed(a, e, src.query())
+        _emit(a, {"event": "result", **res.to_dict()})
+        if not a.json:
+            print(
+                f"saved {_fmt_bytes(res.total)} to {res.path} in {res.total_time:.3f} s over {res.rounds} rounds "
+                f"({res.present_pages} pages with data, {_fmt_bytes(res.allocated)} on disk), "
+                f"downtime {res.downtime * 1000:.1f} ms, save id {res.save_id}",
+                flush=True,
+            )
+        if a.top_up_to is None:
             return 0
-    finally:
-        _release_region(ram)
-
-
-def _not_listening_yet(exc: BaseException) -> bool:
-    """Whether a failed connect means nobody listens there yet (refused, or no Unix socket file)."""
-    seen: set[int] = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        if isinstance(e, (ConnectionRefusedError, FileNotFoundError)):
-            return True
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return False
+        # the guest runs on; once a destination restored from the file listens, send what changed since
+        if not a.json:
+            print(f"waiting up to {a.top_up_wait:g} s for {a.top_up_to} to listen for the top-up", flush=True)
+        deadline = time.monotonic() + a.top_up_wait
+        while True:
+            try:
+                mig = src.migrate(a.top_up_to, pause=_run_cmd(a.pause_cmd), resume=_run_cmd(a.resume_cmd), top_up=True)
+                break
+            except MigrationError as e:
+                # nobody listens there yet: refused, or no Unix socket file so far
+                refused = isinstance(e.__cause__, (ConnectionRefusedError, FileNotFoundError))
+                if not refused or time.monotonic() > deadline:
+                    return _not_completed(a, e, src.query())
+                time.sleep(0.2)
+        _emit(a, {"event": "result", **mig.to_dict()})
+        if not a.json:
+            print(f"topped up: {_fmt_bytes(mig.transferred)} sent in {mig.total_time:.3f} s, verified: {mig.verified}")
+        return 0
 
 
 def cmd_restore(a: argparse.Namespace) -> int:

@@ -48,7 +48,16 @@ from .worker import (
     _Stopped,
 )
 
-__all__ = ["FileSpec", "saver_main", "loader_main", "open_file", "punch_hole", "page_runs"]
+__all__ = [
+    "FileSpec",
+    "file_spec",
+    "present_offsets",
+    "saver_main",
+    "loader_main",
+    "open_file",
+    "punch_hole",
+    "page_runs",
+]
 
 log = logging.getLogger("mpmultifd.file")
 
@@ -72,6 +81,44 @@ class FileSpec:
     present_name: str | None = None  # saver: the shared byte map of pages with data in the file
     present_offsets: tuple[int, ...] = ()  # per block: where its entries start in that map
     direct: bool = False  # O_DIRECT
+
+
+def present_offsets(ram: GuestRAM) -> tuple[int, ...]:
+    """Where each block's entries start in a save's shared map of pages with data."""
+    offsets, total = [], 0
+    for b in ram.blocks:
+        offsets.append(total)
+        total += b.npages
+    return tuple(offsets)
+
+
+def file_spec(
+    ram: GuestRAM,
+    data_offsets: tuple[int, ...],
+    path: str,
+    channel: int,
+    *,
+    packet_pages: int,
+    zero_page: str = "multifd",
+    direct: bool = False,
+    present_name: str | None = None,
+) -> FileSpec:
+    """The spec of file channel ``channel`` over ``ram``; with ``present_name``, a saver's."""
+    return FileSpec(
+        worker=WorkerSpec(
+            channel=channel,
+            page_size=ram.page_size,
+            packet_pages=packet_pages,
+            block_sizes=tuple(b.size for b in ram.blocks),
+            zero_page=zero_page,
+            log_level=logging.getLogger("mpmultifd").getEffectiveLevel(),
+        ),
+        path=path,
+        data_offsets=data_offsets,
+        present_name=present_name,
+        present_offsets=present_offsets(ram) if present_name is not None else (),
+        direct=direct,
+    )
 
 
 def open_file(path: str, flags: int, *, direct: bool) -> int:

@@ -134,7 +134,6 @@ class _Worker:
     def __init__(self, proc: Any, conn: Connection) -> None:
         self.proc = proc
         self.conn = conn
-        self.jobs = 0
         self.settled = True  # idle: its last job reported that it released everything
         self.ended: int | None = None  # the exit code, once the pool closed the process object
 
@@ -295,7 +294,6 @@ class WorkerPool:
                 self._forget(w)
                 self._end(w, grace=0.1)
                 continue
-            w.jobs += 1
             w.settled = False
             return _BorrowedProcess(w), _BorrowedConnection(self, w)
 

@@ -23,7 +23,7 @@ from . import auth
 from .config import MigrationConfig
 from ._shm import Segment, unique_name
 from .digest import fingerprint_pages, fingerprint_some
-from .file_worker import FileSpec, saver_main
+from .file_worker import file_spec, present_offsets, saver_main
 from .errors import (
     AuthenticationError,
     ChannelBroken,
@@ -377,7 +377,7 @@ class Source:
             return result
         except BaseException as exc:
             error = exc
-            raise self._fail(exc) from (None if isinstance(exc, MigrationError) else exc)
+            raise self._raised(exc)
         finally:
             self._shutdown(error)
             self._release_throttle()
@@ -494,7 +494,7 @@ class Source:
             return result
         except BaseException as exc:
             error = exc
-            raise self._fail(exc) from (None if isinstance(exc, MigrationError) else exc)
+            raise self._raised(exc)
         finally:
             self._shutdown(error)
             self._release_throttle()
@@ -554,26 +554,18 @@ class Source:
         ram = self.ram
         self._ctx = mp_context(cfg.start_method)
         self._present = Segment.create(unique_name("present"), max(ram.total_pages, 1))
-        offsets, total = [], 0
-        for b in ram.blocks:
-            offsets.append(total)
-            total += b.npages
+        data_offsets = tuple(b.data_offset for b in layout.blocks)
         for i in range(cfg.channels):
             self._check_cancel()
-            spec = FileSpec(
-                worker=WorkerSpec(
-                    channel=i,
-                    page_size=ram.page_size,
-                    packet_pages=cfg.packet_pages,
-                    block_sizes=tuple(b.size for b in ram.blocks),
-                    zero_page=cfg.zero_page,
-                    log_level=logging.getLogger("mpmultifd").getEffectiveLevel(),
-                ),
-                path=path,
-                data_offsets=tuple(b.data_offset for b in layout.blocks),
-                present_name=self._present.name,
-                present_offsets=tuple(offsets),
+            spec = file_spec(
+                ram,
+                data_offsets,
+                path,
+                i,
+                packet_pages=cfg.packet_pages,
+                zero_page=cfg.zero_page,
                 direct=direct,
+                present_name=self._present.name,
             )
             ring = Ring.create(nslots=cfg.ring_slots, capacity=cfg.packet_pages)
             try:
@@ -616,10 +608,7 @@ class Source:
         self._downtime = time.monotonic() - self._paused_at
         self._resume_now()
         present = np.frombuffer(self._present.buf, dtype=np.uint8)
-        maps, start = [], 0
-        for b in ram.blocks:
-            maps.append(present[start : start + b.npages].copy())
-            start += b.npages
+        maps = [present[at : at + b.npages].copy() for at, b in zip(present_offsets(ram), ram.blocks)]
         del present
         if self.config.verify:
             self._verify_save(fd, layout, maps, prints)
@@ -914,6 +903,14 @@ class Source:
             return self._channel_counters_of(list(self._channels))
         except (ValueError, AttributeError):  # a ring closed under us: teardown is running
             return [dict(c) for c in self._final_channels]
+
+    def _raised(self, exc: BaseException) -> MigrationError:
+        """The error to raise for ``exc``: a MigrationError keeps the cause it was raised with
+        (a refused connect, say); anything else becomes the cause of its MigrationError."""
+        err = self._fail(exc)
+        if err is not exc:
+            err.__cause__ = exc
+        return err
 
     def _fail(self, exc: BaseException) -> MigrationError:
         if isinstance(exc, MigrationCancelled) or (self._cancel_requested and not isinstance(exc, MigrationError)):
@@ -1268,7 +1265,6 @@ class Source:
                     "downtime_limit, and more rounds cannot lower it (verify=False or a cheaper tracker can)",
                     rnd,
                     bandwidth,
-                    elapsed,
                 )
                 break
             dirty_bytes = remaining * ps
@@ -1287,11 +1283,11 @@ class Source:
                 )
             if why is not None:
                 converged = False
-                self._give_up_or_force(why, rnd, bandwidth, elapsed)
+                self._give_up_or_force(why, rnd, bandwidth)
                 break
         return rnd, pending, converged
 
-    def _give_up_or_force(self, why: str, rounds: int, bandwidth: float, elapsed: float) -> None:
+    def _give_up_or_force(self, why: str, rounds: int, bandwidth: float) -> None:
         """Precopy will not converge: switch over with a longer downtime if allowed, else fail."""
         cfg = self.config
         ps = self.ram.page_size

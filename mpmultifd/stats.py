@@ -72,8 +72,26 @@ class MigrationResult:
         return json.dumps(self.to_dict(), **kwargs)
 
 
+class _FileResult:
+    """Throughput and a kebab-case dict for the results of saves and restores."""
+
+    total: int
+    total_time: float
+
+    @property
+    def throughput(self) -> float:
+        """Bytes of guest RAM per second of total time."""
+        return self.total / self.total_time if self.total_time > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly dict with kebab-case names."""
+        out = {k.replace("_", "-"): v for k, v in asdict(self).items()}  # type: ignore[call-overload]
+        out["throughput"] = self.throughput
+        return out
+
+
 @dataclass(frozen=True)
-class SaveResult:
+class SaveResult(_FileResult):
     """What ``Source.save`` wrote: a complete save file at ``path``.
 
     ``present_pages`` pages hold data in the file, the other pages of
@@ -103,19 +121,10 @@ class SaveResult:
     throttle: int = 0
     dirty_tracker: str = "map"
 
-    @property
-    def throughput(self) -> float:
-        """Bytes of guest RAM per second of total time."""
-        return self.total / self.total_time if self.total_time > 0 else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {k.replace("_", "-"): v for k, v in asdict(self).items()}
-        out["throughput"] = self.throughput
-        return out
 
 
 @dataclass(frozen=True)
-class RestoreResult:
+class RestoreResult(_FileResult):
     """What ``Destination.restore`` (or ``mpmultifd.checkpoint.restore``) read back.
 
     ``verified`` is True when every restored page matched the digest the save
@@ -134,14 +143,6 @@ class RestoreResult:
     channels: int
     direct: bool
 
-    @property
-    def throughput(self) -> float:
-        return self.total / self.total_time if self.total_time > 0 else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {k.replace("_", "-"): v for k, v in asdict(self).items()}
-        out["throughput"] = self.throughput
-        return out
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from .config import DIRTY_TRACKERS
 from .errors import ConfigError
 from .ram import GuestRAM
 
@@ -65,7 +66,7 @@ __all__ = [
     "scan_fingerprints",
 ]
 
-TRACKERS = ("map", "scan", "kernel")
+TRACKERS = DIRTY_TRACKERS  # the names MigrationConfig.dirty_tracker accepts
 
 # pages fingerprinted per numpy call: the uint64 temporary (8 KiB per 4 KiB page)
 # stays in the cache
