@@ -134,7 +134,9 @@ class _Sender(MethodSender):
         n = len(batch.pages)
         out = self._gather[:n]
         first = int(batch.pages[0])
-        if int(batch.pages[-1]) - first == n - 1:
+        # one run of consecutive pages (the usual case) is one block copy; the
+        # ends alone would not tell, since pages come in payload order, not sorted
+        if int(batch.pages[-1]) - first == n - 1 and (n < 3 or bool((np.diff(batch.pages) == 1).all())):
             np.copyto(out, batch.grid[first : first + n])
         else:
             np.take(batch.grid, batch.pages, axis=0, out=out)
@@ -212,9 +214,7 @@ class _Receiver(MethodReceiver):
         size = header.normal * self.page_size
         pages = (header.normal_offsets // self.page_size).astype(np.intp)
         if header.encoding == ENCODING_RAW:
-            payload = self._mv[:size]
-            recv_exact_into(sock, payload)
-            sink.store(header.block, pages, payload)
+            sink.recv_pages(header.block, pages, sock, self._mv)
             return
         if header.encoding != self.codec.encoding:
             raise RemoteProtocolError(f"encoding: {header.encoding} is not {self.name}'s", field="encoding")
