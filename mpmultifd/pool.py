@@ -167,6 +167,10 @@ class _BorrowedConnection:
     def poll(self, timeout: float | None = 0.0) -> bool:
         return self._worker.conn.poll(timeout)
 
+    def send_handle(self, fd: int) -> None:
+        """Pass a duplicate of descriptor ``fd`` to the worker (SCM_RIGHTS)."""
+        reduction.send_handle(self._worker.conn, fd, self._worker.proc.pid)
+
     def close(self) -> None:
         if not self._returned:
             self._returned = True

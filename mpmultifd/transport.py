@@ -21,6 +21,7 @@ __all__ = [
     "sendmsg_all",
     "send_buffers",
     "recv_exact_into",
+    "recv_exact_into_views",
     "recv_exact",
     "connect",
     "listen",
@@ -94,6 +95,32 @@ def recv_exact_into(sock: socket.socket, view: memoryview) -> None:
         view = view[got:]
         want -= got
         got = sock.recv_into(view, want, flags)
+
+
+def recv_exact_into_views(sock: socket.socket, views: Sequence[memoryview]) -> None:
+    """Fill byte memoryviews ``views`` in order from ``sock``, scattering with ``recvmsg_into``.
+
+    One call fills up to :data:`IOV_MAX` views; a short read (a signal, the
+    socket's timeout) continues where it stopped. EOF first is
+    :class:`ChannelClosed`.
+    """
+    if isinstance(sock, ssl.SSLSocket):
+        for v in views:
+            recv_exact_into(sock, v)
+        return
+    total = sum(v.nbytes for v in views)
+    done = 0
+    for i in range(0, len(views), IOV_MAX):
+        part = list(views[i : i + IOV_MAX])
+        want = sum(v.nbytes for v in part)
+        while want:
+            got = sock.recvmsg_into(part, 0, socket.MSG_WAITALL)[0]
+            if got == 0:
+                raise ChannelClosed(f"connection closed after {done} of {total} bytes")
+            done += got
+            want -= got
+            if want:
+                part = drop_sent(part, got)
 
 
 def recv_exact(sock: socket.socket, n: int) -> bytearray:

@@ -42,7 +42,7 @@ from .wire import (
     DataHeaderEncoder,
 )
 
-__all__ = ["WorkerSpec", "sender_main", "receiver_main", "COUNTERS", "error_from_report", "forward_log"]
+__all__ = ["WorkerSpec", "sender_main", "receiver_main", "warm_receiver_main", "COUNTERS", "error_from_report", "forward_log"]
 
 log = logging.getLogger("mpmultifd.worker")
 
@@ -341,15 +341,33 @@ def receiver_main(
     stats_name: str,
     sock: socket.socket,
     conn: Connection,
+    *,
+    direct: bool = False,
 ) -> None:
-    """Entry point of a destination channel worker."""
+    """Entry point of a destination channel worker.
+
+    ``direct`` (a warm worker, see :func:`warm_receiver_main`): this process
+    has populated the region's mapping, so pages are received straight into it.
+    """
     _child_setup(spec, conn)
-    received = Segment.attach(received_name)
-    stats = Segment.attach(stats_name)
+    try:
+        received = Segment.attach(received_name)
+        stats = Segment.attach(stats_name)
+    except BaseException as exc:
+        _report(conn, exc)
+        ram.close()
+        sock.close()
+        raise SystemExit(1) from None
     try:
         conn.send(("ready",))  # attached: the coordinator may unlink the segment names
-        log.debug("receiver worker %d started (pid %d, method %s)", spec.channel, os.getpid(), spec.method)
-        _run_receiver(spec, ram, received, stats, sock, conn)
+        log.debug(
+            "receiver worker %d started (pid %d, method %s%s)",
+            spec.channel,
+            os.getpid(),
+            spec.method,
+            ", into a populated mapping" if direct else "",
+        )
+        _run_receiver(spec, ram, received, stats, sock, conn, direct)
     except _Stopped:
         pass
     except BaseException as exc:
@@ -360,6 +378,60 @@ def receiver_main(
         stats.close()
         ram.close()
         sock.close()
+
+
+_WARM_STEP = 64 << 20  # bytes populated between looks at the pipe
+
+
+def warm_receiver_main(ram: GuestRAM, conn: Connection) -> None:
+    """A pooled destination worker made ready before its migration arrives.
+
+    It maps every page of ``ram`` into this process (:meth:`GuestRAM.populate`,
+    in steps, stopping early if its coordinator speaks), reports
+    ``("warm", populated_all, seconds)``, then waits for its channel:
+    ``("receive", spec, received_name, stats_name, family, type, proto)``
+    followed by the socket's descriptor. It then runs :func:`receiver_main`
+    receiving straight into the mapping, which costs no page faults now. A
+    ``("stop",)`` instead hands it back to the pool unused.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    t0 = time.perf_counter()
+    whole = True
+    try:
+        try:
+            for b in ram.blocks:
+                for start in range(0, b.size, _WARM_STEP):
+                    if conn.poll(0):
+                        whole = False
+                        break
+                    ram.populate(b.index, start, min(_WARM_STEP, b.size - start))
+                if not whole:
+                    break
+        except OSError as e:  # no MADV_POPULATE_WRITE here: the pages fault in as they arrive
+            whole = False
+            conn.send(("log", logging.DEBUG, log.name, f"warm receiver: populate failed: {e}"))
+        conn.send(("warm", whole, time.perf_counter() - t0))
+        ppid = os.getppid()
+        while not conn.poll(_POLL):
+            if os.getppid() != ppid:
+                raise SystemExit(1)  # the coordinator is gone
+        msg = conn.recv()
+        if msg is None:
+            raise SystemExit(1)  # the pool is closing: leave
+        if not (isinstance(msg, tuple) and msg and msg[0] == "receive"):
+            ram.close()
+            return  # not needed after all: back to the pool
+        _, spec, received_name, stats_name, family, type_, proto = msg
+        from multiprocessing import reduction
+
+        sock = socket.socket(family, type_, proto, fileno=reduction.recv_handle(conn))
+    except (EOFError, OSError):
+        ram.close()
+        raise SystemExit(1) from None
+    except BaseException:
+        ram.close()
+        raise
+    receiver_main(spec, ram, received_name, stats_name, sock, conn, direct=True)
 
 
 def received_offsets(ram: GuestRAM) -> list[int]:
@@ -376,7 +448,13 @@ STATS_WORDS = 32
 
 
 def _run_receiver(
-    spec: WorkerSpec, ram: GuestRAM, received: Segment, stats: Segment, sock: socket.socket, conn: Connection
+    spec: WorkerSpec,
+    ram: GuestRAM,
+    received: Segment,
+    stats: Segment,
+    sock: socket.socket,
+    conn: Connection,
+    direct: bool = False,
 ) -> None:
     ps = spec.page_size
     ch = spec.channel
@@ -387,8 +465,9 @@ def _run_receiver(
         np.frombuffer(received.buf, dtype=np.uint8, count=b.npages, offset=roffs[b.index]) for b in ram.blocks
     ]
     counters = np.frombuffer(stats.buf, dtype=np.uint64, count=STATS_WORDS, offset=ch * STATS_WORDS * 8)
-    fds = [os.open(b.path, os.O_RDWR) for b in ram.blocks]
-    sink = PageSink(grids, datas, rmaps, fds)
+    # pwrite into the backing files, unless this process populated the mapping
+    fds = [] if direct else [os.open(b.path, os.O_RDWR) for b in ram.blocks]
+    sink = PageSink(grids, datas, rmaps, None if direct else fds, direct=direct)
     method = get_method(spec.method)(spec.level, spec.options)
     receiver = method.receiver(ps, spec.packet_pages)
     decoder = DataHeaderDecoder(

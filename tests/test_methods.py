@@ -7,6 +7,7 @@ import os
 import socket
 import sys
 import textwrap
+import threading
 import zlib
 
 import lz4.block
@@ -30,7 +31,8 @@ from mpmultifd.methods import (
 )
 from mpmultifd.methods.compress import ENCODING_LZ4, ENCODING_ZLIB, ENCODING_ZSTD, _AutoSender, _Lz4Codec
 from mpmultifd.testing import RemoteDestination, fill
-from mpmultifd.transport import sendmsg_all
+from mpmultifd.errors import ChannelClosed
+from mpmultifd.transport import IOV_MAX, recv_exact_into_views, sendmsg_all
 from mpmultifd.wire import ENCODING_RAW, DataHeaderDecoder, DataHeaderEncoder
 
 PS = 4096
@@ -55,7 +57,9 @@ def make_pages(kind: str, n: int, seed: int = 0) -> np.ndarray:
     return out
 
 
-def transfer(method_name: str, pages_data: np.ndarray, page_idx: np.ndarray, *, level=None, use_fd: bool = False):
+def transfer(
+    method_name: str, pages_data: np.ndarray, page_idx: np.ndarray, *, level=None, use_fd: bool = False, direct: bool = False
+):
     """Send one batch through a socketpair with the method's sender and receive it with its receiver."""
     method = get_method(method_name)(level, {})
     npages = int(page_idx.max()) + 1 if len(page_idx) else 1
@@ -76,7 +80,9 @@ def transfer(method_name: str, pages_data: np.ndarray, page_idx: np.ndarray, *, 
         with GuestRAM.create({"d": npages * PS}) as dst:
             fds = [os.open(dst.block(0).segment if os.sep in dst.block(0).segment else "/dev/shm/" + dst.block(0).segment, os.O_RDWR)] if use_fd else None
             received = [np.zeros(npages, dtype=np.uint8)]
-            sink = PageSink([dst.pages(0)], [memoryview(dst.view(0)).cast("B")], received, fds)
+            if direct:
+                dst.populate(0)
+            sink = PageSink([dst.pages(0)], [memoryview(dst.view(0)).cast("B")], received, fds, direct=direct)
             try:
                 method.receiver(PS, PP).recv(header, b, sink)
             finally:
@@ -116,15 +122,88 @@ def test_round_trip_through_file_writes(method):
     assert np.array_equal(out, data)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_round_trip_straight_into_a_populated_mapping(method):
+    # runs of 1, 3 and 2 pages: one IOV each, pages between them untouched
+    idx = np.array([0, 2, 3, 4, 9, 10], dtype=np.intp)
+    data = make_pages("random", len(idx), seed=11)
+    _, out, rec = transfer(method, data, idx, direct=True)
+    assert np.array_equal(out, data)
+    assert rec[idx].all() and rec.sum() == len(idx)
+
+
+def _scatter_target(sizes: list[int], gap: int) -> tuple[bytearray, list[memoryview]]:
+    """One buffer filled with 0xEE, and views of ``sizes`` bytes in it with ``gap`` bytes between them."""
+    buf = bytearray(b"\xee" * (sum(sizes) + gap * (len(sizes) + 1)))
+    mv, views, pos = memoryview(buf), [], gap
+    for n in sizes:
+        views.append(mv[pos : pos + n])
+        pos += n + gap
+    return buf, views
+
+
+@given(
+    sizes=st.lists(st.integers(1, 5000), min_size=1, max_size=40),
+    chunks=st.lists(st.integers(1, 9000), min_size=1, max_size=20),
+    many=st.booleans(),
+)
+def test_recv_into_views_fills_every_view_in_order_and_nothing_else(sizes, chunks, many):
+    if many:  # more views than one recvmsg_into may take
+        sizes = (sizes * (IOV_MAX // len(sizes) + 2))[: IOV_MAX + 37]
+    payload = np.random.default_rng(len(sizes)).integers(0, 256, sum(sizes), dtype=np.uint8).tobytes()
+    buf, views = _scatter_target(sizes, gap=3)
+    a, b = socket.socketpair()
+
+    def send() -> None:  # arbitrary write sizes: the reader sees short reads
+        pos, i = 0, 0
+        while pos < len(payload):
+            n = chunks[i % len(chunks)]
+            a.sendall(payload[pos : pos + n])
+            pos, i = pos + n, i + 1
+
+    t = threading.Thread(target=send)
+    t.start()
+    try:
+        b.settimeout(30)
+        recv_exact_into_views(b, views)
+    finally:
+        t.join(30)
+        a.close()
+        b.close()
+    assert b"".join(bytes(v) for v in views) == payload
+    gaps, pos = [], 0
+    for n in sizes:
+        gaps.append(bytes(buf[pos : pos + 3]))
+        pos += 3 + n
+    gaps.append(bytes(buf[pos:]))
+    assert all(g == b"\xee" * 3 for g in gaps), "a byte landed between the views"
+
+
+def test_recv_into_views_reports_eof_with_the_count():
+    _, views = _scatter_target([100, 200, 300], gap=0)
+    a, b = socket.socketpair()
+    try:
+        a.sendall(b"x" * 250)
+        a.shutdown(socket.SHUT_WR)
+        with pytest.raises(ChannelClosed, match="after 250 of 600 bytes"):
+            recv_exact_into_views(b, views)
+    finally:
+        a.close()
+        b.close()
+
+
 @given(
     pages=st.lists(st.integers(0, 63), min_size=1, max_size=PP, unique=True),
     kind=st.sampled_from(["random", "zero", "text", "mixed"]),
     method=st.sampled_from(METHODS),
+    sink=st.sampled_from(["store", "pwrite", "direct"]),
+    shuffle=st.randoms(use_true_random=False),
 )
-def test_round_trip_property(pages, kind, method):
-    idx = np.array(sorted(pages), dtype=np.intp)
+def test_round_trip_property(pages, kind, method, sink, shuffle):
+    # any page order: runs are found in payload order, not sorted order
+    idx = np.array(pages if shuffle.random() < 0.5 else sorted(pages), dtype=np.intp)
     data = make_pages(kind, len(idx), seed=len(pages))
-    _, out, _ = transfer(method, data, idx)
+    _, out, _ = transfer(method, data, idx, use_fd=sink == "pwrite", direct=sink == "direct")
     assert np.array_equal(out, data)
 
 

@@ -164,3 +164,91 @@ def test_a_migration_that_breaks_gives_its_pooled_workers_back_cleanly():
         finally:
             src.unlink()
             dst.unlink()
+
+
+# --------------------------------------------------------------------------- prepared receivers
+
+
+def _same(a: GuestRAM, b: GuestRAM) -> bool:
+    return all(np.array_equal(a.view(x.index), b.view(x.index)) for x in a.blocks)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+def test_prepared_receivers_take_the_channels(start_method, compression):
+    """prefault + pool: the receivers populate the mapping ahead and receive straight into it."""
+    cfg = MigrationConfig(channels=2, compression=compression, start_method=start_method)
+    with GuestRAM.create(BLOCKS) as src, GuestRAM.create(BLOCKS) as dst, WorkerPool(
+        4, start_method=start_method
+    ) as pool:
+        try:
+            fill(src, "mixed", 7)  # zero pages too, which must overwrite what the destination held
+            fill(dst, "random", 8)
+            pids = set(pool.pids())
+            with Destination(dst, config=cfg, pool=pool, prefault=True) as d:
+                assert d.wait_prepared(60)
+                assert pool.idle == 2, "two workers are held, prepared, before any source connects"
+                with Source(src, cfg, pool=pool) as s:
+                    result = s.migrate(d.address)
+                assert d.wait(30).verified and result.verified
+                assert d.query()["prepared-receivers"] == 2
+            assert _same(src, dst)
+            assert pool.idle == 4 and set(pool.pids()) == pids, "every worker came back; none was started"
+        finally:
+            src.unlink()
+            dst.unlink()
+
+
+@pytest.mark.timeout(120)
+def test_prepared_receivers_a_source_does_not_use_go_back_unused():
+    with GuestRAM.create(BLOCKS) as src, GuestRAM.create(BLOCKS) as dst, WorkerPool(6) as pool:
+        try:
+            fill(src, "half-zero", 9)
+            with Destination(dst, config=MigrationConfig(channels=4), pool=pool, prefault=True) as d:
+                assert d.wait_prepared(60) and pool.idle == 2
+                with Source(src, MigrationConfig(channels=2), pool=pool) as s:
+                    s.migrate(d.address)
+                assert d.wait(30).verified
+                assert d.query()["prepared-receivers"] == 2
+            assert _same(src, dst)
+            assert pool.idle == pool.size == 6 and pool.started == 6
+            # and they serve the next migration as plain pool workers
+            fill(src, "random", 10)
+            cfg = MigrationConfig(channels=3)
+            with Destination(dst, config=cfg, pool=pool) as d, Source(src, cfg, pool=pool) as s:
+                s.migrate(d.address)
+                assert d.wait(30).verified and d.query()["prepared-receivers"] == 0
+            assert _same(src, dst) and pool.idle == 6
+        finally:
+            src.unlink()
+            dst.unlink()
+
+
+@pytest.mark.timeout(120)
+def test_destination_closed_while_its_receivers_prepare_gives_them_back():
+    big = {"pc.ram": 192 << 20}
+    with GuestRAM.create(big) as dst, WorkerPool(4) as pool:
+        try:
+            for _ in range(3):
+                t0 = time.monotonic()
+                d = Destination(dst, config=MigrationConfig(channels=4), pool=pool, prefault=True)
+                time.sleep(0.05)
+                d.close()
+                assert time.monotonic() - t0 < 15
+                assert d.wait_prepared(0) and d.status == "cancelled"
+                deadline = time.monotonic() + 10
+                while pool.idle != 4 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert pool.idle == pool.size == 4 and pool.started == 4
+        finally:
+            dst.unlink()
+
+
+def test_wait_prepared_without_prefault_is_immediate():
+    with GuestRAM.create(BLOCKS) as dst:
+        try:
+            with Destination(dst) as d:
+                assert d.wait_prepared(0)
+                assert d.query()["prepared-receivers"] == 0
+        finally:
+            dst.unlink()

@@ -6,7 +6,6 @@ import socket
 
 import numpy as np
 
-from ..transport import recv_exact_into
 from ..wire import ENCODING_RAW, DataHeader
 from . import Method, MethodReceiver, MethodSender, PageBatch, PageSink, Prepared
 
@@ -28,11 +27,9 @@ class _Receiver(MethodReceiver):
 
     def recv(self, header: DataHeader, sock: socket.socket, sink: PageSink) -> None:
         # one contiguous read into a reusable buffer, then the pages go to their
-        # places (see PageSink.store for why not straight into the mapping)
-        n = header.normal
-        payload = self._bounce_mv[: n * self.page_size]
-        recv_exact_into(sock, payload)
-        sink.store(header.block, (header.normal_offsets // self.page_size).astype(np.intp), payload)
+        # places (see PageSink.store for why), or straight into a populated mapping
+        pages = (header.normal_offsets // self.page_size).astype(np.intp)
+        sink.recv_pages(header.block, pages, sock, self._bounce_mv)
 
 
 class NoCompression(Method):
