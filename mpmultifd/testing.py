@@ -185,7 +185,7 @@ def _destination_main(
             if restore_from is not None:
                 dst.restore(restore_from)
             elif prefault:
-                dst._prefaulter.join()  # ready before the address is reported: the agent prepared ahead
+                dst.wait_prepared()  # ready before the address is reported: the agent prepared ahead
             conn.send(("address", dst.address))
             try:
                 res = dst.wait()

@@ -383,6 +383,12 @@ def test_destination_cancel_while_parked_at_a_sync():
         try:
             ctrl = admit(Hello(KIND_CONTROL, sid, CONTROL_CHANNEL, 2))
             ctrl.sendall(encode_control(Config(sid, 4096, 2, 128, (BlockSpec("a", 64 * 4096),), "none", {}, "multifd", False)))
+            # as a source does: data channels only once the destination took the configuration
+            # (earlier ones are dropped as "before the session was configured")
+            acks = ControlDecoder()
+            while (msg := acks.next_message()) is None:
+                acks.feed(ctrl.recv(4096))
+            assert isinstance(msg, ConfigAck), msg
             d0 = admit(Hello(KIND_DATA, sid, 0, 2))
             admit(Hello(KIND_DATA, sid, 1, 2))
             d0.sendall(bytes(DataHeaderEncoder(128).encode(flags=FLAG_SYNC, round=0, packet_num=1)))
