@@ -27,7 +27,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
-def run_migration(size: int, channels: int, content: str, compression: str) -> None:
+def run_migration(size: int, channels: int, content: str, compression: str, prefault: bool = False) -> None:
     from mpmultifd import Destination, GuestRAM, MigrationConfig, Source, WorkerPool
     from mpmultifd.testing import fill
 
@@ -38,7 +38,8 @@ def run_migration(size: int, channels: int, content: str, compression: str) -> N
         try:
             fill(src, content, 1)
             time.sleep(0.5)  # a quiet gap that separates filling from the migration in the samples
-            with Destination(dst, config=cfg, pool=pool) as d, Source(src, cfg, pool=pool) as s:
+            with Destination(dst, config=cfg, pool=pool, prefault=prefault) as d, Source(src, cfg, pool=pool) as s:
+                d.wait_prepared()  # allocated, receivers prepared: before the timing, as an agent would
                 t0 = time.perf_counter()
                 r = s.migrate(d.address)
                 d.wait(60)
@@ -74,13 +75,15 @@ def main() -> int:
     p.add_argument("--compression", default="none")
     p.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     p.add_argument("--top", type=int, default=8)
+    p.add_argument("--prefault", action="store_true",
+                   help="Destination(prefault=True): allocated region and prepared receivers, before the timing")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     from mpmultifd.cli import parse_size
 
     size = parse_size(a.size)
     if a.child:
-        run_migration(size, a.channels, a.content, a.compression)
+        run_migration(size, a.channels, a.content, a.compression, a.prefault)
         return 0
     pyspy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
     if not os.path.exists(pyspy):
@@ -91,7 +94,7 @@ def main() -> int:
         raw = os.path.join(tmp, "profile.raw")
         cmd = [pyspy, "record", "--subprocesses", "--rate", str(a.rate), "--format", "raw", "-o", raw, "--",
                sys.executable, os.path.abspath(__file__), "--child", "--size", a.size, "--channels", str(a.channels),
-               "--content", a.content, "--compression", a.compression]
+               "--content", a.content, "--compression", a.compression] + (["--prefault"] if a.prefault else [])
         subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL)
         by_role: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         with open(raw) as f:
