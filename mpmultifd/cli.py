@@ -472,13 +472,15 @@ def machine_benchmark(size: int, *, channels: list[int], content: str, start_met
     import lz4.block
     import zstandard
 
+    from .zeropage import nonzero_pages
+
     report: dict[str, Any] = {"size": size, "content": content}
     with GuestRAM.create({"a": size}) as src:
         fill(src, content, seed=5)
         words = src.pages(0).view(np.uint64)
         t0 = time.perf_counter()
         for first in range(0, len(words), 128):
-            words[first : first + 128].any(axis=1)
+            nonzero_pages(words, np.arange(first, min(first + 128, len(words))))
         report["zero-detect-GBps"] = size / (time.perf_counter() - t0) / 1e9
         sample = memoryview(src.view(0)[: min(size, 32 << 20)]).cast("B")
         comps: dict[str, Any] = {}

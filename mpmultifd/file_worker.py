@@ -31,6 +31,7 @@ from ._shm import Segment
 from .errors import ConfigError, MigrationError
 from .ram import GuestRAM
 from .ring import KIND_DATA, KIND_EOS, KIND_STOP, KIND_SYNC, Ring
+from .zeropage import nonzero_pages
 from .worker import (
     C_BUSY_NS,
     C_NORMAL,
@@ -243,11 +244,7 @@ def _run_saver(spec: FileSpec, ram: GuestRAM, ring: Ring, conn: Connection, fd: 
         pages = batch.pages.astype(np.intp, copy=False)
         mine = presents[0][spec.present_offsets[blk] : spec.present_offsets[blk] + len(grids[blk])]
         if detect_zero and len(pages):
-            first, n = int(pages[0]), len(pages)
-            if int(pages[-1]) - first == n - 1:  # batches are sorted: a range is one run
-                nonzero = words[blk][first : first + n].any(axis=1)
-            else:
-                nonzero = words[blk][pages].any(axis=1)
+            nonzero = nonzero_pages(words[blk], pages)
             normal, zero = pages[nonzero], pages[~nonzero]
         else:
             normal, zero = pages, pages[:0]

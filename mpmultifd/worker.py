@@ -33,6 +33,7 @@ from .ram import GuestRAM
 from .ring import KIND_DATA, KIND_EOS, KIND_STOP, KIND_SYNC, Ring
 from .transport import recv_exact_into, send_buffers
 from .zerocopy import ZeroCopySender
+from .zeropage import nonzero_pages
 from .wire import (
     ENCODING_RAW,
     FLAG_EOS,
@@ -260,11 +261,7 @@ def _run_sender(spec: WorkerSpec, ram: GuestRAM, ring: Ring, sock: socket.socket
                 pages = batch.pages.astype(np.intp, copy=False)
                 n = len(pages)
                 if detect_zero and n:
-                    first = int(pages[0])
-                    if int(pages[-1]) - first == n - 1:  # batches are sorted: a range is one run
-                        nonzero = words[blk][first : first + n].any(axis=1)
-                    else:
-                        nonzero = words[blk][pages].any(axis=1)
+                    nonzero = nonzero_pages(words[blk], pages)
                     normal = pages[nonzero]
                     zero = pages[~nonzero]
                 else:
