@@ -172,6 +172,7 @@ def _destination_main(
     restore_from: str | None,
     pool_size: int,
     prefault: bool,
+    prepare_receivers: bool,
     conn: Any,
 ) -> None:
     from .destination import Destination
@@ -181,7 +182,7 @@ def _destination_main(
     ram = GuestRAM.attach(ram_name)
     pool = WorkerPool(pool_size, start_method=config.start_method) if pool_size else None
     try:
-        with Destination(ram, listen, config, pool=pool, prefault=prefault) as dst:
+        with Destination(ram, listen, config, pool=pool, prefault=prefault, prepare_receivers=prepare_receivers) as dst:
             if restore_from is not None:
                 dst.restore(restore_from)
             elif prefault:
@@ -205,7 +206,9 @@ class RemoteDestination:
     can take a top-up migration (``Source.migrate(..., top_up=True)``). With
     ``pool_size``, its receiver workers come from a warm ``WorkerPool`` started
     before the address is reported, as an agent that migrates often keeps one.
-    With ``prefault``, the region is allocated before the address is reported.
+    With ``prefault``, the region is allocated before the address is reported,
+    and with ``prepare_receivers`` too (and ``pool_size``), the receivers are
+    prepared before it.
     """
 
     def __init__(
@@ -219,6 +222,7 @@ class RemoteDestination:
         restore_from: str | None = None,
         pool_size: int = 0,
         prefault: bool = False,
+        prepare_receivers: bool = False,
     ) -> None:
         # the library's context: a forkserver started here preloads numpy and the
         # worker module, so workers started later through it start in milliseconds
@@ -226,7 +230,16 @@ class RemoteDestination:
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(
             target=_destination_main,
-            args=(ram_name, listen, config or MigrationConfig(), restore_from, pool_size, prefault, child),
+            args=(
+                ram_name,
+                listen,
+                config or MigrationConfig(),
+                restore_from,
+                pool_size,
+                prefault,
+                prepare_receivers,
+                child,
+            ),
             name="mpmultifd-destination",  # not a daemon: it starts worker processes
         )
         self._proc.start()

@@ -185,7 +185,7 @@ def test_prepared_receivers_take_the_channels(start_method, compression):
             fill(src, "mixed", 7)  # zero pages too, which must overwrite what the destination held
             fill(dst, "random", 8)
             pids = set(pool.pids())
-            with Destination(dst, config=cfg, pool=pool, prefault=True) as d:
+            with Destination(dst, config=cfg, pool=pool, prefault=True, prepare_receivers=True) as d:
                 assert d.wait_prepared(60)
                 assert pool.idle == 2, "two workers are held, prepared, before any source connects"
                 with Source(src, cfg, pool=pool) as s:
@@ -204,7 +204,7 @@ def test_prepared_receivers_a_source_does_not_use_go_back_unused():
     with GuestRAM.create(BLOCKS) as src, GuestRAM.create(BLOCKS) as dst, WorkerPool(6) as pool:
         try:
             fill(src, "half-zero", 9)
-            with Destination(dst, config=MigrationConfig(channels=4), pool=pool, prefault=True) as d:
+            with Destination(dst, config=MigrationConfig(channels=4), pool=pool, prefault=True, prepare_receivers=True) as d:
                 assert d.wait_prepared(60) and pool.idle == 2
                 with Source(src, MigrationConfig(channels=2), pool=pool) as s:
                     s.migrate(d.address)
@@ -231,7 +231,7 @@ def test_destination_closed_while_its_receivers_prepare_gives_them_back():
         try:
             for _ in range(3):
                 t0 = time.monotonic()
-                d = Destination(dst, config=MigrationConfig(channels=4), pool=pool, prefault=True)
+                d = Destination(dst, config=MigrationConfig(channels=4), pool=pool, prefault=True, prepare_receivers=True)
                 time.sleep(0.05)
                 d.close()
                 assert time.monotonic() - t0 < 15
@@ -251,4 +251,32 @@ def test_wait_prepared_without_prefault_is_immediate():
                 assert d.wait_prepared(0)
                 assert d.query()["prepared-receivers"] == 0
         finally:
+            dst.unlink()
+
+
+def test_prepare_receivers_needs_prefault_and_a_pool():
+    with GuestRAM.create(BLOCKS) as dst, WorkerPool(0) as pool:
+        try:
+            for kw in (dict(prefault=True), dict(pool=pool), dict(pool=pool, prefault=False)):
+                with pytest.raises(ConfigError, match="prepare_receivers: needs prefault=True and a pool"):
+                    Destination(dst, prepare_receivers=True, **kw)
+        finally:
+            dst.unlink()
+
+
+@pytest.mark.timeout(120)
+def test_prefault_with_a_pool_prepares_nothing_unless_asked():
+    with GuestRAM.create(BLOCKS) as src, GuestRAM.create(BLOCKS) as dst, WorkerPool(4) as pool:
+        try:
+            fill(src, "mixed", 12)
+            fill(dst, "random", 13)
+            cfg = MigrationConfig(channels=2)
+            with Destination(dst, config=cfg, pool=pool, prefault=True) as d:
+                assert d.wait_prepared(60) and pool.idle == 4
+                with Source(src, cfg, pool=pool) as s:
+                    s.migrate(d.address)
+                assert d.wait(30).verified and d.query()["prepared-receivers"] == 0
+            assert _same(src, dst) and pool.idle == 4
+        finally:
+            src.unlink()
             dst.unlink()

@@ -363,7 +363,7 @@ def mpm_once(src: GuestRAM, size: int, channels: int, compression: str, args: ar
     pool_size = channels if args.pool else 0
     with GuestRAM.create({BLOCK: size}) as dst:
         with RemoteDestination(dst.name, cfg, start_method=args.start_method, pool_size=pool_size,
-                               prefault=args.prefault) as dest, Source(
+                               prefault=args.prefault, prepare_receivers=args.prefault and args.pool) as dest, Source(
             src, cfg, pool=args.source_pool
         ) as source:
             t0 = time.perf_counter()
@@ -445,7 +445,7 @@ def main() -> int:
     p.add_argument("--verify", action="store_true", help="mpmultifd: compare page fingerprints at switchover")
     p.add_argument("--prefault", action="store_true",
                    help="both destinations allocate their RAM before the timing: QEMU's prealloc=on, "
-                        "mpmultifd's Destination(prefault=True)")
+                        "mpmultifd's Destination(prefault=True); with --pool also prepare_receivers=True")
     p.add_argument("--pool", action="store_true",
                    help="mpmultifd: warm WorkerPools on both ends (started before the timing, as an agent keeps one)")
     p.add_argument("--no-check", action="store_true", help="skip the sha256 checks of the destinations")
