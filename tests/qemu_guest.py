@@ -48,19 +48,17 @@ bytes against it when ``nasm`` happens to be installed.
 
 from __future__ import annotations
 
-import json
 import os
-import select
 import shutil
-import socket
 import struct
 import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any
 
 from mpmultifd._shm import SHM_DIR, unique_name
+from mpmultifd.testing import QMP, QMPError
+from mpmultifd.testing import _log_tail as _tail
 
 __all__ = [
     "QEMU_BINARY",
@@ -322,88 +320,8 @@ def asm_source(writes_per_tick: int = WRITES_PER_TICK) -> str:
 # --------------------------------------------------------------------------- QMP
 
 
-class GuestError(RuntimeError):
-    """QEMU failed to start, answer, or run the guest program; the message ends with QEMU's log."""
-
-
-def _tail(path: str, n: int = 20) -> str:
-    try:
-        with open(path, errors="replace") as f:
-            return "".join(f.readlines()[-n:])
-    except OSError:
-        return ""
-
-
-class QMP:
-    """A minimal QMP client over a Unix socket: commands with a timeout; events are kept in ``events``."""
-
-    def __init__(self, path: str, proc: subprocess.Popen, log: str, timeout: float = 30.0) -> None:
-        self.path, self.proc, self.log = path, proc, log
-        self.buf = b""
-        self.events: list[dict[str, Any]] = []
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise GuestError(f"QEMU exited with {proc.returncode} before its QMP socket opened:\n{_tail(log)}")
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                s.connect(path)
-                break
-            except (FileNotFoundError, ConnectionRefusedError):
-                s.close()
-                if time.monotonic() > deadline:
-                    raise GuestError(f"QMP socket {path} did not open in {timeout:g} s:\n{_tail(log)}") from None
-                time.sleep(0.01)
-        self.sock: socket.socket | None = s
-        try:
-            greeting = self._read(deadline - time.monotonic())
-            if "QMP" not in greeting:
-                raise GuestError(f"unexpected QMP greeting {greeting}")
-            self.cmd("qmp_capabilities", timeout=max(1.0, deadline - time.monotonic()))
-        except BaseException:
-            self.close()
-            raise
-
-    def _read(self, timeout: float) -> dict[str, Any]:
-        """One JSON message (a reply or an event)."""
-        assert self.sock is not None
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self.buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise GuestError(f"no answer on {self.path} in {timeout:g} s")
-            r, _, _ = select.select([self.sock], [], [], left)
-            if r:
-                data = self.sock.recv(65536)
-                if not data:
-                    raise GuestError(f"QEMU closed its QMP socket (exit {self.proc.poll()}):\n{_tail(self.log)}")
-                self.buf += data
-        line, self.buf = self.buf.split(b"\n", 1)
-        return json.loads(line)
-
-    def cmd(self, name: str, args: dict[str, Any] | None = None, timeout: float = 30.0) -> Any:
-        """Run one command; its ``return`` value, or GuestError with QEMU's ``desc``."""
-        if self.sock is None:
-            raise GuestError("the QMP connection is closed")
-        msg: dict[str, Any] = {"execute": name}
-        if args:
-            msg["arguments"] = args
-        self.sock.sendall(json.dumps(msg).encode() + b"\n")
-        deadline = time.monotonic() + timeout
-        while True:
-            reply = self._read(max(0.0, deadline - time.monotonic()))
-            if "event" in reply:
-                self.events.append(reply)
-                continue
-            if "error" in reply:
-                err = reply["error"]
-                raise GuestError(f"QMP {name} {json.dumps(args or {})}: {err.get('desc', err)}")
-            return reply.get("return")
-
-    def close(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
+# QEMU failed to start, answer, or run the guest program; the message ends with QEMU's log
+GuestError = QMPError
 
 
 # --------------------------------------------------------------------------- the guest

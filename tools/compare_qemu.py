@@ -71,7 +71,8 @@ from bench import warm_up  # noqa: E402
 
 from mpmultifd import GuestRAM, MigrationConfig, Source  # noqa: E402
 from mpmultifd.cli import parse_size  # noqa: E402
-from mpmultifd.testing import CONTENTS, RemoteDestination, fill  # noqa: E402
+from mpmultifd.testing import CONTENTS, QMP, QMPError, RemoteDestination, fill  # noqa: E402
+from mpmultifd.testing import _log_tail  # noqa: E402
 
 BLOCK = "pc.ram"
 MAX_BANDWIDTH = 100 * 10**9  # bytes/s; QEMU 7.2 defaults to 128 MiB/s
@@ -79,86 +80,8 @@ DOWNTIME_LIMIT_MS = 60_000  # the guest is paused anyway; QEMU's default 300 ms 
 SHM = "/dev/shm"
 
 
-class QemuError(RuntimeError):
-    pass
-
-
-# --------------------------------------------------------------------------- QMP
-
-
-class QMP:
-    """A minimal QMP client over a Unix socket: commands, and events kept with their arrival time."""
-
-    def __init__(self, path: str, proc: subprocess.Popen, log: str, timeout: float = 30.0) -> None:
-        self.path, self.proc, self.log = path, proc, log
-        self.buf = b""
-        self.events: list[tuple[float, dict]] = []
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise QemuError(f"QEMU exited with {proc.returncode} before its QMP socket opened:\n{tail(log)}")
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                s.connect(path)
-                break
-            except (FileNotFoundError, ConnectionRefusedError):
-                s.close()
-                if time.monotonic() > deadline:
-                    raise QemuError(f"QMP socket {path} did not open in {timeout:.0f} s:\n{tail(log)}") from None
-                time.sleep(0.01)
-        self.sock = s
-        greeting = self.read(timeout)
-        if "QMP" not in greeting:
-            raise QemuError(f"unexpected QMP greeting {greeting}")
-        self.version = greeting["QMP"]["version"]
-        self.cmd("qmp_capabilities")
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def buffered(self) -> bool:
-        return b"\n" in self.buf
-
-    def read(self, timeout: float = 30.0) -> dict:
-        """One JSON message (events are returned too)."""
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self.buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise QemuError(f"no answer on {self.path} in {timeout:.0f} s")
-            r, _, _ = select.select([self.sock], [], [], left)
-            if r:
-                data = self.sock.recv(65536)
-                if not data:
-                    raise QemuError(f"QEMU closed its QMP socket (exit {self.proc.poll()}):\n{tail(self.log)}")
-                self.buf += data
-        line, self.buf = self.buf.split(b"\n", 1)
-        return json.loads(line)
-
-    def cmd(self, name: str, args: dict | None = None, timeout: float = 30.0):
-        msg = {"execute": name}
-        if args:
-            msg["arguments"] = args
-        self.sock.sendall(json.dumps(msg).encode() + b"\n")
-        while True:
-            reply = self.read(timeout)
-            if "event" in reply:
-                self.events.append((time.monotonic(), reply))
-                continue
-            if "error" in reply:
-                raise QemuError(f"{name} {json.dumps(args or {})}: {reply['error'].get('desc', reply['error'])}")
-            return reply.get("return")
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-def tail(path: str, n: int = 20) -> str:
-    try:
-        with open(path, errors="replace") as f:
-            return "".join(f.readlines()[-n:])
-    except OSError:
-        return ""
+QemuError = QMPError  # QEMU failed to start, answer, or migrate; the message ends with its log
+tail = _log_tail
 
 
 # --------------------------------------------------------------------------- QEMU
