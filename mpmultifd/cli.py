@@ -387,7 +387,8 @@ def check_configuration(a: argparse.Namespace) -> list[dict[str, Any]]:
     # shared memory room
     st = os.statvfs("/dev/shm")
     add("/dev/shm", "ok", f"{_fmt_bytes(st.f_bavail * st.f_frsize)} free for regions")
-    add("IOV_MAX", "ok", "1024: one header plus up to 1023 page IOVs per packet; packets carry 128 pages")
+    add("IOV_MAX", "ok", f"1024: one header plus up to 1023 page IOVs per packet; packets carry "
+        f"{MigrationConfig().packet_pages} pages by default")
     return out
 
 
