@@ -497,7 +497,7 @@ class Destination:
         for _ in range(self.config.channels):
             try:
                 proc, conn = self._pool.run(warm_receiver_main, (self.ram,))
-            except MigrationError as e:  # the pool was closed: receive without
+            except Exception as e:  # a closed pool, no process to start: receive without
                 log.warning("cannot prepare receivers: %s", e)
                 break
             with self._warm_lock:
