@@ -309,13 +309,7 @@ class Destination:
             except OSError:
                 pass
         self._acceptor.join(2.0)
-        # connections accepted but never claimed
-        while True:
-            try:
-                _, sock, _ = self._incoming.get_nowait()
-            except queue.Empty:
-                break
-            sock.close()
+        self._drop_unclaimed()
         for fd in (self._wake_r, self._wake_w):
             try:
                 os.close(fd)
@@ -387,6 +381,9 @@ class Destination:
             sock.sendall(welcome)
             sock.settimeout(None)
             self._incoming.put(("hello", sock, hello))
+            if self._done.is_set():
+                self._drop_unclaimed()  # admitted after the session ended: nobody will claim it
+                return
             os.write(self._wake_w, b"h")
         except (MigrationError, OSError) as e:
             kind = "unauthenticated" if isinstance(e, AuthenticationError) else "invalid"
@@ -1007,6 +1004,17 @@ class Destination:
             self._lsock.close()
         except OSError:
             pass
+        self._drop_unclaimed()
+
+    def _drop_unclaimed(self) -> None:
+        """Close connections admitted but never claimed by a session (it ended, or never began)."""
+        while True:
+            try:
+                _, sock, hello = self._incoming.get_nowait()
+            except queue.Empty:
+                return
+            log.info("closing a connection admitted after the migration ended (channel %d)", hello.channel)
+            sock.close()
 
 
 

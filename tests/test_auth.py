@@ -179,7 +179,9 @@ def test_flood_and_duplicate_channel_during_migration_still_completes():
     size = 64 << 20
     with GuestRAM.create({"a": size}) as s, GuestRAM.create({"a": size}) as d:
         fill(s, "random", 3)
-        with Destination(d, config=cfg(auth_key=KEY)) as dst, Source(s, cfg(auth_key=KEY)) as src:
+        # about a second of migration (capped at 64 MB/s): the duplicate claim must land during it
+        src_cfg = cfg(auth_key=KEY, max_bandwidth=64_000_000)
+        with Destination(d, config=cfg(auth_key=KEY)) as dst, Source(s, src_cfg) as src:
             threads = [threading.Thread(target=flood, args=(dst.address,)) for _ in range(2)]
             for t in threads:
                 t.start()
@@ -218,6 +220,30 @@ def test_flood_and_duplicate_channel_during_migration_still_completes():
         assert len(attempts) > 0
         assert q["rejected-connections"] >= 1
         assert dup_result.get("closed") is True, dup_result
+
+
+def test_a_connection_admitted_after_the_migration_ended_is_closed_at_once():
+    """A handshake that completes after the session ended is not left open until close()."""
+    size = 4 << 20
+    with GuestRAM.create({"a": size}) as s, GuestRAM.create({"a": size}) as d:
+        fill(s, "random", 5)
+        with Destination(d, config=cfg(auth_key=KEY, timeout=30.0)) as dst:
+            late, greeting = _raw_connect(dst.address)  # accepted now; its hello comes later
+            try:
+                with Source(s, cfg(auth_key=KEY)) as src:
+                    assert src.migrate(dst.address).verified
+                assert dst.wait(10).verified
+                sid = dst._session.session_id
+                hello = encode_hello(Hello(KIND_DATA, sid, 0, 2, HELLO_FLAG_AUTH))
+                cn = auth.new_nonce()
+                late.sendall(hello + cn + auth.client_proof(KEY, greeting.nonce, cn, hello))
+                auth.decode_welcome(late.recv(auth.WELCOME_SIZE, socket.MSG_WAITALL))
+                t0 = time.monotonic()
+                assert late.recv(1) == b"", "admitted after the end, and then kept open"
+                assert time.monotonic() - t0 < 2.0
+                assert dst.valid and dst.status == "completed"
+            finally:
+                late.close()
 
 
 def test_non_loopback_listen_needs_a_key_or_an_explicit_opt_out():
