@@ -38,7 +38,7 @@ def run_migration(size: int, channels: int, content: str, compression: str, pref
         try:
             fill(src, content, 1)
             time.sleep(0.5)  # a quiet gap that separates filling from the migration in the samples
-            with Destination(dst, config=cfg, pool=pool, prefault=prefault) as d, Source(src, cfg, pool=pool) as s:
+            with Destination(dst, config=cfg, pool=pool, prefault=prefault, prepare_receivers=prefault) as d, Source(src, cfg, pool=pool) as s:
                 d.wait_prepared()  # allocated, receivers prepared: before the timing, as an agent would
                 t0 = time.perf_counter()
                 r = s.migrate(d.address)
@@ -76,7 +76,8 @@ def main() -> int:
     p.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     p.add_argument("--top", type=int, default=8)
     p.add_argument("--prefault", action="store_true",
-                   help="Destination(prefault=True): allocated region and prepared receivers, before the timing")
+                   help="Destination(prefault=True, prepare_receivers=True): allocated region and prepared "
+                        "receivers, before the timing")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     from mpmultifd.cli import parse_size
