@@ -22,7 +22,8 @@ import numpy as np
 from .config import MigrationConfig
 from .digest import fingerprint_some
 from .errors import ConfigError, MigrationError, SaveFileError, WorkerDied
-from .file_worker import file_spec, loader_main, open_file, page_runs
+from .file_worker import file_spec, loader_main, open_file
+from .methods import page_runs
 from .ram import GuestRAM
 from .ring import KIND_DATA, KIND_EOS, KIND_STOP, Ring
 from .savefile import SaveLayout, read_layout, unpack_bitmap, unpack_digests
@@ -117,7 +118,7 @@ def restore(
         for first, end in ram.data_extents(b.index):
             stale = np.flatnonzero(~p[first:end]) + first
             starts, lengths = page_runs(stale)
-            for s, n in zip(starts.tolist(), lengths.tolist()):
+            for s, n in zip(starts, lengths):
                 if view[s : s + n].any():
                     view[s : s + n] = 0
                     zeroed += n

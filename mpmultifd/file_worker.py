@@ -29,6 +29,7 @@ import numpy as np
 
 from ._shm import Segment
 from .errors import ConfigError, MigrationError
+from .methods import page_runs
 from .ram import GuestRAM
 from .ring import KIND_DATA, KIND_EOS, KIND_STOP, KIND_SYNC, Ring
 from .zeropage import nonzero_pages
@@ -57,7 +58,6 @@ __all__ = [
     "loader_main",
     "open_file",
     "punch_hole",
-    "page_runs",
 ]
 
 log = logging.getLogger("mpmultifd.file")
@@ -147,16 +147,6 @@ def punch_hole(fd: int, offset: int, length: int) -> bool:
     if err in (errno.EOPNOTSUPP, errno.ENOSYS):
         return False
     raise OSError(err, f"fallocate(PUNCH_HOLE): {os.strerror(err)}")
-
-
-def page_runs(pages: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Starts and lengths of the runs of consecutive page numbers in a sorted array."""
-    if len(pages) == 0:
-        return pages, pages
-    breaks = np.flatnonzero(np.diff(pages) != 1) + 1
-    starts = np.concatenate(([0], breaks))
-    ends = np.concatenate((breaks, [len(pages)]))
-    return pages[starts], ends - starts
 
 
 def _worker(kind: str, spec: FileSpec, ram: GuestRAM, ring: Ring, conn: Connection) -> None:
@@ -251,7 +241,7 @@ def _run_saver(spec: FileSpec, ram: GuestRAM, ring: Ring, conn: Connection, fd: 
         base = spec.data_offsets[blk]
         starts, lengths = page_runs(normal)
         written = 0
-        for s, n in zip(starts.tolist(), lengths.tolist()):
+        for s, n in zip(starts, lengths):
             view = datas[blk][s * ps : (s + n) * ps]
             off = base + s * ps
             done = os.pwritev(fd, [view], off)
@@ -264,7 +254,7 @@ def _run_saver(spec: FileSpec, ram: GuestRAM, ring: Ring, conn: Connection, fd: 
         stale = zero[mine[zero] != 0]
         if len(stale):
             zs, zl = page_runs(stale)
-            for s, n in zip(zs.tolist(), zl.tolist()):
+            for s, n in zip(zs, zl):
                 if can_punch[0]:
                     can_punch[0] = punch_hole(fd, base + s * ps, n * ps)
                 if not can_punch[0]:
@@ -295,7 +285,7 @@ def _run_loader(spec: FileSpec, ram: GuestRAM, ring: Ring, conn: Connection, fd:
         base = spec.data_offsets[blk]
         starts, lengths = page_runs(pages)
         read = 0
-        for s, n in zip(starts.tolist(), lengths.tolist()):
+        for s, n in zip(starts, lengths):
             view = datas[blk][s * ps : (s + n) * ps]
             off = base + s * ps
             got = os.preadv(fd, [view], off)

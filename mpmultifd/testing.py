@@ -23,7 +23,7 @@ from .errors import MigrationError
 from .ram import GuestRAM
 from .source import mp_context
 
-__all__ = ["CONTENTS", "fill", "DirtyingWriter", "RemoteDestination", "QMP", "QMPError"]
+__all__ = ["CONTENTS", "fill", "same_contents", "DirtyingWriter", "RemoteDestination", "QMP", "QMPError"]
 
 CONTENTS = ("random", "half-zero", "zero", "mixed")
 
@@ -54,6 +54,11 @@ def fill(ram: GuestRAM, content: str = "half-zero", seed: int = 0) -> None:
                 words = g[kind == 3].view(np.uint64)
                 words[:] = words[:, :1]
                 g[kind == 3] = words.view(np.uint8)
+
+
+def same_contents(a: GuestRAM, b: GuestRAM) -> bool:
+    """True when every block of ``a`` holds the same bytes as the block of ``b`` with its index."""
+    return all(np.array_equal(a.view(x.index), b.view(x.index)) for x in a.blocks)
 
 
 def _writer_main(

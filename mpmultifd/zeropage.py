@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .methods import is_one_run
+
 __all__ = ["nonzero_pages"]
 
 
@@ -24,9 +26,9 @@ def nonzero_pages(words: np.ndarray, pages: np.ndarray) -> np.ndarray:
     n = len(pages)
     if n == 0:
         return np.zeros(0, dtype=bool)
-    first = int(pages[0])
-    if int(pages[-1]) - first == n - 1 and (n < 3 or bool((np.diff(pages) == 1).all())):
-        rows = words[first : first + n]  # one run of pages: a view, nothing copied
+    if is_one_run(pages):
+        first = int(pages[0])
+        rows = words[first : first + n]  # a view, nothing copied
     else:
         rows = words[pages]
     nonzero = (rows[:, 0] | rows[:, -1]) != 0

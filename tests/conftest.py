@@ -22,6 +22,20 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 START_METHODS = ("fork", "spawn", "forkserver")
 
 
+@pytest.fixture
+def regions(request):
+    """A source and a destination region shaped like the test module's ``BLOCKS``, removed afterwards."""
+    from mpmultifd import GuestRAM
+
+    blocks = request.module.BLOCKS
+    with GuestRAM.create(blocks) as src, GuestRAM.create(blocks) as dst:
+        try:
+            yield src, dst
+        finally:
+            src.unlink()
+            dst.unlink()
+
+
 def pytest_configure(config: pytest.Config) -> None:
     worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
     os.environ["MPMULTIFD_SHM_PREFIX"] = f"mpmt{os.getpid()}{worker}_"

@@ -25,7 +25,7 @@ from mpmultifd import (
 from mpmultifd.cli import main as cli_main
 from mpmultifd.ram import file_data_extents
 from mpmultifd.savefile import STATE_OFFSET, read_layout
-from mpmultifd.testing import DirtyingWriter, RemoteDestination, fill
+from mpmultifd.testing import DirtyingWriter, RemoteDestination, fill, same_contents
 from mpmultifd.wire import data_header_size
 
 PS = 4096
@@ -36,20 +36,6 @@ def _cfg(**kw) -> MigrationConfig:
     kw.setdefault("channels", 2)
     kw.setdefault("start_method", "forkserver")
     return MigrationConfig(**kw)
-
-
-@pytest.fixture
-def regions():
-    with GuestRAM.create(BLOCKS) as src, GuestRAM.create(BLOCKS) as dst:
-        try:
-            yield src, dst
-        finally:
-            src.unlink()
-            dst.unlink()
-
-
-def _same(a: GuestRAM, b: GuestRAM) -> bool:
-    return all(np.array_equal(a.view(x.index), b.view(x.index)) for x in a.blocks)
 
 
 @pytest.mark.timeout(120)
@@ -75,7 +61,7 @@ def test_save_restore_byte_identical(regions, tmp_path, zero_page, channels, sta
     with Destination(dst, config=cfg) as d:
         restored = d.restore(path)
     assert restored.verified and restored.present_pages == saved.present_pages
-    assert _same(src, dst)
+    assert same_contents(src, dst)
 
 
 @pytest.mark.timeout(60)
@@ -108,7 +94,7 @@ def test_save_and_restore_with_o_direct(regions, tmp_path):
     with Destination(dst, config=_cfg()) as d:
         restored = d.restore(path, direct=True)
     assert restored.direct and restored.verified
-    assert _same(src, dst)
+    assert same_contents(src, dst)
 
 
 @pytest.mark.timeout(120)
@@ -126,7 +112,7 @@ def test_live_save_with_a_writer(regions, tmp_path, tracker, mark):
     assert saved.rounds >= 2
     with Destination(dst, config=_cfg()) as d:
         assert d.restore(path).verified
-    assert _same(src, dst)  # the writer stayed paused: the file holds the paused guest
+    assert same_contents(src, dst)  # the writer stayed paused: the file holds the paused guest
 
 
 @pytest.mark.timeout(120)
@@ -153,7 +139,7 @@ def test_a_page_that_becomes_zero_gets_its_hole_back(tmp_path):
             assert data_pages == {11}  # page 10's data was punched out
             with Destination(dst, config=_cfg()) as d:
                 d.restore(path)
-            assert _same(src, dst)
+            assert same_contents(src, dst)
         finally:
             src.unlink()
             dst.unlink()
@@ -280,12 +266,12 @@ def test_restore_then_top_up_sends_only_what_changed(regions, tmp_path, compress
             src.write("pc.ram", (i * 97) * PS + 5, b"changed after the save")
         with Destination(dst, config=cfg) as d:
             d.restore(path)
-            assert not _same(src, dst)
+            assert not same_contents(src, dst)
             s.config = cfg  # the top-up may use any method
             result = s.migrate(d.address, top_up=True)
             dres = d.wait(30)
     assert dres.verified and result.verified
-    assert _same(src, dst)
+    assert same_contents(src, dst)
     full = src.total_size
     # a full migration moves the whole region (28 MiB here); the top-up moved 40 pages and
     # headers: its data packets, and a SYNC or EOS marker per channel per round
@@ -338,7 +324,7 @@ def test_live_save_then_top_up_with_a_writer(regions, tmp_path):
             d.result()
     assert result.verified
     assert result.transferred < src.total_size // 4, (result.transferred, src.total_size)
-    assert _same(src, dst)
+    assert same_contents(src, dst)
 
 
 @pytest.mark.timeout(120)
@@ -354,7 +340,7 @@ def test_cli_save_and_restore(regions, tmp_path, capsys):
     out = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert out[0]["event"] == "restored" and out[0]["verified"] is True
     assert out[0]["save-id"] == result["save-id"]
-    assert _same(src, dst)
+    assert same_contents(src, dst)
     os.truncate(path, 8192)
     assert cli_main(["restore", path, "--region", dst.name]) == 1
     assert "file_size" in capsys.readouterr().err
@@ -376,4 +362,4 @@ def test_an_estimate_between_save_and_top_up_loses_no_marks(regions, tmp_path):
             result = s.migrate(d.address, top_up=True)
             assert d.wait(30).verified
     assert result.normal == 25
-    assert _same(src, dst)
+    assert same_contents(src, dst)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from mpmultifd import ConfigError, Destination, GuestRAM, MigrationConfig, MigrationError, Source, WorkerPool
-from mpmultifd.testing import fill
+from mpmultifd.testing import fill, same_contents
 
 BLOCKS = {"pc.ram": 8 << 20, "vga": 2 << 20}
 
@@ -39,7 +39,7 @@ def test_pooled_migrations_reuse_the_same_processes(start_method):
                 with Destination(dst, config=cfg, pool=pool) as d, Source(src, cfg, pool=pool) as s:
                     result = s.migrate(d.address)
                     assert d.wait(30).verified and result.verified
-                assert all(np.array_equal(src.view(b.index), dst.view(b.index)) for b in src.blocks)
+                assert same_contents(src, dst)
                 assert pool.idle == 4, "every borrowed worker came back"
             assert set(pool.pids()) == pids, "no process was started for the migrations"
             assert pool.reused == 3 * 4 and pool.started == 4
@@ -59,7 +59,7 @@ def test_pooled_save_and_restore(tmp_path):
                 s.save(path)
             with Destination(dst, config=cfg, pool=pool) as d:
                 assert d.restore(path).verified
-            assert all(np.array_equal(src.view(b.index), dst.view(b.index)) for b in src.blocks)
+            assert same_contents(src, dst)
             assert pool.started == 2 and pool.idle == 2
         finally:
             src.unlink()
@@ -169,59 +169,47 @@ def test_a_migration_that_breaks_gives_its_pooled_workers_back_cleanly():
 # --------------------------------------------------------------------------- prepared receivers
 
 
-def _same(a: GuestRAM, b: GuestRAM) -> bool:
-    return all(np.array_equal(a.view(x.index), b.view(x.index)) for x in a.blocks)
-
-
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("compression", ["none", "zstd"])
-def test_prepared_receivers_take_the_channels(start_method, compression):
+def test_prepared_receivers_take_the_channels(regions, start_method, compression):
     """prefault + pool: the receivers populate the mapping ahead and receive straight into it."""
+    src, dst = regions
     cfg = MigrationConfig(channels=2, compression=compression, start_method=start_method)
-    with GuestRAM.create(BLOCKS) as src, GuestRAM.create(BLOCKS) as dst, WorkerPool(
-        4, start_method=start_method
-    ) as pool:
-        try:
-            fill(src, "mixed", 7)  # zero pages too, which must overwrite what the destination held
-            fill(dst, "random", 8)
-            pids = set(pool.pids())
-            with Destination(dst, config=cfg, pool=pool, prefault=True, prepare_receivers=True) as d:
-                assert d.wait_prepared(60)
-                assert pool.idle == 2, "two workers are held, prepared, before any source connects"
-                with Source(src, cfg, pool=pool) as s:
-                    result = s.migrate(d.address)
-                assert d.wait(30).verified and result.verified
-                assert d.query()["prepared-receivers"] == 2
-            assert _same(src, dst)
-            assert pool.idle == 4 and set(pool.pids()) == pids, "every worker came back; none was started"
-        finally:
-            src.unlink()
-            dst.unlink()
+    with WorkerPool(4, start_method=start_method) as pool:
+        fill(src, "mixed", 7)  # zero pages too, which must overwrite what the destination held
+        fill(dst, "random", 8)
+        pids = set(pool.pids())
+        with Destination(dst, config=cfg, pool=pool, prefault=True, prepare_receivers=True) as d:
+            assert d.wait_prepared(60)
+            assert pool.idle == 2, "two workers are held, prepared, before any source connects"
+            with Source(src, cfg, pool=pool) as s:
+                result = s.migrate(d.address)
+            assert d.wait(30).verified and result.verified
+            assert d.query()["prepared-receivers"] == 2
+        assert same_contents(src, dst)
+        assert pool.idle == 4 and set(pool.pids()) == pids, "every worker came back; none was started"
 
 
 @pytest.mark.timeout(120)
-def test_prepared_receivers_a_source_does_not_use_go_back_unused():
-    with GuestRAM.create(BLOCKS) as src, GuestRAM.create(BLOCKS) as dst, WorkerPool(6) as pool:
-        try:
-            fill(src, "half-zero", 9)
-            with Destination(dst, config=MigrationConfig(channels=4), pool=pool, prefault=True, prepare_receivers=True) as d:
-                assert d.wait_prepared(60) and pool.idle == 2
-                with Source(src, MigrationConfig(channels=2), pool=pool) as s:
-                    s.migrate(d.address)
-                assert d.wait(30).verified
-                assert d.query()["prepared-receivers"] == 2
-            assert _same(src, dst)
-            assert pool.idle == pool.size == 6 and pool.started == 6
-            # and they serve the next migration as plain pool workers
-            fill(src, "random", 10)
-            cfg = MigrationConfig(channels=3)
-            with Destination(dst, config=cfg, pool=pool) as d, Source(src, cfg, pool=pool) as s:
+def test_prepared_receivers_a_source_does_not_use_go_back_unused(regions):
+    src, dst = regions
+    with WorkerPool(6) as pool:
+        fill(src, "half-zero", 9)
+        with Destination(dst, config=MigrationConfig(channels=4), pool=pool, prefault=True, prepare_receivers=True) as d:
+            assert d.wait_prepared(60) and pool.idle == 2
+            with Source(src, MigrationConfig(channels=2), pool=pool) as s:
                 s.migrate(d.address)
-                assert d.wait(30).verified and d.query()["prepared-receivers"] == 0
-            assert _same(src, dst) and pool.idle == 6
-        finally:
-            src.unlink()
-            dst.unlink()
+            assert d.wait(30).verified
+            assert d.query()["prepared-receivers"] == 2
+        assert same_contents(src, dst)
+        assert pool.idle == pool.size == 6 and pool.started == 6
+        # and they serve the next migration as plain pool workers
+        fill(src, "random", 10)
+        cfg = MigrationConfig(channels=3)
+        with Destination(dst, config=cfg, pool=pool) as d, Source(src, cfg, pool=pool) as s:
+            s.migrate(d.address)
+            assert d.wait(30).verified and d.query()["prepared-receivers"] == 0
+        assert same_contents(src, dst) and pool.idle == 6
 
 
 @pytest.mark.timeout(120)
@@ -244,39 +232,31 @@ def test_destination_closed_while_its_receivers_prepare_gives_them_back():
             dst.unlink()
 
 
-def test_wait_prepared_without_prefault_is_immediate():
-    with GuestRAM.create(BLOCKS) as dst:
-        try:
-            with Destination(dst) as d:
-                assert d.wait_prepared(0)
-                assert d.query()["prepared-receivers"] == 0
-        finally:
-            dst.unlink()
+def test_wait_prepared_without_prefault_is_immediate(regions):
+    _, dst = regions
+    with Destination(dst) as d:
+        assert d.wait_prepared(0)
+        assert d.query()["prepared-receivers"] == 0
 
 
-def test_prepare_receivers_needs_prefault_and_a_pool():
-    with GuestRAM.create(BLOCKS) as dst, WorkerPool(0) as pool:
-        try:
-            for kw in (dict(prefault=True), dict(pool=pool), dict(pool=pool, prefault=False)):
-                with pytest.raises(ConfigError, match="prepare_receivers: needs prefault=True and a pool"):
-                    Destination(dst, prepare_receivers=True, **kw)
-        finally:
-            dst.unlink()
+def test_prepare_receivers_needs_prefault_and_a_pool(regions):
+    _, dst = regions
+    with WorkerPool(0) as pool:
+        for kw in (dict(prefault=True), dict(pool=pool), dict(pool=pool, prefault=False)):
+            with pytest.raises(ConfigError, match="prepare_receivers: needs prefault=True and a pool"):
+                Destination(dst, prepare_receivers=True, **kw)
 
 
 @pytest.mark.timeout(120)
-def test_prefault_with_a_pool_prepares_nothing_unless_asked():
-    with GuestRAM.create(BLOCKS) as src, GuestRAM.create(BLOCKS) as dst, WorkerPool(4) as pool:
-        try:
-            fill(src, "mixed", 12)
-            fill(dst, "random", 13)
-            cfg = MigrationConfig(channels=2)
-            with Destination(dst, config=cfg, pool=pool, prefault=True) as d:
-                assert d.wait_prepared(60) and pool.idle == 4
-                with Source(src, cfg, pool=pool) as s:
-                    s.migrate(d.address)
-                assert d.wait(30).verified and d.query()["prepared-receivers"] == 0
-            assert _same(src, dst) and pool.idle == 4
-        finally:
-            src.unlink()
-            dst.unlink()
+def test_prefault_with_a_pool_prepares_nothing_unless_asked(regions):
+    src, dst = regions
+    with WorkerPool(4) as pool:
+        fill(src, "mixed", 12)
+        fill(dst, "random", 13)
+        cfg = MigrationConfig(channels=2)
+        with Destination(dst, config=cfg, pool=pool, prefault=True) as d:
+            assert d.wait_prepared(60) and pool.idle == 4
+            with Source(src, cfg, pool=pool) as s:
+                s.migrate(d.address)
+            assert d.wait(30).verified and d.query()["prepared-receivers"] == 0
+        assert same_contents(src, dst) and pool.idle == 4

@@ -35,12 +35,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import multiprocessing
 import os
-import platform
-import shlex
 import signal
 import statistics
 import sys
@@ -58,20 +55,13 @@ from mpmultifd import GuestRAM, MigrationConfig, MigrationError, Source  # noqa:
 from mpmultifd.cli import parse_size  # noqa: E402
 from mpmultifd.testing import CONTENTS, DirtyingWriter, RemoteDestination, fill  # noqa: E402
 from mpmultifd.tracking import make_tracker  # noqa: E402
+from toolkit import fmt_size, log, machine_header, print_end, raise_interrupt  # noqa: E402
 
 MB = 1e6
 GIB = 1 << 30
 # a write is 1 byte..3 pages at a random offset: it touches 1 + (length-1)/page_size
 # pages on average, about 2.5; only the first guess of the calibration uses this
 PAGES_PER_WRITE_GUESS = 2.5
-
-
-def log(*a: object) -> None:
-    print(*a, file=sys.stderr, flush=True)
-
-
-def _interrupted(signum, frame) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def kernel_tracker_status() -> tuple[bool, str]:
@@ -375,10 +365,6 @@ def print_part2(rows: list[dict], args: argparse.Namespace, kernel_ok: bool, ker
 # --------------------------------------------------------------------------- main
 
 
-def fmt_size(n: int) -> str:
-    return f"{n >> 30}G" if n % GIB == 0 else f"{n >> 20}M"
-
-
 def floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x]
 
@@ -423,22 +409,12 @@ def main() -> int:
         p.error("--link must be at least 4096 bytes/s")
     args.link = int(args.link)
 
-    signal.signal(signal.SIGTERM, _interrupted)  # the finally blocks must run on SIGTERM as on Ctrl-C
+    signal.signal(signal.SIGTERM, raise_interrupt)  # the finally blocks must run on SIGTERM as on Ctrl-C
     out = print if not args.json else log
     t_start = time.monotonic()
     kernel_ok, kernel_why = kernel_tracker_status()
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:
-        affinity = os.cpu_count()
-    header = {
-        "command": shlex.join(["python"] + sys.argv),
-        "nproc": affinity,
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "kernel": platform.release(),
-        "load_average_at_start": os.getloadavg()[0],
-    }
+    header = machine_header()
+    affinity = header["nproc"]
     out(f"# command: {header['command']}")
     out(f"# machine: nproc {affinity}, Python {header['python']} ({sys.implementation.name}), "
         f"Linux {header['kernel']}, load average {header['load_average_at_start']:.2f} at start")
@@ -462,10 +438,7 @@ def main() -> int:
         return 130
     doc["wall_time"] = time.monotonic() - t_start
     doc["kernel_tracker"] = {"available": kernel_ok, "why": kernel_why}
-    if args.json:
-        print(json.dumps(doc, indent=2, default=str))
-    else:
-        print(f"# wall time {doc['wall_time']:.0f} s, load average {os.getloadavg()[0]:.2f} at the end")
+    print_end(doc, args.json)
     return 0
 
 

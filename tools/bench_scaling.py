@@ -47,11 +47,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
-import platform
-import shlex
 import signal
 import statistics
 import sys
@@ -65,47 +62,20 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from mpmultifd import GuestRAM, MigrationConfig, Source  # noqa: E402
 from mpmultifd.cli import parse_size  # noqa: E402
 from mpmultifd.testing import CONTENTS, DirtyingWriter, RemoteDestination, fill  # noqa: E402
+from toolkit import (  # noqa: E402
+    caused_by_interrupt,
+    fmt_size,
+    log,
+    machine_header,
+    print_end,
+    raise_interrupt,
+    report_leftovers,
+)
 
 GIB = 1 << 30
 MIB = 1 << 20
 # rings, the destination's received map and statistics, a little slack
 SHM_SLACK = 64 * MIB
-
-
-def log(*a: object) -> None:
-    print(*a, file=sys.stderr, flush=True)
-
-
-def _interrupted(signum, frame) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-def report_leftovers(prefix: str, wait: float = 2.0) -> None:
-    """Warn about segments of this run still in /dev/shm (after waiting ``wait`` s for exiting children)."""
-    deadline = time.monotonic() + wait
-    while True:
-        left = [n for n in os.listdir("/dev/shm") if n.startswith(prefix)]
-        if not left or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    if left:
-        log(f"# WARNING: still in /dev/shm: {left}. A child killed by a signal (SIGTERM to the whole process "
-            f"group) leaves its segments to this process's resource tracker, which removes them once this process "
-            f"has exited: check with ls /dev/shm | grep {prefix}")
-
-
-def caused_by_interrupt(exc: BaseException | None) -> bool:
-    """True for a KeyboardInterrupt, or an error raised from one: ``Source.migrate``
-    turns a Ctrl-C into ``MigrationError("KeyboardInterrupt: ...")``."""
-    while exc is not None:
-        if isinstance(exc, KeyboardInterrupt):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
-
-
-def fmt_size(n: int) -> str:
-    return f"{n >> 30}G" if n % GIB == 0 else f"{n >> 20}M"
 
 
 def median(xs) -> float:
@@ -450,14 +420,10 @@ def main() -> int:
 
     prefix = f"mpmscale{os.getpid()}_"
     os.environ["MPMULTIFD_SHM_PREFIX"] = prefix  # inherited by every process started from here
-    signal.signal(signal.SIGTERM, _interrupted)  # the finally blocks must run on SIGTERM as on Ctrl-C
+    signal.signal(signal.SIGTERM, raise_interrupt)  # the finally blocks must run on SIGTERM as on Ctrl-C
     out = print if not args.json else log
     header = {
-        "command": shlex.join(["python"] + sys.argv),
-        "nproc": len(os.sched_getaffinity(0)),
-        "python": platform.python_version(),
-        "kernel": platform.release(),
-        "load_average_at_start": os.getloadavg()[0],
+        **machine_header(),
         "shm_free": shm_free(),
         "mem_available": mem_available(),
     }
@@ -495,10 +461,7 @@ def main() -> int:
     finally:
         report_leftovers(prefix)
     doc["wall_time"] = time.monotonic() - t_start
-    if args.json:
-        print(json.dumps(doc, indent=2, default=str))
-    else:
-        print(f"# wall time {doc['wall_time']:.0f} s, load average {os.getloadavg()[0]:.2f} at the end")
+    print_end(doc, args.json)
     return 0
 
 

@@ -73,6 +73,7 @@ from mpmultifd import GuestRAM, MigrationConfig, Source  # noqa: E402
 from mpmultifd.cli import parse_size  # noqa: E402
 from mpmultifd.testing import CONTENTS, QMP, QMPError, RemoteDestination, fill  # noqa: E402
 from mpmultifd.testing import _log_tail  # noqa: E402
+from toolkit import fmt_size, raise_interrupt  # noqa: E402
 
 BLOCK = "pc.ram"
 MAX_BANDWIDTH = 100 * 10**9  # bytes/s; QEMU 7.2 defaults to 128 MiB/s
@@ -341,16 +342,8 @@ def iperf3_rate(binary: str, streams: int, seconds: int) -> float:
 # --------------------------------------------------------------------------- main
 
 
-def _interrupted(signum, frame) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def median(runs: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in runs)
-
-
-def fmt_size(n: int) -> str:
-    return f"{n >> 30}G" if n % (1 << 30) == 0 else f"{n >> 20}M"
 
 
 def main() -> int:
@@ -409,7 +402,7 @@ def main() -> int:
     qemu_version = subprocess.run([qemu, "--version"], capture_output=True, text=True).stdout.splitlines()[0]
     t_start = time.monotonic()
     # A Ctrl-C / SIGTERM must still reach the finally blocks that kill QEMU and delete files.
-    signal.signal(signal.SIGTERM, _interrupted)
+    signal.signal(signal.SIGTERM, raise_interrupt)
 
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else (lambda *a: print(*a, flush=True))
     log(f"# {qemu_version}; machine {args.machine}, TCG, paused (-S); max-bandwidth "

@@ -71,9 +71,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
-import shlex
 import signal
 import statistics
 import sys
@@ -86,6 +84,15 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from mpmultifd import GuestRAM, MigrationConfig, Source  # noqa: E402
 from mpmultifd.cli import parse_size  # noqa: E402
 from mpmultifd.testing import CONTENTS, RemoteDestination, fill  # noqa: E402
+from toolkit import (  # noqa: E402
+    caused_by_interrupt,
+    fmt_size,
+    log,
+    machine_header,
+    raise_interrupt,
+    report_leftovers,
+    wall_time_line,
+)
 
 TARGET_MIB = 48.0  # DESIGN: per-worker resident memory beyond the shared region
 ROLES = ("coordinator", "send worker", "destination", "recv worker")
@@ -96,42 +103,6 @@ _HEADER = re.compile(rb"^[0-9a-f]+-[0-9a-f]+ \S+ \S+ \S+ \S+[ \t]*(.*)$", re.M)
 # the fields this tool needs, in the order the kernel prints them in every mapping
 _FIELDS = re.compile(rb"^(Rss|Pss|Private_Clean|Private_Dirty|Anonymous):\s+(\d+) kB$", re.M)
 _NFIELDS = 5
-
-
-def log(*a: object) -> None:
-    print(*a, file=sys.stderr, flush=True)
-
-
-def _interrupted(signum, frame) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-def report_leftovers(prefix: str, wait: float = 2.0) -> None:
-    """Warn about segments of this run still in /dev/shm (after waiting ``wait`` s for exiting children)."""
-    deadline = time.monotonic() + wait
-    while True:
-        left = [n for n in os.listdir("/dev/shm") if n.startswith(prefix)]
-        if not left or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    if left:
-        log(f"# WARNING: still in /dev/shm: {left}. A child killed by a signal (SIGTERM to the whole process "
-            f"group) leaves its segments to this process's resource tracker, which removes them once this process "
-            f"has exited: check with ls /dev/shm | grep {prefix}")
-
-
-def caused_by_interrupt(exc: BaseException | None) -> bool:
-    """True for a KeyboardInterrupt, or an error raised from one: ``Source.migrate``
-    turns a Ctrl-C into ``MigrationError("KeyboardInterrupt: ...")``."""
-    while exc is not None:
-        if isinstance(exc, KeyboardInterrupt):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
-
-
-def fmt_size(n: int) -> str:
-    return f"{n >> 30}G" if n % (1 << 30) == 0 else f"{n >> 20}M"
 
 
 # --------------------------------------------------------------------------- /proc
@@ -506,14 +477,10 @@ def main() -> int:
     # every segment of this run carries a prefix of its own, so leftovers are easy to see
     prefix = f"mpmmem{os.getpid()}_"
     os.environ["MPMULTIFD_SHM_PREFIX"] = prefix
-    signal.signal(signal.SIGTERM, _interrupted)  # the finally blocks must run on SIGTERM as on Ctrl-C
+    signal.signal(signal.SIGTERM, raise_interrupt)  # the finally blocks must run on SIGTERM as on Ctrl-C
     out = print if not args.json else log
     header = {
-        "command": shlex.join(["python"] + sys.argv),
-        "nproc": len(os.sched_getaffinity(0)),
-        "python": platform.python_version(),
-        "kernel": platform.release(),
-        "load_average_at_start": os.getloadavg()[0],
+        **machine_header(),
         "size": args.size,
         "start_method": args.start_method,
         "verify": not args.no_verify,
@@ -648,7 +615,7 @@ def main() -> int:
             print(f"- {role}, {method} ({worst['content']}, {worst['channels']} ch, "
                   f"{worst['peak_priv_anon']:.1f} MiB): {tops}")
     print()
-    print(f"# wall time {doc['wall_time']:.0f} s, load average {os.getloadavg()[0]:.2f} at the end")
+    print(wall_time_line(doc["wall_time"]))
     return 0
 
 

@@ -42,6 +42,7 @@ __all__ = [
     "get_method",
     "available_methods",
     "page_runs",
+    "is_one_run",
 ]
 
 ENTRY_POINT_GROUP = "mpmultifd.methods"
@@ -55,6 +56,15 @@ def page_runs(pages: np.ndarray) -> tuple[list[int], list[int]]:
     starts = np.concatenate(([0], breaks))
     ends = np.concatenate((breaks, [len(pages)]))
     return pages[starts].tolist(), (ends - starts).tolist()
+
+
+def is_one_run(pages: np.ndarray) -> bool:
+    """True when ``pages`` (non-empty, in payload order) are consecutive: a slice, not a gather.
+
+    The ends alone would not tell, since pages come in payload order, not sorted.
+    """
+    n = len(pages)
+    return int(pages[-1]) - int(pages[0]) == n - 1 and (n < 3 or bool((np.diff(pages) == 1).all()))
 
 
 @dataclass

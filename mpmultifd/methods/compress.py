@@ -28,7 +28,7 @@ import zstandard
 from ..errors import ConfigError, RemoteProtocolError
 from ..transport import recv_exact_into
 from ..wire import ENCODING_RAW, DataHeader
-from . import Method, MethodReceiver, MethodSender, PageBatch, PageSink, Prepared
+from . import Method, MethodReceiver, MethodSender, PageBatch, PageSink, Prepared, is_one_run
 
 __all__ = ["Lz4", "Zstd", "Zlib", "Auto", "ENCODING_LZ4", "ENCODING_ZSTD", "ENCODING_ZLIB"]
 
@@ -133,10 +133,8 @@ class _Sender(MethodSender):
     def _gathered(self, batch: PageBatch) -> memoryview:
         n = len(batch.pages)
         out = self._gather[:n]
-        first = int(batch.pages[0])
-        # one run of consecutive pages (the usual case) is one block copy; the
-        # ends alone would not tell, since pages come in payload order, not sorted
-        if int(batch.pages[-1]) - first == n - 1 and (n < 3 or bool((np.diff(batch.pages) == 1).all())):
+        if is_one_run(batch.pages):  # the usual case: one block copy
+            first = int(batch.pages[0])
             np.copyto(out, batch.grid[first : first + n])
         else:
             np.take(batch.grid, batch.pages, axis=0, out=out)
