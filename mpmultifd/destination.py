@@ -798,6 +798,7 @@ class Destination:
         # from here on nothing undoes the migration: not a cancel, not a lost connection
         self._committed = True
         self._valid = True
+        self._status = "completed"
         self._t_end = time.monotonic()
         per = self._counters()
         self._result = MigrationResult(
