@@ -57,6 +57,7 @@ from .wire import (
     Complete,
     Config,
     ControlDecoder,
+    ControlMac,
     ErrorMessage,
     Repair,
     RepairDone,
@@ -230,6 +231,7 @@ class Destination:
         self._broken: dict[int, float] = {}  # channel -> deadline for its reconnection
         self._connected: set[int] = set()
         self._control_bytes = 0
+        self._mac: ControlMac | None = None
         self._on_stream = on_stream
         self._streams: list[tuple[threading.Thread, socket.socket]] = []
         self._committed = False
@@ -481,7 +483,10 @@ class Destination:
             self._wait([], None)
             self._take_incoming(accept_data=False)
         ctrl = self._control
-        decoder = ControlDecoder()
+        key = cfg.auth_key
+        # with a key every control frame is authenticated, from CONFIG on (the hello's proof binds the session)
+        self._mac = ControlMac(key, self._control_hello.session_id, "destination") if key is not None else None
+        decoder = ControlDecoder(mac=self._mac)
         self._decoder = decoder  # a failing receiver may need to read why the source left
         ctrl.setblocking(False)
         deadline = time.monotonic() + cfg.timeout
@@ -1136,7 +1141,7 @@ class Destination:
         ctrl.setblocking(True)
         ctrl.settimeout(self.config.timeout)
         try:
-            ctrl.sendall(encode_control(msg))
+            ctrl.sendall(encode_control(msg, self._mac))
         except OSError as e:
             raise ChannelBroken(f"control connection failed: {e}") from e
         finally:

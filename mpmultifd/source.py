@@ -65,6 +65,7 @@ from .wire import (
     Config,
     ConfigAck,
     ControlDecoder,
+    ControlMac,
     ErrorMessage,
     Hello,
     Repair,
@@ -363,6 +364,7 @@ class Source:
         self._control: socket.socket | None = None
         self._opening: socket.socket | None = None  # a connection in its handshake
         self._decoder = ControlDecoder()
+        self._mac: ControlMac | None = None  # authenticates control frames when there is a key
         self._early: list[Any] = []
         self._running = False
         self._closed = False
@@ -1030,6 +1032,9 @@ class Source:
         self._check_cancel()
         ctrl = self._open(address, Hello(KIND_CONTROL, session, CONTROL_CHANNEL, cfg.channels))
         self._control = ctrl
+        # with a key every control frame is authenticated: a relay cannot change VERIFY, RESULT or COMMIT
+        self._mac = ControlMac(cfg.auth_key, session, "source") if cfg.auth_key is not None else None
+        self._decoder = ControlDecoder(mac=self._mac)
         config_msg = Config(
             session_id=session,
             page_size=ram.page_size,
@@ -1043,7 +1048,7 @@ class Source:
             channel_retries=cfg.channel_retries,
             base=self._save_base if top_up else None,
         )
-        ctrl.sendall(encode_control(config_msg))
+        ctrl.sendall(encode_control(config_msg, self._mac))
         ctrl.setblocking(False)
         reply = self._next_control(time.monotonic() + cfg.timeout, "the destination's answer to the configuration")
         if not isinstance(reply, ConfigAck):
@@ -1908,9 +1913,13 @@ class Source:
             if ch.proc.sentinel in ready and not ch.done and not ch.reconnecting:
                 # give its last report a moment to arrive, then blame the death
                 try:
-                    if ch.conn.poll(0.2):
+                    # its last reports (say "scanned", then "done") may all still be in the pipe
+                    wait = 0.2
+                    while not ch.done and ch.conn.poll(wait):
                         self._worker_message(ch)
-                    raise WorkerDied(f"worker process exited with code {ch.proc.exitcode}", channel=ch.index)
+                        wait = 0.0
+                    if not ch.done:
+                        raise WorkerDied(f"worker process exited with code {ch.proc.exitcode}", channel=ch.index)
                 except MigrationError as e:
                     if e.channel is None:
                         raise
@@ -2002,7 +2011,7 @@ class Source:
 
     def _control_send(self, msg: Any) -> None:
         assert self._control is not None
-        data = memoryview(encode_control(msg))
+        data = memoryview(encode_control(msg, self._mac))
         while data:
             try:
                 n = self._control.send(data)
@@ -2029,7 +2038,7 @@ class Source:
             try:
                 ctrl.setblocking(True)
                 ctrl.settimeout(0.5)
-                ctrl.sendall(encode_control(msg))
+                ctrl.sendall(encode_control(msg, self._mac))
             except OSError:
                 pass
         for ch in chans:
@@ -2049,6 +2058,7 @@ class Source:
         if ctrl is not None:
             ctrl.close()
         self._decoder = ControlDecoder()
+        self._mac = None
         self._early = []
 
     @staticmethod
