@@ -194,6 +194,34 @@ def _block_fingerprints(ram: GuestRAM, block: int) -> np.ndarray:
     return out
 
 
+def _save_temp(path: str) -> tuple[int, str]:
+    """A new file for a save beside ``path``: created exclusively (never through a symlink), mode 0600.
+
+    The save is written there and renamed over ``path`` only once complete and
+    synced, so a failed save never touches a previous one, and a symlink at
+    ``path`` is replaced rather than written through.
+    """
+    where = os.path.dirname(os.path.abspath(path))
+    base = os.path.basename(path)
+    if not base:
+        raise ConfigError(f"path: {path!r} names a directory, not a save file")
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for _ in range(16):
+        tmp = os.path.join(where, f".{base[:200]}.{secrets.token_hex(6)}.part")
+        try:
+            fd = os.open(tmp, flags, 0o600)
+        except FileExistsError:
+            continue
+        try:
+            os.fchmod(fd, 0o600)  # whatever the umask left, guest bytes are for the owner only
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
+        return fd, tmp
+    raise FileExistsError(f"cannot create a fresh temporary file beside {path!r}")
+
+
 def _fsync_dir(path: str) -> None:
     """Make a new file's directory entry durable too."""
     try:
@@ -445,9 +473,13 @@ class Source:
         written and the file is synced, which need no pause), or if the save
         fails after ``pause()``: the guest stays with this host either way.
         With ``verify``, the file's pages are checked against the paused
-        guest before the file is marked complete. A failed or cancelled save
-        removes the file it was writing; one killed outright leaves a file that
-        ``restore`` refuses as incomplete. ``direct=True`` writes with O_DIRECT
+        guest before the file is marked complete. The file is written under a
+        new name in ``path``'s directory (created exclusively, mode 0600) and
+        renamed over ``path`` only once complete and synced: a failed or
+        cancelled save removes it and leaves a previous file at ``path``
+        intact; one killed outright leaves that ``.<name>.<random>.part`` file
+        (which ``restore`` refuses as incomplete). A symlink at ``path`` is
+        replaced, never written through. ``direct=True`` writes with O_DIRECT
         (ConfigError where the file system does not support it).
 
         Afterwards this Source keeps tracking the pages the guest changes, so
@@ -458,6 +490,7 @@ class Source:
         self._begin("save")
         error: BaseException | None = None
         fd = -1
+        tmp: str | None = None
         try:
             cfg = self.config
             if cfg.compression != "none":
@@ -472,11 +505,11 @@ class Source:
             self._retries_left = 0  # a file channel is not reconnected
             self._set_status("setup")
             layout = SaveLayout.plan([(b.name, b.size) for b in self.ram.blocks], self.ram.page_size, method="raw")
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            fd, tmp = _save_temp(path)
             os.ftruncate(fd, layout.file_size)  # sparse: every page a hole until written
             os.pwrite(fd, layout.encode_header(), 0)  # state INCOMPLETE, from the first byte on
             self._save_resume = resume
-            self._start_file_channels(path, layout, direct)
+            self._start_file_channels(tmp, layout, direct)
             deadline = time.monotonic() + cfg.timeout
             while not all(ch.ready for ch in self._channels):
                 if time.monotonic() > deadline:
@@ -489,7 +522,8 @@ class Source:
             self._setup_time = time.monotonic() - self._t_start
             self._set_status("active")
             rnd, pending, converged = self._precopy(save=True)
-            result = self._finish_save(fd, path, layout, rnd, pending, pause, converged, direct)
+            result = self._finish_save(fd, path, layout, rnd, pending, pause, converged, direct, tmp)
+            tmp = None  # renamed over the target
             self._set_status("completed")
             return result
         except BaseException as exc:
@@ -504,11 +538,11 @@ class Source:
                 self._present = None
             if fd >= 0:
                 os.close(fd)
-                if error is not None:
-                    try:
-                        os.unlink(path)  # never leave a half-written save behind
-                    except OSError:
-                        pass
+            if tmp is not None:
+                try:
+                    os.unlink(tmp)  # never leave a half-written save behind; the target was not touched
+                except OSError:
+                    pass
             if self._paused_at is not None and self._save_resume is not None:
                 try:
                     self._resume_now()
@@ -586,6 +620,7 @@ class Source:
         pause: Callable[[], Any] | None,
         converged: bool,
         direct: bool,
+        tmp: str,
     ) -> SaveResult:
         ram = self.ram
         self._check_cancel()
@@ -621,6 +656,9 @@ class Source:
         os.fsync(fd)  # every page, bitmap and digest is on disk before the file says it is complete
         os.pwrite(fd, encode_state(SaveState(True, time.time_ns(), npresent)), STATE_OFFSET)
         os.fsync(fd)
+        # complete and synced: only now does it replace the target (a symlink there is replaced,
+        # not followed), and the directory entry is made durable too
+        os.rename(tmp, path)
         _fsync_dir(path)
         self._remaining_pages = 0
         self._save_base = layout.save_id  # the tracker keeps running: a top-up sends what changes next
