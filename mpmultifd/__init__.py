@@ -22,6 +22,7 @@ from .errors import (
     RemoteProtocolError,
     SaveFileError,
     TrackingUnavailable,
+    UntrustedSegmentError,
     VerificationError,
     WorkerDied,
 )
@@ -58,4 +59,5 @@ __all__ = [
     "ConvergenceError",
     "TrackingUnavailable",
     "SaveFileError",
+    "UntrustedSegmentError",
 ]

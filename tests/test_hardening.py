@@ -9,7 +9,8 @@ import stat
 import numpy as np
 import pytest
 
-from mpmultifd import Destination, GuestRAM, MigrationConfig, MigrationError, Source
+from mpmultifd import Destination, GuestRAM, MigrationConfig, MigrationError, Source, UntrustedSegmentError
+from mpmultifd._shm import unique_name
 from mpmultifd.savefile import read_layout
 from mpmultifd.testing import fill, same_contents
 
@@ -91,3 +92,84 @@ def test_a_failed_save_leaves_the_previous_one_intact(regions, tmp_path):
     assert os.listdir(tmp_path) == ["good.mpsave"]  # the failed save's file is gone
     fill(src, "half-zero", 5)
     assert _restored_equal(src, dst, path)
+
+
+# ---------------------------------------------------------------------- shared memory and socket files
+
+NOBODY = 65534
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="chown to another uid needs root")
+
+
+@needs_root
+def test_attach_refuses_a_segment_another_user_owns():
+    with GuestRAM.create({"pc.ram": 4 * PS}) as ram:
+        meta = os.path.join("/dev/shm", ram.name)
+        os.chown(meta, NOBODY, -1)  # as if another user had planted it under that name
+        with pytest.raises(UntrustedSegmentError) as e:
+            GuestRAM.attach(ram.name)
+        assert e.value.path == meta and e.value.owner == NOBODY and e.value.mode == 0o600
+        assert ram.name in str(e.value) and str(NOBODY) in str(e.value)
+        with GuestRAM.attach(ram.name, allow_foreign=True) as other:  # the opt-in
+            other.write("pc.ram", 0, b"asked for")
+        os.chown(meta, 0, -1)
+        # a data segment planted by another user is refused too, naming the block
+        data = os.path.join("/dev/shm", ram.block(0).segment)
+        os.chown(data, NOBODY, -1)
+        with pytest.raises(UntrustedSegmentError, match="pc.ram") as e:
+            GuestRAM.attach(ram.name)
+        assert e.value.path == data and e.value.owner == NOBODY
+        os.chown(data, 0, -1)
+        assert ram.view(0)[:9].tobytes() == b"asked for"
+
+
+def test_attach_refuses_a_segment_open_to_others():
+    with GuestRAM.create({"pc.ram": 4 * PS}) as ram:
+        meta = os.path.join("/dev/shm", ram.name)
+        for mode in (0o644, 0o660, 0o606):
+            os.chmod(meta, mode)
+            with pytest.raises(UntrustedSegmentError) as e:
+                GuestRAM.attach(ram.name)
+            assert e.value.mode == mode and f"{mode:04o}" in str(e.value)
+        os.chmod(meta, 0o600)
+        with GuestRAM.attach(ram.name) as other:
+            assert other.blocks == ram.blocks
+
+
+def test_attach_never_follows_a_symlink_in_dev_shm(tmp_path):
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"\0" * PS)
+    name = unique_name("link")
+    os.symlink(target, os.path.join("/dev/shm", name))
+    try:
+        with pytest.raises(OSError):
+            GuestRAM.attach(name)
+    finally:
+        os.unlink(os.path.join("/dev/shm", name))
+
+
+@needs_root
+def test_from_files_with_another_users_file_needs_the_opt_in(tmp_path):
+    path = tmp_path / "qemu-ram"
+    path.write_bytes(b"\0" * (4 * PS))
+    os.chown(path, NOBODY, -1)
+    with pytest.raises(UntrustedSegmentError) as e:
+        GuestRAM.from_files({"pc.ram": str(path)})
+    assert e.value.owner == NOBODY and "pc.ram" in str(e.value)
+    with GuestRAM.from_files({"pc.ram": str(path)}, allow_foreign=True) as ram:
+        # the accepted owner travels with the layout: a process attaching the region accepts it
+        with GuestRAM.attach(ram.name) as other:
+            other.write("pc.ram", PS, b"through the attachment")
+        assert ram.view(0)[PS : PS + 22].tobytes() == b"through the attachment"
+        os.chown(path, NOBODY + 1, -1)  # but not a file swapped for another owner's
+        with pytest.raises(UntrustedSegmentError):
+            GuestRAM.attach(ram.name)
+
+
+def test_unix_socket_file_is_0600_whatever_the_umask(tmp_path):
+    path = str(tmp_path / "dest.sock")
+    old = os.umask(0)
+    try:
+        with GuestRAM.create({"pc.ram": 4 * PS}) as ram, Destination(ram, f"unix:{path}", _cfg()):
+            assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    finally:
+        os.umask(old)
