@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import os
 import stat
+import warnings
 
 import numpy as np
 import pytest
 
 from mpmultifd import Destination, GuestRAM, MigrationConfig, MigrationError, Source, UntrustedSegmentError
+from mpmultifd import ConfigError
 from mpmultifd._shm import unique_name
+from mpmultifd.auth import load_key
+from mpmultifd.errors import KeyFileWarning
 from mpmultifd.savefile import read_layout
 from mpmultifd.testing import fill, same_contents
 
@@ -173,3 +177,47 @@ def test_unix_socket_file_is_0600_whatever_the_umask(tmp_path):
             assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     finally:
         os.umask(old)
+
+
+# ---------------------------------------------------------------------- key files
+
+
+def test_load_key_reads_every_byte_and_refuses_short_keys(tmp_path):
+    path = tmp_path / "key"
+    key = b" \n\tkey bytes with whitespace at both ends \r\n"
+    path.write_bytes(key)
+    os.chmod(path, 0o600)
+    assert load_key(path) == key  # nothing stripped: the API and the CLI use the same bytes
+    path.write_bytes(b"x" * 16)
+    assert load_key(str(path)) == b"x" * 16
+    path.write_bytes(b"x" * 15)
+    with pytest.raises(ConfigError, match="15 bytes is too short"):
+        load_key(path)
+    with pytest.raises(ConfigError, match="cannot open"):
+        load_key(tmp_path / "missing")
+    with pytest.raises(ConfigError, match="not a regular file"):
+        load_key(tmp_path)
+
+
+def test_load_key_warns_about_a_file_others_can_read(tmp_path):
+    path = tmp_path / "key"
+    path.write_bytes(os.urandom(32))
+    os.chmod(path, 0o600)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_key(path)  # no warning
+    for mode in (0o640, 0o604):
+        os.chmod(path, mode)
+        with pytest.warns(KeyFileWarning, match=f"{mode:04o}"):
+            load_key(path)
+
+
+def test_cli_uses_the_key_bytes_exactly(tmp_path):
+    from mpmultifd.cli import _config, build_parser
+
+    key = b"\n" + os.urandom(30) + b" "
+    path = tmp_path / "key"
+    path.write_bytes(key)
+    os.chmod(path, 0o600)
+    a = build_parser().parse_args(["recv", "--listen", "127.0.0.1:0", "--auth-key-file", str(path)])
+    assert _config(a).auth_key == key
