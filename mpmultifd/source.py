@@ -50,6 +50,7 @@ from .tracking import DirtyTracker, make_tracker
 from .transport import Address, connect, is_loopback, parse_address, recv_exact
 from .wire import (
     CONTROL_CHANNEL,
+    MAX_CONTROL_BODY,
     HELLO_FLAG_AUTH,
     KIND_CONTROL,
     KIND_DATA as HELLO_DATA,
@@ -282,6 +283,14 @@ def read_available(sock: socket.socket, peer: str) -> bytes:
     return b"".join(chunks)
 
 
+class _AdmissionDropped(Exception):
+    """The destination closed a connection before welcoming it: worth another try (``error`` if not)."""
+
+    def __init__(self, error: MigrationError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 class _Channel:
     """The source's handle on one data channel: ring, socket, worker and its connection."""
 
@@ -337,7 +346,7 @@ class Source:
         self._channels: list[_Channel] = []
         self._control: socket.socket | None = None
         self._opening: socket.socket | None = None  # a connection in its handshake
-        self._decoder = ControlDecoder()
+        self._decoder = ControlDecoder(max_verify=MAX_CONTROL_BODY)  # a source receives no VERIFY
         self._early: list[Any] = []
         self._running = False
         self._closed = False
@@ -1012,6 +1021,22 @@ class Source:
         return self._switchover(rnd, pending, pause, converged)
 
     def _open(self, address: Address, hello: Hello) -> socket.socket:
+        """Connect and pass admission; a destination that drops the connection before its welcome
+        (it cuts off the oldest handshakes when flooded) is tried again until ``timeout`` runs out."""
+        deadline = time.monotonic() + self.config.timeout
+        delay = 0.02
+        while True:
+            try:
+                return self._open_once(address, hello)
+            except _AdmissionDropped as e:
+                if time.monotonic() + delay >= deadline:
+                    raise e.error from e.error.__cause__
+                log.info("%s; trying again", e.error)
+                time.sleep(delay)
+                self._check_cancel()
+                delay = min(2 * delay, 0.5)
+
+    def _open_once(self, address: Address, hello: Hello) -> socket.socket:
         """Connect and pass admission: greeting, hello (with a proof of the key), welcome."""
         cfg = self.config
         key = cfg.auth_key
@@ -1026,7 +1051,9 @@ class Source:
             try:
                 greeting = auth.decode_greeting(recv_exact(sock, auth.GREETING_SIZE))
             except ChannelClosed:
-                raise ChannelClosed(f"{what}: the destination closed the connection before greeting") from None
+                raise _AdmissionDropped(
+                    ChannelClosed(f"{what}: the destination closed the connection before greeting")
+                ) from None
             if greeting.auth_required and key is None:
                 raise AuthenticationError(
                     f"{what}: the destination requires an auth key; set MigrationConfig(auth_key=...)"
@@ -1046,7 +1073,9 @@ class Source:
             try:
                 proof = auth.decode_welcome(recv_exact(sock, auth.WELCOME_SIZE))
             except ChannelClosed:
-                raise ChannelClosed(f"{what}: the destination closed the connection after our hello") from None
+                raise _AdmissionDropped(
+                    ChannelClosed(f"{what}: the destination closed the connection after our hello")
+                ) from None
             if key is not None and not hmac.compare_digest(
                 proof, auth.server_proof(key, greeting.nonce, nonce, hello_bytes)
             ):
@@ -1059,6 +1088,17 @@ class Source:
             if e.channel is None and hello.kind != KIND_CONTROL:
                 e.channel = hello.channel
             raise
+        except _AdmissionDropped:
+            sock.close()
+            self._check_cancel()
+            raise
+        except (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionResetError, BrokenPipeError) as e:
+            # the destination dropped us during admission (a flood made it cut off the oldest attempts)
+            sock.close()
+            self._check_cancel()
+            err = ChannelBroken(f"{what}: the destination dropped the connection during admission: {e}")
+            err.__cause__ = e
+            raise _AdmissionDropped(err) from e
         except ssl.SSLError as e:
             sock.close()
             raise AuthenticationError(f"{what}: TLS handshake failed: {e}") from e
@@ -1725,7 +1765,7 @@ class Source:
             ch.ring.unlink()
         if ctrl is not None:
             ctrl.close()
-        self._decoder = ControlDecoder()
+        self._decoder = ControlDecoder(max_verify=MAX_CONTROL_BODY)  # a source receives no VERIFY
         self._early = []
 
     @staticmethod

@@ -4,19 +4,37 @@ key files, bounded control frames and admission that a flood cannot starve."""
 from __future__ import annotations
 
 import os
+import socket
 import stat
+import struct
+import threading
+import time
 import warnings
 
 import numpy as np
 import pytest
 
 from mpmultifd import Destination, GuestRAM, MigrationConfig, MigrationError, Source, UntrustedSegmentError
-from mpmultifd import ConfigError
+from mpmultifd import ConfigError, RemoteProtocolError, auth
 from mpmultifd._shm import unique_name
 from mpmultifd.auth import load_key
 from mpmultifd.errors import KeyFileWarning
 from mpmultifd.savefile import read_layout
 from mpmultifd.testing import fill, same_contents
+from mpmultifd.wire import (
+    CONTROL_CHANNEL,
+    HELLO_FLAG_AUTH,
+    KIND_CONTROL,
+    BlockSpec,
+    Config,
+    ConfigAck,
+    ControlDecoder,
+    ErrorMessage,
+    Hello,
+    RoundEnd,
+    encode_control,
+    encode_hello,
+)
 
 PS = 4096
 BLOCKS = {"pc.ram": 2 << 20, "vga": 256 << 10}
@@ -221,3 +239,198 @@ def test_cli_uses_the_key_bytes_exactly(tmp_path):
     os.chmod(path, 0o600)
     a = build_parser().parse_args(["recv", "--listen", "127.0.0.1:0", "--auth-key-file", str(path)])
     assert _config(a).auth_key == key
+
+
+# ---------------------------------------------------------------------- bounds on what a peer sends
+
+KEY = b"k" * 32
+
+
+def _control(address, session: bytes, nchannels: int, key: bytes | None = None) -> socket.socket:
+    """A raw control connection through admission (with a proof of ``key``)."""
+    sock = socket.create_connection(address, timeout=10)
+    greeting = auth.decode_greeting(sock.recv(auth.GREETING_SIZE, socket.MSG_WAITALL))
+    if key is None:
+        sock.sendall(encode_hello(Hello(KIND_CONTROL, session, CONTROL_CHANNEL, nchannels)))
+    else:
+        hello = encode_hello(Hello(KIND_CONTROL, session, CONTROL_CHANNEL, nchannels, HELLO_FLAG_AUTH))
+        cn = auth.new_nonce()
+        sock.sendall(hello + cn + auth.client_proof(key, greeting.nonce, cn, hello))
+    auth.decode_welcome(sock.recv(auth.WELCOME_SIZE, socket.MSG_WAITALL))
+    return sock
+
+
+def _config(ram: GuestRAM, session: bytes, channels: int) -> Config:
+    return Config(session, ram.page_size, channels, 512, tuple(BlockSpec(b.name, b.size) for b in ram.blocks))
+
+
+def _read_reply(sock: socket.socket):
+    dec = ControlDecoder()
+    while (msg := dec.next_message()) is None:
+        data = sock.recv(65536)
+        if not data:
+            return None
+        dec.feed(data)
+    return msg
+
+
+@pytest.mark.timeout(60)
+def test_a_source_cannot_ask_for_more_channels_than_the_destination_allows(regions):
+    src, dst = regions
+    with Destination(dst, config=_cfg(channels=2, timeout=5.0)) as d:
+        sid = os.urandom(16)
+        sock = _control(d.address, sid, 256)
+        try:
+            sock.sendall(encode_control(_config(dst, sid, 256)))
+            reply = _read_reply(sock)
+        finally:
+            sock.close()
+        assert isinstance(reply, ErrorMessage) and "at most 2" in reply.message
+        with pytest.raises(ConfigError, match="asks for 256 channels"):
+            d.wait(10)
+    # a real source asking for more than the destination's configuration is told why
+    with Destination(dst, config=_cfg(channels=2)) as d, Source(src, _cfg(channels=4)) as s:
+        with pytest.raises(MigrationError, match="at most 2"):
+            s.migrate(d.address)
+
+
+@pytest.mark.timeout(60)
+def test_an_oversized_config_is_refused_from_its_frame_header(regions):
+    _, dst = regions
+    with Destination(dst, config=_cfg(timeout=5.0)) as d:
+        sid = os.urandom(16)
+        sock = _control(d.address, sid, 2)
+        try:
+            # a 4 MiB CONFIG announced: refused before its body is buffered
+            sock.sendall(struct.pack(">IBBHI", 0x4D504D43, 1, 0, 0, 4 << 20) + b"{" * 65536)
+            with pytest.raises(RemoteProtocolError) as e:
+                d.wait(10)
+        finally:
+            sock.close()
+        assert e.value.field == "length"
+
+
+@pytest.mark.timeout(60)
+def test_round_ends_far_ahead_of_the_barrier_are_a_protocol_error(regions):
+    _, dst = regions
+    with Destination(dst, config=_cfg(timeout=5.0)) as d:
+        sid = os.urandom(16)
+        sock = _control(d.address, sid, 2)
+        try:
+            sock.sendall(encode_control(_config(dst, sid, 2)))
+            assert isinstance(_read_reply(sock), ConfigAck)
+            burst = b"".join(encode_control(RoundEnd(r, (1, 1))) for r in range(1, 3000))
+            try:
+                sock.sendall(burst)
+            except OSError:
+                pass  # the destination may close first
+            with pytest.raises(RemoteProtocolError, match="rounds ahead") as e:
+                d.wait(10)
+        finally:
+            sock.close()
+        assert e.value.field == "round"
+
+
+# ---------------------------------------------------------------------- admission under a flood
+
+
+def _trickle(address, stop: threading.Event, sent: list[int], interval: float) -> None:
+    """Connect and send a hello one byte per ``interval``; record how many bytes went before the drop."""
+    try:
+        sock = socket.create_connection(address, timeout=30)
+    except OSError:
+        return
+    n = 0
+    try:
+        sock.recv(auth.GREETING_SIZE, socket.MSG_WAITALL)
+        hello = encode_hello(Hello(KIND_CONTROL, os.urandom(16), CONTROL_CHANNEL, 2))
+        sock.settimeout(interval)
+        for i in range(len(hello)):
+            if stop.is_set():
+                break
+            sock.sendall(hello[i : i + 1])
+            n += 1
+            try:
+                if sock.recv(1) == b"":
+                    break  # the destination dropped us
+            except socket.timeout:
+                pass
+    except OSError:
+        pass
+    finally:
+        sent.append(n)
+        sock.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_trickled_hello_is_dropped_at_the_handshake_deadline():
+    """The deadline covers the whole handshake: a byte every 0.6 s against a 1 s timeout
+    (never idle for a whole timeout) is cut off long before its 32-byte hello is complete."""
+    stop = threading.Event()
+    sent: list[int] = []
+    with GuestRAM.create({"a": 4 * PS}) as ram, Destination(ram, config=_cfg(timeout=1.0)) as d:
+        t = threading.Thread(target=_trickle, args=(d.address, stop, sent, 0.6))
+        t.start()
+        t.join(40)
+        stop.set()
+        deadline = time.monotonic() + 10
+        while d.query()["rejected-connections"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        q = d.query()
+    assert sent and sent[0] < 8, sent  # dropped after about 2 bytes; without a deadline all 32 go
+    assert q["rejected-connections"] == 1
+
+
+@pytest.mark.timeout(120)
+def test_idle_and_trickling_connections_do_not_lock_out_a_real_source(regions, caplog):
+    """64 idle connections and 8 trickling ones fill every handshake slot; a real source (with a key)
+    still migrates, threads stay bounded, and the drops make a few log lines, not one each."""
+    src, dst = regions
+    fill(src, "random", 9)
+    stop = threading.Event()
+    sent: list[int] = []
+    idle: list[socket.socket] = []
+    with Destination(dst, config=_cfg(auth_key=KEY, timeout=10.0)) as d:
+        threads_before = threading.active_count()
+        trick = [threading.Thread(target=_trickle, args=(d.address, stop, sent, 0.5)) for _ in range(8)]
+        for t in trick:
+            t.start()
+        try:
+            for _ in range(64):
+                idle.append(socket.create_connection(d.address, timeout=10))
+            deadline = time.monotonic() + 10
+            limit = d._pending.per_peer  # all of them come from 127.0.0.1, as the source will
+            while len(d._pending) < limit and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert len(d._pending) == limit  # every slot its address may hold is taken by a silent peer
+            with Source(src, _cfg(auth_key=KEY)) as s:
+                res = s.migrate(d.address)
+            assert res.verified and d.wait(10).verified
+            assert same_contents(src, dst)
+            # handshake threads are bounded by the slots, whatever the flood
+            assert threading.active_count() - threads_before <= 64 + 8 + 2 * 2 + 4
+        finally:
+            stop.set()
+            for t in trick:
+                t.join(30)
+            for sock in idle:
+                sock.close()
+        q = d.query()
+    assert q["rejected-connections"] >= 64 + 8 - limit  # the oldest idle ones were cut off, not the source
+    drops = [r for r in caplog.records if r.name == "mpmultifd.destination" and "dropp" in r.getMessage()]
+    assert len(drops) <= 3, [r.getMessage() for r in drops]
+
+
+@pytest.mark.timeout(60)
+def test_a_burst_of_bad_connections_is_one_log_line(caplog):
+    with GuestRAM.create({"a": 4 * PS}) as ram, Destination(ram, config=_cfg(timeout=5.0)) as d:
+        for _ in range(100):
+            with socket.create_connection(d.address, timeout=5) as sock:
+                sock.sendall(b"not a hello, not at all, 32 byte")
+        deadline = time.monotonic() + 20
+        while d.query()["rejected-connections"] < 100 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert d.query()["rejected-connections"] == 100
+    lines = [r.getMessage() for r in caplog.records if r.name == "mpmultifd.destination" and "dropp" in r.getMessage()]
+    assert 1 <= len(lines) <= 3, lines
+    assert "invalid" in lines[-1] and ("99 more" in lines[-1] or len(lines) > 2)
