@@ -434,3 +434,65 @@ def test_a_burst_of_bad_connections_is_one_log_line(caplog):
     lines = [r.getMessage() for r in caplog.records if r.name == "mpmultifd.destination" and "dropp" in r.getMessage()]
     assert 1 <= len(lines) <= 3, lines
     assert "invalid" in lines[-1] and ("99 more" in lines[-1] or len(lines) > 2)
+
+
+def _relay(address, drop_first: int, stop: threading.Event) -> tuple[socket.socket, list[int]]:
+    """A loopback relay to ``address`` that closes its first ``drop_first`` connections at once
+    (as a flooded destination cuts off handshakes) and forwards the rest."""
+    lsock = socket.create_server(("127.0.0.1", 0))
+    lsock.settimeout(0.2)
+    seen = [0]
+
+    def pump(a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(1 << 16):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def serve() -> None:
+        pairs = []
+        while not stop.is_set():
+            try:
+                c, _ = lsock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                break
+            seen[0] += 1
+            if seen[0] <= drop_first:
+                c.close()
+                continue
+            u = socket.create_connection(address)
+            pairs.append((c, u))
+            for a, b in ((c, u), (u, c)):
+                threading.Thread(target=pump, args=(a, b), daemon=True).start()
+        lsock.close()
+        for c, u in pairs:
+            c.close()
+            u.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return lsock, seen
+
+
+@pytest.mark.timeout(60)
+def test_the_source_retries_admission_when_dropped_before_the_welcome(regions):
+    src, dst = regions
+    fill(src, "half-zero", 10)
+    stop = threading.Event()
+    with Destination(dst, config=_cfg(auth_key=KEY)) as d:
+        lsock, seen = _relay(d.address, 3, stop)
+        try:
+            with Source(src, _cfg(auth_key=KEY)) as s:
+                assert s.migrate(lsock.getsockname()).verified
+            assert d.wait(10).verified and same_contents(src, dst)
+        finally:
+            stop.set()
+    assert seen[0] >= 3 + 3  # three dropped, then control and two channels
