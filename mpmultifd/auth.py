@@ -51,6 +51,7 @@ __all__ = [
     "REFUSE_HELLO",
     "REFUSE_KEY_REQUIRED",
     "REFUSE_NO_KEY_HERE",
+    "REFUSE_PEER_USER",
 ]
 
 GREETING_MAGIC = 0x4D504D47  # "MPMG"
@@ -70,11 +71,16 @@ REFUSE_BAD_PROOF = 1
 REFUSE_HELLO = 2
 REFUSE_KEY_REQUIRED = 3
 REFUSE_NO_KEY_HERE = 4
+REFUSE_PEER_USER = 5
 _REASONS = {
     REFUSE_BAD_PROOF: "the proof of the key is wrong (the two ends have different keys)",
     REFUSE_HELLO: "the hello was not accepted (wrong session, channel, or a channel already connected)",
     REFUSE_KEY_REQUIRED: "the destination requires an auth key and none was presented",
     REFUSE_NO_KEY_HERE: "a proof was presented but the destination has no key",
+    REFUSE_PEER_USER: (
+        "without a key, this destination's Unix socket admits only processes of its own user "
+        "(set an auth_key on both ends)"
+    ),
 }
 
 MIN_KEY_SIZE = 16

@@ -7,6 +7,7 @@ import os
 import queue
 import socket
 import ssl
+import struct
 import threading
 import time
 from multiprocessing.connection import wait as mp_wait
@@ -379,6 +380,7 @@ class Destination:
 
         try:
             tune_accepted(sock)
+            stranger = self._stranger(sock) if key is None else None
             sock.settimeout(left())
             if self.config.tls is not None:
                 sock = self.config.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
@@ -403,6 +405,9 @@ class Destination:
                 if key is not None:
                     self._refuse(sock, auth.REFUSE_KEY_REQUIRED)
                     raise AuthenticationError("no proof of the key was presented")
+                if stranger is not None:
+                    self._refuse(sock, auth.REFUSE_PEER_USER)
+                    raise AuthenticationError(f"a keyless peer of another user ({stranger}) on the Unix socket")
                 welcome = auth.encode_welcome()
             cut = self._pending.leave(token)  # admitted: no longer counted, never cut off from now on
             if cut is not None:
@@ -429,6 +434,18 @@ class Destination:
             sock.close()
         finally:
             self._pending.leave(token)
+
+    def _stranger(self, sock: socket.socket) -> str | None:
+        """Without a key, a Unix socket peer of another user is not trusted (``SO_PEERCRED``):
+        returns who it is, or None for a peer of our own uid (or with ``allow_unauthenticated``)."""
+        if sock.family != socket.AF_UNIX or self.config.allow_unauthenticated or not hasattr(socket, "SO_PEERCRED"):
+            return None
+        try:
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        except OSError as e:
+            return f"credentials unknown: {e}"
+        pid, uid, _ = struct.unpack("3i", creds)
+        return None if uid == os.geteuid() else f"uid {uid}, pid {pid}"
 
     @staticmethod
     def _refuse(sock: socket.socket, reason: int) -> None:

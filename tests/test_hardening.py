@@ -496,3 +496,71 @@ def test_the_source_retries_admission_when_dropped_before_the_welcome(regions):
         finally:
             stop.set()
     assert seen[0] >= 3 + 3  # three dropped, then control and two channels
+
+
+# ---------------------------------------------------------------------- local trust
+
+def _hello_as(uid: int, path: str) -> str:
+    """In a forked child running as ``uid``: connect to ``path`` and say what admission answered."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        text = "?"
+        try:
+            os.close(r)
+            os.setgid(uid)
+            os.setuid(uid)
+            s = socket.socket(socket.AF_UNIX)
+            s.settimeout(10)
+            s.connect(path)
+            auth.decode_greeting(s.recv(auth.GREETING_SIZE, socket.MSG_WAITALL))
+            s.sendall(encode_hello(Hello(KIND_CONTROL, bytes(16), CONTROL_CHANNEL, 2)))
+            try:
+                auth.decode_welcome(s.recv(auth.WELCOME_SIZE, socket.MSG_WAITALL))
+                text = "welcomed"
+            except Exception as e:
+                text = f"refused: {e}"
+        except BaseException as e:
+            text = f"error: {e!r}"
+        finally:
+            os.write(w, text.encode()[:4000])
+            os._exit(0)
+    os.close(w)
+    try:
+        with os.fdopen(r, "rb") as f:
+            return f.read().decode()
+    finally:
+        os.waitpid(pid, 0)
+
+
+@needs_root
+@pytest.mark.timeout(60)
+def test_a_keyless_unix_socket_admits_only_its_own_user():
+    import tempfile
+
+    where = tempfile.mkdtemp(prefix="mpm-harden-")
+    os.chmod(where, 0o755)  # so that the other user can reach the socket, once we let it
+    path = os.path.join(where, "d.sock")
+    try:
+        with GuestRAM.create({"a": 4 * PS}) as ram, Destination(ram, f"unix:{path}", _cfg(timeout=5.0)) as d:
+            os.chmod(path, 0o666)  # the file mode is one guard; the peer's credentials are the other
+            out = _hello_as(NOBODY, path)
+            assert out.startswith("refused:") and "its own user" in out, out
+            deadline = time.monotonic() + 10
+            while d.query()["authentication-failures"] < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert d.query()["authentication-failures"] == 1
+            assert d.status == "setup"  # it never became the control connection
+    finally:
+        import shutil
+
+        shutil.rmtree(where, ignore_errors=True)
+
+
+@pytest.mark.timeout(60)
+def test_a_keyless_unix_socket_still_admits_its_own_user(regions, tmp_path):
+    src, dst = regions
+    fill(src, "half-zero", 12)
+    with Destination(dst, f"unix:{tmp_path / 'd.sock'}", _cfg()) as d, Source(src, _cfg()) as s:
+        assert s.migrate(d.address).verified
+        assert d.wait(10).verified
