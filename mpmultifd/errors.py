@@ -20,6 +20,8 @@ so an agent can catch one name. The branches say who is at fault:
 - :class:`SaveFileError`: a save file is incomplete, truncated or corrupted.
 - :class:`UntrustedSegmentError`: a shared-memory segment or block file
   belongs to another user or is open to others (a :class:`ConfigError`).
+- :class:`CommitUnknown`: the connection broke after COMMIT was sent and
+  before the destination acknowledged it; either side may own the region.
 - :class:`MigrationCancelled`: someone called ``cancel()``.
 - :class:`RingError`: a shared-memory ring was closed or timed out.
 """
@@ -37,6 +39,7 @@ __all__ = [
     "ChannelBroken",
     "AuthenticationError",
     "VerificationError",
+    "CommitUnknown",
     "MigrationCancelled",
     "ConvergenceError",
     "TrackingUnavailable",
@@ -180,6 +183,17 @@ class UntrustedSegmentError(ConfigError):
 
 class KeyFileWarning(UserWarning):
     """A key file that users other than its owner can read (see :func:`mpmultifd.auth.load_key`)."""
+
+
+class CommitUnknown(MigrationError):
+    """COMMIT went out but its acknowledgement never came back: who owns the region is unknown here.
+
+    The destination may have taken the region (it owns it from the moment it
+    reads COMMIT) or may never have seen COMMIT. The source therefore does not
+    call ``resume()``: the guest stays paused until the agent learns which side
+    owns it (``Destination.valid`` / its agent, as libvirt's confirm phase
+    does) and either starts the destination's copy or resumes this one.
+    """
 
 
 class MigrationCancelled(MigrationError):

@@ -4,7 +4,8 @@
 is faithful but slow (a fresh destination per input). This module feeds the
 same decoders directly, in this process, millions of times:
 
-- ``hello``: the greeting, hello and welcome codecs of admission;
+- ``hello``: the greeting, hello and welcome codecs of admission (control,
+  data and stream hellos);
 - ``data_header``: the data packet header decoder and the per-channel
   ordering rules (:class:`~mpmultifd.wire.ChannelState`);
 - ``control``: the incremental control decoder, fed in random pieces;
@@ -55,10 +56,12 @@ from .wire import (
     HELLO_SIZE,
     KIND_CONTROL,
     KIND_DATA,
+    KIND_STREAM,
     BlockSpec,
     Cancel,
     ChannelState,
     Commit,
+    CommitAck,
     Complete,
     Config,
     ConfigAck,
@@ -67,6 +70,9 @@ from .wire import (
     DataHeaderEncoder,
     ErrorMessage,
     Hello,
+    Repair,
+    RepairDone,
+    RepairPages,
     Result,
     Resume,
     RoundAck,
@@ -141,6 +147,7 @@ def _hello_target() -> Target:
     seeds = [
         encode_hello(Hello(KIND_CONTROL, SID, CONTROL_CHANNEL, 4)),
         encode_hello(Hello(KIND_DATA, SID, 3, 4, 1)) + bytes(64),
+        encode_hello(Hello(KIND_STREAM, SID, CONTROL_CHANNEL, 4)),
         auth.encode_greeting(auth.Greeting(True, bytes(range(32)))),
         auth.encode_welcome(bytes(range(32))),
         auth.encode_refused(auth.REFUSE_BAD_PROOF),
@@ -225,6 +232,10 @@ def _control_seeds() -> list[bytes]:
         Cancel(),
         Commit(),
         Resume(1, 3),
+        CommitAck(),
+        Repair(1, ((0, np.array([1, 5], dtype=np.uint64)), (1, np.array([0], dtype=np.uint64)))),
+        RepairPages(1, 0, np.array([1, 5], dtype=np.uint64), np.array([7, 9], dtype=np.uint64), bytes(2 * PAGE)),
+        RepairDone(1, 3),
     ]
     one = [encode_control(m) for m in msgs]
     return one + [b"".join(one), one[0] + one[2] + one[4]]
@@ -238,7 +249,7 @@ def _fix_frame(buf: bytearray, rng: random.Random) -> None:
 
 def _control_target() -> Target:
     def run(data: bytes) -> None:
-        dec = ControlDecoder(max_verify=1 << 16)
+        dec = ControlDecoder(max_verify=1 << 16, max_repair=1 << 16)
         # fed in pieces, as a socket would deliver it; the cut points come from the input itself
         step = (data[-1] % 61 + 1) if data else 1
         pos = 0
