@@ -23,6 +23,7 @@ from .errors import (
     RemoteProtocolError,
     SaveFileError,
     TrackingUnavailable,
+    UntrustedSegmentError,
     VerificationError,
     WorkerDied,
 )
@@ -60,4 +61,5 @@ __all__ = [
     "ConvergenceError",
     "TrackingUnavailable",
     "SaveFileError",
+    "UntrustedSegmentError",
 ]

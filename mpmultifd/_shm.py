@@ -17,11 +17,15 @@ from __future__ import annotations
 import mmap
 import os
 import secrets
+import stat
 from multiprocessing import resource_tracker
+from typing import Collection
+
+from .errors import UntrustedSegmentError
 
 SHM_DIR = "/dev/shm"
 
-__all__ = ["SHM_DIR", "unique_name", "Segment"]
+__all__ = ["SHM_DIR", "unique_name", "Segment", "check_owner"]
 
 
 def unique_name(kind: str) -> str:
@@ -32,6 +36,28 @@ def unique_name(kind: str) -> str:
     """
     prefix = os.environ.get("MPMULTIFD_SHM_PREFIX", "mpm_")
     return f"{prefix}{kind}_{secrets.token_hex(6)}"
+
+
+def check_owner(path: str, st: os.stat_result, *, private: bool, owners: Collection[int] = ()) -> None:
+    """Refuse a file another user owns (unless in ``owners``) or, when ``private``, one open to group/others."""
+    uid = os.geteuid()
+    mode = stat.S_IMODE(st.st_mode)
+    if st.st_uid != uid and st.st_uid not in owners:
+        raise UntrustedSegmentError(
+            f"{path!r} belongs to uid {st.st_uid} (mode {mode:04o}), not to this process's uid {uid}: another "
+            "user may have planted it; pass allow_foreign=True if that owner is trusted",
+            path=path,
+            owner=st.st_uid,
+            mode=mode,
+        )
+    if private and mode & 0o077:
+        raise UntrustedSegmentError(
+            f"{path!r} (owner uid {st.st_uid}) has mode {mode:04o}: group or others can read or change it "
+            "(mpmultifd makes its segments 0600); pass allow_foreign=True if that is intended",
+            path=path,
+            owner=st.st_uid,
+            mode=mode,
+        )
 
 
 def _check_name(name: str) -> str:
@@ -78,18 +104,39 @@ class Segment:
         return cls(name, path, size, True, True, mm)
 
     @classmethod
-    def attach(cls, name_or_path: str, *, writable: bool = True) -> "Segment":
-        """Map an existing segment (a ``/dev/shm`` name or any file path) without tracking it."""
+    def attach(
+        cls,
+        name_or_path: str,
+        *,
+        writable: bool = True,
+        allow_foreign: bool = False,
+        owners: Collection[int] = (),
+    ) -> "Segment":
+        """Map an existing segment (a ``/dev/shm`` name or any file path) without tracking it.
+
+        Unless ``allow_foreign``, the file must belong to this process's
+        effective uid (or one of ``owners``); a ``/dev/shm`` name must also
+        not be accessible to group or others, and is never reached through a
+        symlink. Anything else is :class:`UntrustedSegmentError`: another
+        user could have planted it, or can read or change it.
+        """
         if os.sep in name_or_path:
             path = name_or_path
             name = os.path.basename(path)
+            private = False
+            flags = 0
         else:
             name = _check_name(name_or_path)
             path = os.path.join(SHM_DIR, name)
-        flags = os.O_RDWR if writable else os.O_RDONLY
+            private = True
+            flags = os.O_NOFOLLOW
+        flags |= (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
         fd = os.open(path, flags)
         try:
-            size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            if not allow_foreign:
+                check_owner(path, st, private=private, owners=owners)
+            size = st.st_size
             if size <= 0:
                 raise ValueError(f"shared-memory file {path!r} is empty")
             prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)

@@ -22,12 +22,16 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import stat
 import struct
+import warnings
 from dataclasses import dataclass
 
-from .errors import AuthenticationError, RemoteProtocolError
+from .errors import AuthenticationError, ConfigError, KeyFileWarning, RemoteProtocolError
 
 __all__ = [
+    "load_key",
+    "MIN_KEY_SIZE",
     "GREETING_SIZE",
     "WELCOME_SIZE",
     "NONCE_SIZE",
@@ -47,6 +51,7 @@ __all__ = [
     "REFUSE_HELLO",
     "REFUSE_KEY_REQUIRED",
     "REFUSE_NO_KEY_HERE",
+    "REFUSE_PEER_USER",
 ]
 
 GREETING_MAGIC = 0x4D504D47  # "MPMG"
@@ -66,15 +71,73 @@ REFUSE_BAD_PROOF = 1
 REFUSE_HELLO = 2
 REFUSE_KEY_REQUIRED = 3
 REFUSE_NO_KEY_HERE = 4
+REFUSE_PEER_USER = 5
 _REASONS = {
     REFUSE_BAD_PROOF: "the proof of the key is wrong (the two ends have different keys)",
     REFUSE_HELLO: "the hello was not accepted (wrong session, channel, or a channel already connected)",
     REFUSE_KEY_REQUIRED: "the destination requires an auth key and none was presented",
     REFUSE_NO_KEY_HERE: "a proof was presented but the destination has no key",
+    REFUSE_PEER_USER: (
+        "without a key, this destination's Unix socket admits only processes of its own user "
+        "(set an auth_key on both ends)"
+    ),
 }
+
+MIN_KEY_SIZE = 16
+MAX_KEY_FILE = 1 << 16
 
 _CLIENT_LABEL = b"mpmultifd/1 client proof"
 _SERVER_LABEL = b"mpmultifd/1 server proof"
+
+
+def load_key(path: str | os.PathLike[str]) -> bytes:
+    """Read a shared key file for ``MigrationConfig(auth_key=...)``: every byte exactly as stored.
+
+    Nothing is stripped (a random key may begin or end with whitespace bytes,
+    and both ends must use the same bytes), so write the file without a
+    trailing newline: ``head -c 32 /dev/urandom > key``. A key shorter than
+    16 bytes, an empty or oversized file, or a path that is not a regular file
+    is :class:`ConfigError`. A file that group or others can read gives a
+    :class:`KeyFileWarning` (``chmod 600`` it): whoever reads the key can
+    join or impersonate either end.
+    """
+    where = os.fspath(path)
+    try:
+        fd = os.open(where, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise ConfigError(f"auth key file {where!r}: cannot open it: {e.strerror}") from e
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"auth key file {where!r}: not a regular file")
+        if st.st_size > MAX_KEY_FILE:
+            raise ConfigError(f"auth key file {where!r}: {st.st_size} bytes is not a key (at most {MAX_KEY_FILE})")
+        chunks = []
+        while True:
+            chunk = os.read(fd, MAX_KEY_FILE + 1)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            if sum(map(len, chunks)) > MAX_KEY_FILE:
+                raise ConfigError(f"auth key file {where!r}: more than {MAX_KEY_FILE} bytes is not a key")
+        key = b"".join(chunks)
+    finally:
+        os.close(fd)
+    if len(key) < MIN_KEY_SIZE:
+        raise ConfigError(
+            f"auth key file {where!r}: {len(key)} bytes is too short; use at least {MIN_KEY_SIZE} random bytes "
+            "(every byte of the file is the key, a newline included)"
+        )
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o077:
+        warnings.warn(
+            KeyFileWarning(
+                f"auth key file {where!r} has mode {mode:04o}: users other than its owner can read the key "
+                "and join or impersonate a migration; chmod 600 it"
+            ),
+            stacklevel=2,
+        )
+    return key
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ import numpy as np
 
 from .config import DIRTY_TRACKERS, START_METHODS, MigrationConfig
 from .destination import Destination
+from .auth import load_key
 from .errors import ConfigError, MigrationCancelled, MigrationError
 from .methods import available_methods, get_method
 from .progress import ProgressDisplay
@@ -93,8 +94,7 @@ def _config(a: argparse.Namespace, *, server: bool = False) -> MigrationConfig:
     default_tracker = "scan" if getattr(a, "file", None) else "map"
     key = None
     if getattr(a, "auth_key_file", None):
-        with open(a.auth_key_file, "rb") as f:
-            key = f.read().strip()
+        key = load_key(a.auth_key_file)
     return MigrationConfig(
         channels=a.channels,
         compression=a.compression,

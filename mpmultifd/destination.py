@@ -7,6 +7,7 @@ import os
 import queue
 import socket
 import ssl
+import struct
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +33,7 @@ from .errors import (
 from .methods import get_method
 from .ram import GuestRAM, file_data_extents
 from .pool import WorkerPool
+from .admission import DropLog, PendingHandshakes
 from .source import (
     mp_context,
     nudge_worker,
@@ -46,6 +48,7 @@ from . import auth
 from .transport import Address, format_address, is_loopback, recv_exact, tune_accepted
 from .transport import listen as tcp_listen
 from .wire import (
+    MAX_CONTROL_BODY,
     HELLO_FLAG_AUTH,
     HELLO_SIZE,
     KIND_CONTROL,
@@ -69,6 +72,8 @@ from .wire import (
     Verify,
     decode_hello,
     encode_control,
+    verify_body_limit,
+    repair_pages_body_limit,
     ConfigAck,
 )
 from .worker import (
@@ -88,6 +93,8 @@ __all__ = ["Destination"]
 log = logging.getLogger("mpmultifd.destination")
 
 _MAX_PENDING_HANDSHAKES = 64
+_MAX_PENDING_PER_PEER = 16
+_MAX_ROUNDS_AHEAD = 256  # ROUND_END markers kept for rounds the barrier has not reached
 _JOIN_GRACE = 2.0
 _MAX_MISMATCHES_REPORTED = 32
 
@@ -214,7 +221,14 @@ class Destination:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self._incoming: queue.Queue[tuple[str, socket.socket, Any]] = queue.Queue()
-        self._handshakes = threading.BoundedSemaphore(_MAX_PENDING_HANDSHAKES)
+        # handshakes in progress: one deadline for each whole handshake, and limits per peer address
+        # and in total that cut off the oldest attempt instead of refusing a newcomer
+        total = max(_MAX_PENDING_HANDSHAKES, 2 * self.config.channels + 8)
+        self._pending = PendingHandshakes(
+            total=total, per_peer=min(total, max(_MAX_PENDING_PER_PEER, 2 * self.config.channels)),
+            timeout=self.config.timeout,
+        )
+        self._drops = DropLog(log)
         self._session: Config | None = None
         self._receivers: dict[int, _Receiver] = {}
         self._control: socket.socket | None = None
@@ -390,40 +404,55 @@ class Destination:
 
     def _accept_loop(self) -> None:
         lsock = self._lsock
-        while not self._done.is_set():
-            try:
-                ready = mp_wait([lsock], 0.2)
-            except (OSError, ValueError):
-                return
-            if not ready or self._done.is_set():
-                continue
-            try:
-                sock, peer = lsock.accept()
-            except OSError:
-                if self._done.is_set():
+        try:
+            while not self._done.is_set():
+                self._pending.expire()  # whole-handshake deadlines
+                self._drops.flush()
+                try:
+                    ready = mp_wait([lsock], 0.2)
+                except (OSError, ValueError):
                     return
-                continue
-            if not self._handshakes.acquire(blocking=False):
-                log.warning("dropping connection from %s: too many pending handshakes", peer)
-                self._rejected += 1
-                sock.close()
-                continue
-            threading.Thread(target=self._handshake, args=(sock, peer), daemon=True).start()
+                if not ready or self._done.is_set():
+                    continue
+                try:
+                    sock, peer = lsock.accept()
+                except OSError:
+                    if self._done.is_set():
+                        return
+                    continue
+                token, deadline = self._pending.add(sock, peer)  # may cut off the oldest attempt
+                threading.Thread(target=self._handshake, args=(sock, peer, token, deadline), daemon=True).start()
+        finally:
+            self._pending.cut_all("the migration ended")
+            self._drops.flush(force=True)
 
-    def _handshake(self, sock: socket.socket, peer: Any) -> None:
+    def _handshake(self, sock: socket.socket, peer: Any, token: int = -1, deadline: float = float("inf")) -> None:
         """Admit a connection: greeting, hello, proof of the key, welcome.
 
         A connection that fails is logged and dropped without touching the
         session: a stray or hostile peer cannot disturb a running migration.
+        The whole handshake must end by ``deadline`` (the accept loop cuts it
+        off then, whatever a trickling peer does).
         """
         key = self.config.auth_key
+
+        def left() -> float:
+            t = deadline - time.monotonic()
+            if t <= 0:
+                raise ChannelBroken(f"its handshake did not finish within {self.config.timeout:g} s")
+            return min(t, self.config.timeout)
+
         try:
             tune_accepted(sock)
-            sock.settimeout(self.config.timeout)
+            stranger = self._stranger(sock) if key is None else None
+            sock.settimeout(left())
             if self.config.tls is not None:
-                sock = self.config.tls.wrap_socket(sock, server_side=True)
+                sock = self.config.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+                self._pending.replace(token, sock)
+                sock.do_handshake()
             nonce = auth.new_nonce()
             sock.sendall(auth.encode_greeting(auth.Greeting(key is not None, nonce)))
+            sock.settimeout(left())
             hello_bytes = bytes(recv_exact(sock, HELLO_SIZE))
             hello = decode_hello(hello_bytes)
             if hello.flags & HELLO_FLAG_AUTH:
@@ -440,7 +469,14 @@ class Destination:
                 if key is not None:
                     self._refuse(sock, auth.REFUSE_KEY_REQUIRED)
                     raise AuthenticationError("no proof of the key was presented")
+                if stranger is not None:
+                    self._refuse(sock, auth.REFUSE_PEER_USER)
+                    raise AuthenticationError(f"a keyless peer of another user ({stranger}) on the Unix socket")
                 welcome = auth.encode_welcome()
+            cut = self._pending.leave(token)  # admitted: no longer counted, never cut off from now on
+            if cut is not None:
+                raise ChannelBroken(cut)
+            sock.settimeout(self.config.timeout)
             sock.sendall(welcome)
             sock.settimeout(None)
             self._incoming.put(("hello", sock, hello))
@@ -448,15 +484,32 @@ class Destination:
                 self._drop_unclaimed()  # admitted after the session ended: nobody will claim it
                 return
             os.write(self._wake_w, b"h")
-        except (MigrationError, OSError) as e:
-            kind = "unauthenticated" if isinstance(e, AuthenticationError) else "invalid"
-            log.warning("dropping %s connection from %s: %s", kind, peer or "a local peer", e)
+        except (MigrationError, OSError, ValueError) as e:
+            cut = self._pending.leave(token)
+            if cut is not None:
+                kind, detail = ("evicted" if cut.startswith("evicted") else "slow"), cut
+            else:
+                kind = "unauthenticated" if isinstance(e, AuthenticationError) else "invalid"
+                detail = str(e)
+            self._drops.drop(kind, peer, detail)
             self._rejected += 1
             if isinstance(e, AuthenticationError):
                 self._auth_failures += 1
             sock.close()
         finally:
-            self._handshakes.release()
+            self._pending.leave(token)
+
+    def _stranger(self, sock: socket.socket) -> str | None:
+        """Without a key, a Unix socket peer of another user is not trusted (``SO_PEERCRED``):
+        returns who it is, or None for a peer of our own uid (or with ``allow_unauthenticated``)."""
+        if sock.family != socket.AF_UNIX or self.config.allow_unauthenticated or not hasattr(socket, "SO_PEERCRED"):
+            return None
+        try:
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        except OSError as e:
+            return f"credentials unknown: {e}"
+        pid, uid, _ = struct.unpack("3i", creds)
+        return None if uid == os.geteuid() else f"uid {uid}, pid {pid}"
 
     @staticmethod
     def _refuse(sock: socket.socket, reason: int) -> None:
@@ -486,7 +539,7 @@ class Destination:
         key = cfg.auth_key
         # with a key every control frame is authenticated, from CONFIG on (the hello's proof binds the session)
         self._mac = ControlMac(key, self._control_hello.session_id, "destination") if key is not None else None
-        decoder = ControlDecoder(mac=self._mac)
+        decoder = ControlDecoder(max_verify=MAX_CONTROL_BODY, mac=self._mac)  # no VERIFY is due before the session is known
         self._decoder = decoder  # a failing receiver may need to read why the source left
         ctrl.setblocking(False)
         deadline = time.monotonic() + cfg.timeout
@@ -500,6 +553,8 @@ class Destination:
                 self._send(ErrorMessage("config-refused", str(e)))
                 raise
             self._session = msg
+        decoder.max_verify = verify_body_limit(max(b.npages for b in self.ram.blocks))
+        decoder.max_repair = repair_pages_body_limit(self.ram.page_size)
         self._retries_left = msg.channel_retries
         self._make_segments(msg)
         self._send(ConfigAck())
@@ -515,6 +570,12 @@ class Destination:
             raise RemoteProtocolError("session: CONFIG names another session than the control hello", field="session")
         if c.page_size != ram.page_size:
             raise ConfigError(f"page_size: source uses {c.page_size}, this region {ram.page_size}")
+        if c.channels > self.config.channels:
+            # each channel costs a receiver process here: the source cannot ask for more than we allow
+            raise ConfigError(
+                f"channels: the source asks for {c.channels} channels, this destination allows at most "
+                f"{self.config.channels} (its MigrationConfig(channels=...))"
+            )
         mine = [(b.name, b.size) for b in ram.blocks]
         theirs = [(b.name, b.size) for b in c.blocks]
         if mine != theirs:
@@ -695,6 +756,13 @@ class Destination:
                     # the source does not wait for our barrier, so markers may run ahead of it
                     if msg.round < rnd or msg.round in round_ends or complete is not None:
                         raise RemoteProtocolError(f"ROUND_END for round {msg.round} during round {rnd}", field="round")
+                    if msg.round >= rnd + _MAX_ROUNDS_AHEAD:
+                        # a source runs ahead of our barrier only as far as socket buffers let it
+                        raise RemoteProtocolError(
+                            f"ROUND_END for round {msg.round} is {msg.round - rnd} rounds ahead of the barrier "
+                            f"(round {rnd}; at most {_MAX_ROUNDS_AHEAD})",
+                            field="round",
+                        )
                     if len(msg.packets) != c.channels:
                         raise RemoteProtocolError("ROUND_END counts do not match the channels", field="packets")
                     round_ends[msg.round] = msg.packets
@@ -997,7 +1065,7 @@ class Destination:
                 else:
                     reason = f"channel {hello.channel} is already connected"
             if reason is not None:
-                log.warning("dropping connection: %s", reason)
+                self._drops.drop("unclaimed", None, reason)
                 self._rejected += 1
                 sock.close()
                 continue

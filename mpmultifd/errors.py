@@ -18,6 +18,8 @@ so an agent can catch one name. The branches say who is at fault:
   carries it and nothing made it converge (dirty rate against bandwidth).
 - :class:`TrackingUnavailable`: the dirty tracker asked for cannot run here.
 - :class:`SaveFileError`: a save file is incomplete, truncated or corrupted.
+- :class:`UntrustedSegmentError`: a shared-memory segment or block file
+  belongs to another user or is open to others (a :class:`ConfigError`).
 - :class:`CommitUnknown`: the connection broke after COMMIT was sent and
   before the destination acknowledged it; either side may own the region.
 - :class:`MigrationCancelled`: someone called ``cancel()``.
@@ -42,6 +44,8 @@ __all__ = [
     "ConvergenceError",
     "TrackingUnavailable",
     "SaveFileError",
+    "UntrustedSegmentError",
+    "KeyFileWarning",
     "RingError",
     "RingClosed",
     "RingTimeout",
@@ -161,6 +165,24 @@ class SaveFileError(MigrationError):
         super().__init__(message)
         self.field = field
         self.path = path
+
+
+class UntrustedSegmentError(ConfigError):
+    """A shared-memory segment or block file that another user could have planted or can change.
+
+    ``path`` is the file, ``owner`` its uid and ``mode`` its permission bits.
+    Raised unless the caller opted in (``allow_foreign=True``).
+    """
+
+    def __init__(self, message: str, *, path: str, owner: int, mode: int) -> None:
+        super().__init__(message)
+        self.path = path
+        self.owner = owner
+        self.mode = mode
+
+
+class KeyFileWarning(UserWarning):
+    """A key file that users other than its owner can read (see :func:`mpmultifd.auth.load_key`)."""
 
 
 class CommitUnknown(MigrationError):

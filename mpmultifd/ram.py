@@ -41,7 +41,7 @@ from typing import Any, Union
 import numpy as np
 
 from mpmultifd._shm import SHM_DIR, Segment, unique_name
-from mpmultifd.errors import ConfigError
+from mpmultifd.errors import ConfigError, UntrustedSegmentError
 
 __all__ = ["BlockInfo", "GuestRAM", "file_data_extents", "MAGIC", "VERSION", "MIN_PAGE_SIZE", "MAX_PAGE_SIZE"]
 
@@ -188,11 +188,14 @@ def _pairs(blocks: object, what: str, value: str) -> list[tuple[Any, Any]]:
     return pairs
 
 
-def _layout_json(page_size: int, entries: Sequence[tuple[str, int, str, bool]]) -> bytes:
-    doc = {
-        "page_size": page_size,
-        "blocks": [{"name": n, "size": s, "segment": seg, "owned": o} for n, s, seg, o in entries],
-    }
+def _layout_json(
+    page_size: int, entries: Sequence[tuple[str, int, str, bool]], uids: Sequence[int | None] | None = None
+) -> bytes:
+    blocks: list[dict[str, Any]] = [{"name": n, "size": s, "segment": seg, "owned": o} for n, s, seg, o in entries]
+    for b, uid in zip(blocks, uids or ()):
+        if uid is not None:
+            b["uid"] = uid  # a foreign file's owner, accepted by from_files(allow_foreign=True)
+    doc = {"page_size": page_size, "blocks": blocks}
     return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
@@ -289,6 +292,7 @@ class GuestRAM:
         self.total_size = sum(b.size for b in blocks)
         self.total_pages = sum(b.npages for b in blocks)
         self._owner = owner
+        self._allow_foreign = False
         # a forked child inherits this object but must not unlink its parent's region
         self._pid = os.getpid()
         self._shift = page_size.bit_length() - 1
@@ -365,6 +369,7 @@ class GuestRAM:
         *,
         page_size: int = 4096,
         name: str | None = None,
+        allow_foreign: bool = False,
     ) -> "GuestRAM":
         """Build a region over existing files, mapped shared without copying.
 
@@ -373,6 +378,12 @@ class GuestRAM:
         size, which must be a positive multiple of ``page_size``. The files are
         never unlinked by this class; the meta segment (layout and dirty maps)
         is created and owned as in :meth:`create`.
+
+        A file owned by another uid than this process's is
+        :class:`UntrustedSegmentError` unless ``allow_foreign=True`` (say,
+        QEMU runs as its own user); the owner accepted then is recorded in
+        the layout, so processes that attach the region accept that owner
+        for that file too.
         """
         ps = _check_page_size(page_size)
         pairs = _pairs(blocks, "blocks", "file path")
@@ -380,6 +391,7 @@ class GuestRAM:
         data: list[Segment] = []
         try:
             paths: list[str] = []
+            uids: list[int | None] = []
             seen: dict[str, str] = {}
             for bname, raw in pairs:
                 try:
@@ -404,9 +416,14 @@ class GuestRAM:
                         f"not a positive multiple of the page size {ps}"
                     )
                 try:
-                    seg = Segment.attach(path)
+                    seg = Segment.attach(path, allow_foreign=allow_foreign)
+                except UntrustedSegmentError as exc:
+                    raise UntrustedSegmentError(
+                        f"block {bname!r}: {exc}", path=exc.path, owner=exc.owner, mode=exc.mode
+                    ) from None
                 except (OSError, ValueError) as exc:
                     raise ConfigError(f"block {bname!r}: cannot map file {path!r}: {exc}") from exc
+                uids.append(st.st_uid if st.st_uid != os.geteuid() else None)
                 data.append(seg)
                 # the file may have changed size between stat and mmap
                 if seg.size % ps:
@@ -421,7 +438,7 @@ class GuestRAM:
 
         sizes = [seg.size for seg in data]
         entries = [(bname, size, path, False) for (bname, _), size, path in zip(pairs, sizes, paths)]
-        layout = _layout_json(ps, entries)
+        layout = _layout_json(ps, entries, uids)
         npages = [size // ps for size in sizes]
         offsets, meta_size = _map_offsets(len(layout), npages)
         try:
@@ -442,27 +459,46 @@ class GuestRAM:
             raise
 
     @classmethod
-    def attach(cls, name: str) -> "GuestRAM":
+    def attach(cls, name: str, *, allow_foreign: bool = False) -> "GuestRAM":
         """Map an existing region by its meta segment's name; ``owner`` is False.
 
         Raises ``FileNotFoundError`` if no such segment exists and
         :class:`ConfigError`, naming the offending field, if it is not a valid
         mpmultifd guest RAM (wrong magic or version, bad layout, missing or
         short data segment).
+
+        The meta and data segments must belong to this process's uid and be
+        closed to group and others (as :meth:`create` makes them), and a
+        foreign block file must belong to this uid or to the owner that
+        ``from_files(allow_foreign=True)`` accepted; otherwise
+        :class:`UntrustedSegmentError` names the file, its owner and mode
+        (another user could have planted the segment to be written into, or
+        can read the guest's memory). ``allow_foreign=True`` skips these
+        checks, here and in the processes this region is passed to.
         """
         if not isinstance(name, str) or not name:
             raise ConfigError(f"guest RAM name must be a non-empty str, got {name!r}")
         try:
-            meta = Segment.attach(name)
+            meta = Segment.attach(name, allow_foreign=allow_foreign)
+        except UntrustedSegmentError as exc:
+            raise UntrustedSegmentError(
+                f"cannot attach guest RAM {name!r}: {exc}", path=exc.path, owner=exc.owner, mode=exc.mode
+            ) from None
         except ValueError as exc:  # empty file or invalid name
             raise ConfigError(f"cannot attach guest RAM {name!r}: {exc}") from exc
         data: list[Segment] = []
         try:
-            ps, entries, offsets = _parse_meta(meta, name)
+            ps, entries, offsets, uids = _parse_meta(meta, name)
             for i, (bname, size, seg_name, owned) in enumerate(entries):
                 where = f"guest RAM {name!r}: field 'blocks[{i}].segment'"
                 try:
-                    seg = Segment.attach(seg_name)
+                    seg = Segment.attach(
+                        seg_name, allow_foreign=allow_foreign, owners=() if uids[i] is None else (uids[i],)
+                    )
+                except UntrustedSegmentError as exc:
+                    raise UntrustedSegmentError(
+                        f"{where}: block {bname!r}: {exc}", path=exc.path, owner=exc.owner, mode=exc.mode
+                    ) from None
                 except FileNotFoundError as exc:
                     raise ConfigError(
                         f"{where}: data segment {seg_name!r} of block {bname!r} does not exist (unlinked?)"
@@ -480,7 +516,9 @@ class GuestRAM:
                 BlockInfo(i, bname, size, ps, size // ps, seg_name, owned)
                 for i, (bname, size, seg_name, owned) in enumerate(entries)
             )
-            return cls(name, ps, infos, meta, data, offsets, owner=False)
+            ram = cls(name, ps, infos, meta, data, offsets, owner=False)
+            ram._allow_foreign = allow_foreign
+            return ram
         except BaseException:
             _close_all([meta, *data])
             raise
@@ -677,8 +715,10 @@ class GuestRAM:
         if self.owner:
             self.unlink()
 
-    def __reduce__(self) -> tuple[Any, tuple[str]]:
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         # another process attaches by name; the mappings themselves do not travel
+        if self._allow_foreign:
+            return (_attach_foreign, (self.name,))
         return (type(self).attach, (self.name,))
 
     def __repr__(self) -> str:
@@ -724,6 +764,11 @@ def file_data_extents(path: str, npages: int, page_size: int) -> list[tuple[int,
     return extents
 
 
+def _attach_foreign(name: str) -> "GuestRAM":
+    """Unpickling a region that was attached with ``allow_foreign=True``."""
+    return GuestRAM.attach(name, allow_foreign=True)
+
+
 def _publish(meta: Segment, layout: bytes) -> None:
     """Write the header and layout; the magic goes last so readers never see a half-written layout as valid."""
     buf = meta.buf
@@ -733,8 +778,11 @@ def _publish(meta: Segment, layout: bytes) -> None:
     buf[0:8] = MAGIC
 
 
-def _parse_meta(meta: Segment, name: str) -> tuple[int, list[tuple[str, int, str, bool]], list[int]]:
-    """Validate a meta segment; return page size, (name, size, segment, owned) per block, map offsets."""
+def _parse_meta(
+    meta: Segment, name: str
+) -> tuple[int, list[tuple[str, int, str, bool]], list[int], list[int | None]]:
+    """Validate a meta segment; return page size, (name, size, segment, owned) per block, map offsets,
+    and per block the foreign owner uid ``from_files`` accepted (or None)."""
     where = f"guest RAM {name!r}"
     buf = meta.buf
     if meta.size < _HEADER.size:
@@ -765,6 +813,7 @@ def _parse_meta(meta: Segment, name: str) -> tuple[int, list[tuple[str, int, str
     if not isinstance(blocks, list) or not blocks:
         raise ConfigError(f"{where}: field 'blocks' must be a non-empty list, got {blocks!r}")
     entries: list[tuple[str, int, str, bool]] = []
+    uids: list[int | None] = []
     seen: set[str] = set()
     for i, b in enumerate(blocks):
         field = f"{where}: field 'blocks[{i}]"
@@ -783,10 +832,14 @@ def _parse_meta(meta: Segment, name: str) -> tuple[int, list[tuple[str, int, str
             _check_segment_name(seg, f"{field}.segment'")
         elif not isinstance(seg, str) or not os.path.isabs(seg) or "\0" in seg:
             raise ConfigError(f"{field}.segment' must be an absolute file path for a foreign block, got {seg!r}")
+        uid = b.get("uid")
+        if uid is not None and (owned or not isinstance(uid, int) or isinstance(uid, bool) or uid < 0):
+            raise ConfigError(f"{field}.uid' must be a uid of a foreign block's file, got {uid!r}")
         entries.append((bname, size, seg, owned))
+        uids.append(uid)
     offsets, need = _map_offsets(length, [size // ps for _, size, _, _ in entries])
     if need > meta.size:
         raise ConfigError(
             f"{where}: field 'blocks': the dirty maps need a {need}-byte segment, this one has {meta.size}"
         )
-    return ps, entries, offsets
+    return ps, entries, offsets, uids

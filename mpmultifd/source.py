@@ -52,6 +52,7 @@ from .tracking import DirtyTracker, ScanningTracker, make_tracker
 from .transport import Address, connect, is_loopback, parse_address, recv_exact
 from .wire import (
     CONTROL_CHANNEL,
+    MAX_CONTROL_BODY,
     HELLO_FLAG_AUTH,
     KIND_CONTROL,
     KIND_DATA as HELLO_DATA,
@@ -248,6 +249,34 @@ def _block_fingerprints(ram: GuestRAM, block: int) -> np.ndarray:
     return out
 
 
+def _save_temp(path: str) -> tuple[int, str]:
+    """A new file for a save beside ``path``: created exclusively (never through a symlink), mode 0600.
+
+    The save is written there and renamed over ``path`` only once complete and
+    synced, so a failed save never touches a previous one, and a symlink at
+    ``path`` is replaced rather than written through.
+    """
+    where = os.path.dirname(os.path.abspath(path))
+    base = os.path.basename(path)
+    if not base:
+        raise ConfigError(f"path: {path!r} names a directory, not a save file")
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for _ in range(16):
+        tmp = os.path.join(where, f".{base[:200]}.{secrets.token_hex(6)}.part")
+        try:
+            fd = os.open(tmp, flags, 0o600)
+        except FileExistsError:
+            continue
+        try:
+            os.fchmod(fd, 0o600)  # whatever the umask left, guest bytes are for the owner only
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
+        return fd, tmp
+    raise FileExistsError(f"cannot create a fresh temporary file beside {path!r}")
+
+
 def _fsync_dir(path: str) -> None:
     """Make a new file's directory entry durable too."""
     try:
@@ -308,6 +337,14 @@ def read_available(sock: socket.socket, peer: str) -> bytes:
     return b"".join(chunks)
 
 
+class _AdmissionDropped(Exception):
+    """The destination closed a connection before welcoming it: worth another try (``error`` if not)."""
+
+    def __init__(self, error: MigrationError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 class _Channel:
     """The source's handle on one data channel: ring, socket, worker and its connection."""
 
@@ -363,7 +400,7 @@ class Source:
         self._channels: list[_Channel] = []
         self._control: socket.socket | None = None
         self._opening: socket.socket | None = None  # a connection in its handshake
-        self._decoder = ControlDecoder()
+        self._decoder = ControlDecoder(max_verify=MAX_CONTROL_BODY)  # a source receives no VERIFY
         self._mac: ControlMac | None = None  # authenticates control frames when there is a key
         self._early: list[Any] = []
         self._running = False
@@ -526,9 +563,13 @@ class Source:
         written and the file is synced, which need no pause), or if the save
         fails after ``pause()``: the guest stays with this host either way.
         With ``verify``, the file's pages are checked against the paused
-        guest before the file is marked complete. A failed or cancelled save
-        removes the file it was writing; one killed outright leaves a file that
-        ``restore`` refuses as incomplete. ``direct=True`` writes with O_DIRECT
+        guest before the file is marked complete. The file is written under a
+        new name in ``path``'s directory (created exclusively, mode 0600) and
+        renamed over ``path`` only once complete and synced: a failed or
+        cancelled save removes it and leaves a previous file at ``path``
+        intact; one killed outright leaves that ``.<name>.<random>.part`` file
+        (which ``restore`` refuses as incomplete). A symlink at ``path`` is
+        replaced, never written through. ``direct=True`` writes with O_DIRECT
         (ConfigError where the file system does not support it).
 
         Afterwards this Source keeps tracking the pages the guest changes, so
@@ -539,6 +580,7 @@ class Source:
         self._begin("save")
         error: BaseException | None = None
         fd = -1
+        tmp: str | None = None
         try:
             cfg = self.config
             if cfg.compression != "none":
@@ -553,11 +595,11 @@ class Source:
             self._retries_left = 0  # a file channel is not reconnected
             self._set_status("setup")
             layout = SaveLayout.plan([(b.name, b.size) for b in self.ram.blocks], self.ram.page_size, method="raw")
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            fd, tmp = _save_temp(path)
             os.ftruncate(fd, layout.file_size)  # sparse: every page a hole until written
             os.pwrite(fd, layout.encode_header(), 0)  # state INCOMPLETE, from the first byte on
             self._save_resume = resume
-            self._start_file_channels(path, layout, direct)
+            self._start_file_channels(tmp, layout, direct)
             deadline = time.monotonic() + cfg.timeout
             while not all(ch.ready for ch in self._channels):
                 if time.monotonic() > deadline:
@@ -570,7 +612,8 @@ class Source:
             self._setup_time = time.monotonic() - self._t_start
             self._set_status("active")
             rnd, pending, converged = self._precopy(save=True)
-            result = self._finish_save(fd, path, layout, rnd, pending, pause, converged, direct)
+            result = self._finish_save(fd, path, layout, rnd, pending, pause, converged, direct, tmp)
+            tmp = None  # renamed over the target
             self._set_status("completed")
             return result
         except BaseException as exc:
@@ -585,11 +628,11 @@ class Source:
                 self._present = None
             if fd >= 0:
                 os.close(fd)
-                if error is not None:
-                    try:
-                        os.unlink(path)  # never leave a half-written save behind
-                    except OSError:
-                        pass
+            if tmp is not None:
+                try:
+                    os.unlink(tmp)  # never leave a half-written save behind; the target was not touched
+                except OSError:
+                    pass
             if self._paused_at is not None and self._save_resume is not None:
                 try:
                     self._resume_now()
@@ -667,6 +710,7 @@ class Source:
         pause: Callable[[], Any] | None,
         converged: bool,
         direct: bool,
+        tmp: str,
     ) -> SaveResult:
         ram = self.ram
         self._check_cancel()
@@ -702,6 +746,9 @@ class Source:
         os.fsync(fd)  # every page, bitmap and digest is on disk before the file says it is complete
         os.pwrite(fd, encode_state(SaveState(True, time.time_ns(), npresent)), STATE_OFFSET)
         os.fsync(fd)
+        # complete and synced: only now does it replace the target (a symlink there is replaced,
+        # not followed), and the directory entry is made durable too
+        os.rename(tmp, path)
         _fsync_dir(path)
         self._remaining_pages = 0
         self._save_base = layout.save_id  # the tracker keeps running: a top-up sends what changes next
@@ -1123,6 +1170,22 @@ class Source:
         return sock
 
     def _open(self, address: Address, hello: Hello) -> socket.socket:
+        """Connect and pass admission; a destination that drops the connection before its welcome
+        (it cuts off the oldest handshakes when flooded) is tried again until ``timeout`` runs out."""
+        deadline = time.monotonic() + self.config.timeout
+        delay = 0.02
+        while True:
+            try:
+                return self._open_once(address, hello)
+            except _AdmissionDropped as e:
+                if time.monotonic() + delay >= deadline:
+                    raise e.error from e.error.__cause__
+                log.info("%s; trying again", e.error)
+                time.sleep(delay)
+                self._check_cancel()
+                delay = min(2 * delay, 0.5)
+
+    def _open_once(self, address: Address, hello: Hello) -> socket.socket:
         """Connect and pass admission: greeting, hello (with a proof of the key), welcome."""
         cfg = self.config
         key = cfg.auth_key
@@ -1139,7 +1202,9 @@ class Source:
             try:
                 greeting = auth.decode_greeting(recv_exact(sock, auth.GREETING_SIZE))
             except ChannelClosed:
-                raise ChannelClosed(f"{what}: the destination closed the connection before greeting") from None
+                raise _AdmissionDropped(
+                    ChannelClosed(f"{what}: the destination closed the connection before greeting")
+                ) from None
             if greeting.auth_required and key is None:
                 raise AuthenticationError(
                     f"{what}: the destination requires an auth key; set MigrationConfig(auth_key=...)"
@@ -1159,7 +1224,9 @@ class Source:
             try:
                 proof = auth.decode_welcome(recv_exact(sock, auth.WELCOME_SIZE))
             except ChannelClosed:
-                raise ChannelClosed(f"{what}: the destination closed the connection after our hello") from None
+                raise _AdmissionDropped(
+                    ChannelClosed(f"{what}: the destination closed the connection after our hello")
+                ) from None
             if key is not None and not hmac.compare_digest(
                 proof, auth.server_proof(key, greeting.nonce, nonce, hello_bytes)
             ):
@@ -1172,6 +1239,17 @@ class Source:
             if e.channel is None and hello.kind == HELLO_DATA:
                 e.channel = hello.channel
             raise
+        except _AdmissionDropped:
+            sock.close()
+            self._check_cancel()
+            raise
+        except (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionResetError, BrokenPipeError) as e:
+            # the destination dropped us during admission (a flood made it cut off the oldest attempts)
+            sock.close()
+            self._check_cancel()
+            err = ChannelBroken(f"{what}: the destination dropped the connection during admission: {e}")
+            err.__cause__ = e
+            raise _AdmissionDropped(err) from e
         except ssl.SSLError as e:
             sock.close()
             raise AuthenticationError(f"{what}: TLS handshake failed: {e}") from e
@@ -2057,7 +2135,7 @@ class Source:
             ch.ring.unlink()
         if ctrl is not None:
             ctrl.close()
-        self._decoder = ControlDecoder()
+        self._decoder = ControlDecoder(max_verify=MAX_CONTROL_BODY)  # a source receives no VERIFY
         self._mac = None
         self._early = []
 

@@ -208,13 +208,20 @@ def connect(address: Address, timeout: float) -> socket.socket:
 
 
 def listen(address: Address, backlog: int = 64) -> socket.socket:
-    """A listening socket: TCP on ``(host, port)`` (port 0 picks a free port) or a Unix socket path."""
+    """A listening socket: TCP on ``(host, port)`` (port 0 picks a free port) or a Unix socket path.
+
+    A Unix socket file is made mode 0600 (only its owner, and root, may connect), whatever the umask.
+    """
     family, addr = parse_address(address)
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         if family != socket.AF_UNIX:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(addr)
+        if family == socket.AF_UNIX:
+            # connecting needs write permission on the socket file: owner only, whatever the
+            # umask made it (nobody can connect before listen(), so there is no window)
+            os.chmod(addr, 0o600)
         sock.listen(backlog)
     except BaseException:
         sock.close()

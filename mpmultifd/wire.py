@@ -75,6 +75,11 @@ __all__ = [
     "encode_control",
     "ControlDecoder",
     "MAX_CONTROL_BODY",
+    "MAX_JSON_DEPTH",
+    "MAX_PEER_TEXT",
+    "verify_body_limit",
+    "repair_pages_body_limit",
+    "peer_text",
 ]
 
 PROTOCOL_VERSION = 1
@@ -434,7 +439,30 @@ class ChannelState:
 
 _FRAME = struct.Struct(">IBBHI")
 FRAME_SIZE = _FRAME.size  # 12
-MAX_CONTROL_BODY = 1 << 28
+# every message but VERIFY fits in 1 MiB (a CONFIG of 1024 blocks with 255-byte names is ~300 KiB);
+# VERIFY carries 8 bytes a page of one block, so its limit follows the session's largest block
+MAX_CONTROL_BODY = 1 << 20
+MAX_VERIFY_BODY = 1 << 28  # a decoder that knows no session: 32 Mi pages
+MAX_JSON_DEPTH = 16
+MAX_PEER_TEXT = 500  # characters of a peer's error text kept in our logs and exceptions
+
+
+def verify_body_limit(max_block_pages: int) -> int:
+    """The largest VERIFY body a session whose largest block has ``max_block_pages`` pages needs."""
+    return 8 + 8 * max_block_pages
+
+
+def repair_pages_body_limit(page_size: int) -> int:
+    """The largest REPAIR_PAGES body a session of ``page_size`` pages needs (64 pages, their
+    indices, fingerprints and bytes)."""
+    return 12 + REPAIR_CHUNK_PAGES * (16 + page_size)
+
+
+def peer_text(text: str, limit: int = MAX_PEER_TEXT) -> str:
+    """A peer's text cut to ``limit`` characters (saying how much was cut), for logs and exceptions."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"
 
 T_CONFIG = 1
 T_CONFIG_ACK = 2
@@ -827,13 +855,36 @@ _CONFIG_KEYS = {
 }
 
 
+def _json_depth_over(obj: Any, limit: int) -> bool:
+    """True when ``obj`` nests lists and objects deeper than ``limit`` (iterative: no recursion)."""
+    stack = [(obj, 1)]
+    while stack:
+        o, d = stack.pop()
+        if isinstance(o, dict):
+            children: Any = o.values()
+        elif isinstance(o, list):
+            children = o
+        else:
+            continue
+        if d > limit:
+            return True
+        stack.extend((c, d + 1) for c in children if isinstance(c, (dict, list)))
+    return False
+
+
 def _load_json(body: bytes, what: str) -> dict[str, Any]:
+    if len(body) > MAX_CONTROL_BODY:
+        raise _fail(what, f"JSON body of {len(body)} bytes exceeds {MAX_CONTROL_BODY}")
     try:
         obj = json.loads(body.decode("utf-8"))
+    except RecursionError:
+        raise _fail(what, f"JSON nests deeper than {MAX_JSON_DEPTH} levels") from None
     except (UnicodeDecodeError, ValueError) as e:
-        raise _fail(what, f"body is not valid JSON: {e}") from None
+        raise _fail(what, f"body is not valid JSON: {peer_text(str(e), 200)}") from None
     if not isinstance(obj, dict):
         raise _fail(what, "body must be a JSON object")
+    if _json_depth_over(obj, MAX_JSON_DEPTH):
+        raise _fail(what, f"JSON nests deeper than {MAX_JSON_DEPTH} levels")
     return obj
 
 
@@ -934,7 +985,8 @@ def _decode_body(mtype: int, body: bytes) -> ControlMessage:
             isinstance(k, str) and isinstance(v, list) and all(_is_int(p) and p >= 0 for p in v) for k, v in mm.items()
         ):
             raise _fail("mismatches", "must map block names to lists of page indices")
-        return Result(obj["ok"], obj["verified"], obj["error"], mm)
+        error = None if obj["error"] is None else peer_text(obj["error"])
+        return Result(obj["ok"], obj["verified"], error, mm)
     if mtype == T_ERROR:
         obj = _load_json(body, "error")
         if set(obj) != {"code", "message", "channel"}:
@@ -944,7 +996,7 @@ def _decode_body(mtype: int, body: bytes) -> ControlMessage:
         ch = obj["channel"]
         if ch is not None and (not _is_int(ch) or not 0 <= ch < MAX_CHANNELS):
             raise _fail("channel", f"{ch!r} is not a channel index")
-        return ErrorMessage(obj["code"], obj["message"], ch)
+        return ErrorMessage(peer_text(obj["code"], 64), peer_text(obj["message"]), ch)
     if mtype == T_ROUND_ACK:
         if len(body) != _ACK.size:
             raise _fail("length", f"ROUND_ACK body must be {_ACK.size} bytes")
@@ -1028,12 +1080,27 @@ class ControlDecoder:
     Feed it whatever bytes arrived with :meth:`feed`; call :meth:`next_message`
     until it returns ``None`` (it needs more bytes). ``max_body`` bounds the
     body a frame may announce, so a hostile length cannot make us buffer
-    without limit.
+    without limit; ``max_verify`` does so for VERIFY, whose body grows with
+    the block (a destination sets it from its region with
+    :func:`verify_body_limit` once it knows the session), and
+    ``max_repair`` for REPAIR_PAGES, which grows with the page size
+    (:func:`repair_pages_body_limit`). Peer error texts
+    come out cut to :data:`MAX_PEER_TEXT` characters.
     """
 
-    def __init__(self, *, max_body: int = MAX_CONTROL_BODY, mac: ControlMac | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        max_body: int = MAX_CONTROL_BODY,
+        max_verify: int = MAX_VERIFY_BODY,
+        max_repair: int | None = None,
+        mac: ControlMac | None = None,
+    ) -> None:
         self._buf = bytearray()
         self.max_body = max_body
+        self.max_verify = max_verify
+        # REPAIR_PAGES carries 64 whole pages: its limit follows the page size (default: 4 KiB pages)
+        self.max_repair = repair_pages_body_limit(4096) if max_repair is None else max_repair
         self.mac = mac  # every frame must then carry a valid tag
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
@@ -1061,8 +1128,14 @@ class ControlDecoder:
             )
         if not T_CONFIG <= mtype <= _LAST_TYPE:
             raise _fail("type", f"unknown control message type {mtype}")
-        if length > self.max_body:
-            raise _fail("length", f"body of {length} bytes exceeds the limit of {self.max_body}")
+        if mtype == T_VERIFY:
+            limit = self.max_verify
+        elif mtype == T_REPAIR_PAGES:
+            limit = max(self.max_repair, self.max_body)
+        else:
+            limit = self.max_body
+        if length > limit:
+            raise _fail("length", f"body of {length} bytes exceeds the limit of {limit}")
         tag_size = MAC_SIZE if self.mac is not None else 0
         if len(self._buf) < FRAME_SIZE + length + tag_size:
             return None

@@ -236,11 +236,20 @@ def test_a_connection_admitted_after_the_migration_ended_is_closed_at_once():
                 sid = dst._session.session_id
                 hello = encode_hello(Hello(KIND_DATA, sid, 0, 2, HELLO_FLAG_AUTH))
                 cn = auth.new_nonce()
-                late.sendall(hello + cn + auth.client_proof(KEY, greeting.nonce, cn, hello))
-                auth.decode_welcome(late.recv(auth.WELCOME_SIZE, socket.MSG_WAITALL))
+                try:
+                    late.sendall(hello + cn + auth.client_proof(KEY, greeting.nonce, cn, hello))
+                except OSError:
+                    pass  # already cut off: the ended destination dropped its pending handshakes
                 t0 = time.monotonic()
-                assert late.recv(1) == b"", "admitted after the end, and then kept open"
-                assert time.monotonic() - t0 < 2.0
+                got = b""
+                try:
+                    while chunk := late.recv(4096):
+                        got += chunk
+                except OSError:
+                    pass
+                # either cut off before its welcome, or welcomed and closed at once; never kept open
+                assert got == b"" or auth.decode_welcome(got) is not None, got
+                assert time.monotonic() - t0 < 2.0, "admitted after the end, and then kept open"
                 assert dst.valid and dst.status == "completed"
             finally:
                 late.close()

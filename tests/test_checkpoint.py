@@ -177,7 +177,9 @@ def test_a_killed_save_is_refused_on_restore(regions, tmp_path):
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            if os.path.exists(path) and os.stat(path).st_blocks * 512 > (4 << 20):
+            # the save is written beside the target and renamed over it only once complete
+            parts = [p for p in tmp_path.iterdir() if p.name.startswith(".killed.mpsave.")]
+            if parts and os.stat(parts[0]).st_blocks * 512 > (4 << 20):
                 break
             time.sleep(0.05)
         else:
@@ -186,6 +188,8 @@ def test_a_killed_save_is_refused_on_restore(regions, tmp_path):
     finally:
         child.join(10)
     time.sleep(0.5)  # its workers notice their coordinator is gone
+    assert not os.path.exists(path)  # a killed save never took the target's name
+    path = str(parts[0])
     with pytest.raises(SaveFileError) as e:
         read_layout(path)
     assert e.value.field == "state" and "never completed" in str(e.value)

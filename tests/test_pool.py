@@ -143,7 +143,12 @@ def test_a_migration_that_breaks_gives_its_pooled_workers_back_cleanly():
             cfg = MigrationConfig(channels=2, max_bandwidth=8_000_000, timeout=5.0)
             with RemoteDestination(dst.name, cfg, start_method="forkserver") as dest, Source(src, cfg, pool=pool) as s:
                 def kill_later():
-                    time.sleep(1.0)
+                    # once data flows: every receiver has attached (and the destination dropped its
+                    # segments' names), so the kill tests the pool, not a setup cut short
+                    deadline = time.monotonic() + 30
+                    while s.query()["ram"]["transferred"] < (4 << 20) and time.monotonic() < deadline:
+                        time.sleep(0.02)
+                    time.sleep(0.2)
                     os.kill(dest._proc.pid, signal.SIGKILL)
 
                 threading.Thread(target=kill_later).start()

@@ -82,3 +82,54 @@ def test_tls_config_must_be_a_context():
 
     with pytest.raises(ConfigError, match="SSLContext"):
         MigrationConfig(tls="cert.pem")  # type: ignore[arg-type]
+
+
+@pytest.mark.timeout(120)
+def test_tls_idle_and_trickling_connections_do_not_lock_out_a_real_source(certs):
+    """With TLS, silent peers hold the handshake slots inside the TLS handshake itself; they are cut
+    off (the oldest first, or at the deadline) and the real source migrates."""
+    import socket
+    import threading
+    import time
+
+    server, client = contexts(*certs)
+    key = b"s" * 32
+    size = 4 << 20
+    with GuestRAM.create({"a": size}) as s, GuestRAM.create({"a": size}) as d:
+        fill(s, "mixed", 5)
+        dcfg = MigrationConfig(channels=2, tls=server, auth_key=key, timeout=3.0)
+        scfg = MigrationConfig(channels=2, tls=client, auth_key=key, tls_hostname="localhost")
+        idle = []
+        with Destination(dst_ram := d, config=dcfg) as dst:
+            # a TLS ClientHello that trickles in, a byte every 0.5 s: cut off at the 3 s deadline
+            sent = []
+
+            def trickle():
+                n = 0
+                t = socket.create_connection(dst.address, timeout=10)
+                try:
+                    for _ in range(40):
+                        t.sendall(b"\x16")
+                        n += 1
+                        time.sleep(0.5)
+                except OSError:
+                    pass
+                finally:
+                    sent.append(n)
+                    t.close()
+
+            th = threading.Thread(target=trickle)
+            th.start()
+            th.join(30)
+            assert sent and sent[0] < 16, sent  # the deadline covers the TLS handshake too
+            assert dst.status == "setup"
+            try:
+                for _ in range(64):
+                    idle.append(socket.create_connection(dst.address, timeout=10))
+                with Source(s, scfg) as src:
+                    res = src.migrate(dst.address)
+                assert res.verified and dst.wait(10).verified
+            finally:
+                for sock in idle:
+                    sock.close()
+        assert np.array_equal(s.view(0), dst_ram.view(0))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pathlib
 import re
 import struct
@@ -513,10 +514,62 @@ def test_control_rejects(data, field):
 
 def test_control_length_bound():
     d = ControlDecoder(max_body=1000)
-    d.feed(struct.pack(">IBBHI", 0x4D504D43, 5, 0, 0, 1001))
+    d.feed(struct.pack(">IBBHI", 0x4D504D43, 1, 0, 0, 1001))
     with pytest.raises(RemoteProtocolError) as ei:
         d.next_message()
     assert ei.value.field == "length"
+
+
+def test_control_frames_are_capped_at_1_mib_except_verify():
+    """A CONFIG (or any message but VERIFY) over 1 MiB is refused from its frame header, before any body
+    is buffered; VERIFY's limit is the decoder's max_verify (a destination sets it from its largest block)."""
+    from mpmultifd.wire import MAX_CONTROL_BODY, verify_body_limit
+
+    assert MAX_CONTROL_BODY == 1 << 20
+    for mtype in range(1, 12):
+        if mtype == 5:
+            continue
+        d = ControlDecoder()
+        d.feed(struct.pack(">IBBHI", 0x4D504D43, mtype, 0, 0, (1 << 20) + 1))
+        with pytest.raises(RemoteProtocolError) as ei:
+            d.next_message()
+        assert ei.value.field == "length"
+    npages = 300_000  # a 1.2 GB block of 4 KiB pages: 2.4 MB of fingerprints
+    d = ControlDecoder(max_verify=verify_body_limit(npages))
+    fps = np.arange(npages, dtype=np.uint64)
+    d.feed(encode_control(Verify(0, fps)))
+    assert np.array_equal(d.next_message().fingerprints, fps)
+    d = ControlDecoder(max_verify=verify_body_limit(npages - 1))
+    d.feed(encode_control(Verify(0, fps))[:12])
+    with pytest.raises(RemoteProtocolError, match="exceeds"):
+        d.next_message()
+
+
+def test_deep_json_is_a_typed_error_not_a_recursion_error():
+    for body in (b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 50_000 + b"1" + b"}" * 50_000):
+        for mtype in (1, 6, 7):
+            d = ControlDecoder()
+            d.feed(struct.pack(">IBBHI", 0x4D504D43, mtype, 0, 0, len(body)) + body)
+            with pytest.raises(RemoteProtocolError, match="deeper than"):
+                d.next_message()
+    nested = {"level": 1}
+    for _ in range(20):
+        nested = {"x": nested}
+    body = json.dumps({"code": "x", "message": "m", "channel": None, "deep": nested}).encode()
+    d = ControlDecoder()
+    d.feed(struct.pack(">IBBHI", 0x4D504D43, 7, 0, 0, len(body)) + body)
+    with pytest.raises(RemoteProtocolError, match="deeper than"):
+        d.next_message()
+
+
+def test_peer_error_texts_are_cut():
+    d = ControlDecoder()
+    d.feed(encode_control(ErrorMessage("c" * 1000, "m" * 100_000, None)))
+    d.feed(encode_control(Result(False, False, "e" * 100_000, {})))
+    err, res = d.next_message(), d.next_message()
+    assert len(err.message) < 600 and err.message.startswith("m" * 500) and "99500 more" in err.message
+    assert len(err.code) < 200
+    assert len(res.error) < 600 and "99500 more" in res.error
 
 
 @given(st.binary(max_size=400))
