@@ -146,7 +146,7 @@ def test_a_migration_that_breaks_gives_its_pooled_workers_back_cleanly():
                     # once data flows: every receiver has attached (and the destination dropped its
                     # segments' names), so the kill tests the pool, not a setup cut short
                     deadline = time.monotonic() + 30
-                    while s.query()["ram"]["transferred"] < (4 << 20) and time.monotonic() < deadline:
+                    while s.query()["ram"]["transferred"] < (12 << 20) and time.monotonic() < deadline:
                         time.sleep(0.02)
                     time.sleep(0.2)
                     os.kill(dest._proc.pid, signal.SIGKILL)
