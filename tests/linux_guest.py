@@ -172,13 +172,16 @@ class LinuxGuest:
     """
 
     def __init__(self, workdir: str | os.PathLike[str], *, mem: int = 256, data: int = 4, fill: int = 0,
-                 incoming: bool = False, name: str = "guest", initrd: str | None = None) -> None:
+                 incoming: bool = False, name: str = "guest", initrd: str | None = None,
+                 mem_path: str | None = None) -> None:
         self.workdir = os.fspath(workdir)
         self.mem, self.data, self.fill, self.incoming = mem, data, fill, incoming
         self.binary = qemu_binary() or QEMU_BINARY
         self.kernel = kernel_image() or "/boot/vmlinuz-cloud-amd64"
         self.initrd = initrd
-        self.mem_path = os.path.join(SHM_DIR, unique_name("vm"))
+        # a destination of its own backend file; ``mem_path`` shares another guest's (a local handover)
+        self.mem_path = mem_path or os.path.join(SHM_DIR, unique_name("vm"))
+        self._own_file = mem_path is None
         self._sockdir = tempfile.mkdtemp(prefix="mpmvm-")  # short: a Unix socket path must fit in 108 bytes
         self.qmp_path = os.path.join(self._sockdir, f"{name}.qmp")
         self.agent_qmp_path = os.path.join(self._sockdir, f"{name}-agent.qmp")
@@ -203,7 +206,7 @@ class LinuxGuest:
             "-qmp", f"unix:{self.agent_qmp_path},server=on,wait=off",
         ]
         if self.incoming:
-            argv += ["-incoming", "defer"]
+            argv += ["-incoming", "defer", "-S"]
         return argv
 
     def start(self, timeout: float = 30.0) -> "LinuxGuest":
@@ -311,8 +314,9 @@ class LinuxGuest:
         try:
             self.kill()
         finally:
-            try:
-                os.unlink(self.mem_path)
-            except FileNotFoundError:
-                pass
+            if self._own_file:
+                try:
+                    os.unlink(self.mem_path)
+                except FileNotFoundError:
+                    pass
             shutil.rmtree(self._sockdir, ignore_errors=True)
