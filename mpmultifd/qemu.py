@@ -257,7 +257,10 @@ class VMHandoverResult:
     (QMP ``cont`` returned there), ``None`` if that answer was lost after
     COMMIT; ``total_time`` from the call until then. On the destination,
     ``downtime`` is from COMMIT's arrival to ``cont`` returning, and
-    ``total_time`` from the call until ``cont``.
+    ``total_time`` from the call until ``cont``. ``verify_passes`` and
+    ``repaired_pages``: the paused RAM was compared page by page between the
+    two hosts that many times, and that many pages that differed were resent
+    (see :func:`migrate_vm`).
     """
 
     role: str
@@ -268,6 +271,8 @@ class VMHandoverResult:
     downtime: float | None
     total_time: float
     phases: dict[str, float] = field(default_factory=dict)
+    verify_passes: int = 0
+    repaired_pages: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly dict (kebab-case names, as ``MigrationResult.to_dict``)."""
@@ -280,6 +285,8 @@ class VMHandoverResult:
             "downtime": self.downtime,
             "total-time": self.total_time,
             "phases": dict(self.phases),
+            "verify-passes": self.verify_passes,
+            "repaired-pages": self.repaired_pages,
         }
 
 
@@ -393,6 +400,148 @@ def _recv_json(sock: socket.socket, what: str) -> dict[str, Any]:
     return msg
 
 
+def _send_raw(sock: socket.socket, data: Any) -> None:
+    """Send a buffer of any size as frames of at most _MAX_FRAME bytes (the receiver knows its length)."""
+    view = memoryview(data).cast("B")
+    for start in range(0, len(view), _MAX_FRAME):
+        part = view[start : start + _MAX_FRAME]
+        sock.sendall(_FRAME.pack(len(part)))
+        sock.sendall(part)
+
+
+def _recv_raw(sock: socket.socket, nbytes: int, what: str) -> bytearray:
+    out = bytearray(nbytes)
+    got = 0
+    while got < nbytes:
+        part = _recv_frame(sock, what)
+        if not part or got + len(part) > nbytes:
+            from .errors import RemoteProtocolError
+
+            raise RemoteProtocolError(f"{what}: expected {nbytes} bytes, the frames say otherwise", field="length")
+        out[got : got + len(part)] = part
+        got += len(part)
+    return out
+
+
+def _region_prints(ram: Any) -> list[Any]:
+    """Every block's per-page fingerprints, reading only pages with data (holes are zero pages)."""
+    import numpy as np
+
+    from .digest import fingerprint_pages
+
+    out = []
+    for b in ram.blocks:
+        pages = ram.pages(b.index)
+        prints = np.zeros(b.npages, dtype=np.uint64)
+        for first, end in ram.data_extents(b.index):
+            prints[first:end] = fingerprint_pages(pages[first:end])
+        out.append(prints)
+    return out
+
+
+# Verification and repair, while the VM is paused and before COMMIT. The
+# scanning tracker compares a page with its previous scan, so a page scanned
+# as A, read by a channel as A' (a lock word held for a moment) and scanned as
+# A again looks clean while the destination holds A'. Only the destination's
+# bytes can tell: the source sends every page's fingerprint, the destination
+# answers with the pages that differ, the source resends those, and again,
+# until none differ.
+_REPAIR_PASSES = 4
+_MAX_REPAIR_PAGES = 1 << 16
+
+
+def _verify_and_repair(ram: Any, stream: socket.socket) -> tuple[int, int]:
+    """Source side; returns ``(passes, pages resent)``. Raises VerificationError if they still differ."""
+    import numpy as np
+
+    from .errors import VerificationError
+
+    prints = _region_prints(ram)
+    for b in ram.blocks:
+        _send_json(stream, {"status": "verify", "block": b.index, "npages": b.npages})
+        _send_raw(stream, prints[b.index])
+    resent = 0
+    for passes in range(1, _REPAIR_PASSES + 1):
+        answer = _recv_json(stream, "waiting for the destination's comparison")
+        if answer.get("status") == "verified":
+            return passes, resent
+        if answer.get("status") != "differ":
+            raise VMHandoverError(f"the destination could not compare the RAM: {answer.get('error', answer)}")
+        todo = answer.get("pages") or {}
+        total = sum(len(v) for v in todo.values())
+        if total > _MAX_REPAIR_PAGES:
+            raise VerificationError(f"{total} pages differ after the RAM copy (more than a repair is for)")
+        log.info("repair pass %d: resending %d pages the destination holds differently", passes, total)
+        for key, pages in todo.items():
+            block = int(key)
+            idx = np.asarray(pages, dtype=np.int64)
+            if block >= len(ram.blocks) or (idx.size and (idx.min() < 0 or idx.max() >= ram.blocks[block].npages)):
+                from .errors import RemoteProtocolError
+
+                raise RemoteProtocolError(f"the destination named pages outside block {block}", field="pages")
+            data = np.ascontiguousarray(ram.pages(block)[idx])
+            _send_json(stream, {"status": "pages", "block": block, "pages": idx.tolist()})
+            _send_raw(stream, data)
+            # what was sent now is final: the VM is paused
+            prints[block][idx] = _fingerprints_of(data)
+            resent += len(idx)
+        _send_json(stream, {"status": "check"})
+    raise VerificationError(f"pages still differ after {_REPAIR_PASSES} repair passes")
+
+
+def _fingerprints_of(data: Any) -> Any:
+    from .digest import fingerprint_pages
+
+    return fingerprint_pages(data)
+
+
+def _compare_and_repair(ram: Any, stream: socket.socket, mine: list[Any] | None) -> tuple[int, int]:
+    """Destination side of :func:`_verify_and_repair`; ``mine`` are its prints if already computed."""
+    import numpy as np
+
+    theirs: dict[int, Any] = {}
+    for _ in ram.blocks:
+        msg = _recv_json(stream, "receiving the source's fingerprints")
+        block, npages = int(msg.get("block", -1)), int(msg.get("npages", -1))
+        if msg.get("status") != "verify" or not 0 <= block < len(ram.blocks) or npages != ram.blocks[block].npages:
+            from .errors import RemoteProtocolError
+
+            raise RemoteProtocolError(f"expected the fingerprints of a block, got {msg}", field="status")
+        theirs[block] = np.frombuffer(_recv_raw(stream, npages * 8, "receiving fingerprints"), dtype=np.uint64)
+    prints = mine if mine is not None else _region_prints(ram)
+    repaired = 0
+    for passes in range(1, _REPAIR_PASSES + 2):
+        differ = {b.index: np.flatnonzero(prints[b.index] != theirs[b.index]) for b in ram.blocks}
+        differ = {k: v for k, v in differ.items() if v.size}
+        if not differ:
+            _send_json(stream, {"status": "verified"})
+            return passes, repaired
+        _send_json(stream, {"status": "differ", "pages": {str(k): v.tolist() for k, v in differ.items()}})
+        while True:
+            msg = _recv_json(stream, "receiving repaired pages")
+            if msg.get("status") == "check":
+                break
+            block = int(msg.get("block", -1))
+            if msg.get("status") != "pages" or block not in differ:
+                from .errors import RemoteProtocolError
+
+                raise RemoteProtocolError(f"expected repaired pages, got {str(msg)[:200]}", field="status")
+            idx = np.asarray(msg.get("pages"), dtype=np.int64)
+            if not np.isin(idx, differ[block]).all():
+                from .errors import RemoteProtocolError
+
+                raise RemoteProtocolError("the source resent pages that did not differ", field="pages")
+            ps = ram.page_size
+            data = np.frombuffer(_recv_raw(stream, idx.size * ps, "receiving repaired pages"), dtype=np.uint8)
+            grid = ram.pages(block)
+            grid[idx] = data.reshape(-1, ps)
+            prints[block][idx] = _fingerprints_of(grid[idx])
+            repaired += idx.size
+    from .errors import VerificationError
+
+    raise VerificationError(f"pages still differ after {_REPAIR_PASSES} repair passes")
+
+
 def _migration_status(qmp: QMP) -> dict[str, Any]:
     return qmp.cmd("query-migrate") or {}
 
@@ -468,7 +617,8 @@ def migrate_vm(
             raise ConfigError(f"the source QEMU is already migrating ({info.get('status')})")
         backends = shared_backends(q)
         _set_capabilities(q, source=True)
-        cfg = (config if config is not None else MigrationConfig()).replace(dirty_tracker="scan")
+        # the handover verifies (and repairs) the RAM itself while the VM is paused: see _verify_and_repair
+        cfg = (config if config is not None else MigrationConfig()).replace(dirty_tracker="scan", verify=False)
         ram = GuestRAM.from_files({b.id: b.path for b in backends})
 
         def pause() -> None:
@@ -486,6 +636,9 @@ def migrate_vm(
             times["ram_done"] = time.monotonic()
             stream = open_stream()
             stream_box["sock"] = stream
+            stream.settimeout(max(1.0, device_timeout))
+            stream_box["passes"], stream_box["repaired"] = _verify_and_repair(ram, stream)
+            times["verified"] = time.monotonic()
             stream_box["bytes"] = _send_device_state(q, stream, time.monotonic() + device_timeout)
             times["device_sent"] = time.monotonic()
             stream.settimeout(max(1.0, device_timeout))
@@ -535,6 +688,8 @@ def migrate_vm(
             downtime=downtime,
             total_time=end - t0,
             phases=_phases(times),
+            verify_passes=int(stream_box.get("passes", 0)),
+            repaired_pages=int(stream_box.get("repaired", 0)),
         )
     finally:
         sock = stream_box.get("sock")
@@ -551,7 +706,7 @@ def migrate_vm(
 def _phases(times: dict[str, float]) -> dict[str, float]:
     """Seconds of each step of the pause, in order, from the stop."""
     out: dict[str, float] = {}
-    order = ["stop", "stopped", "ram_done", "device_sent", "device_loaded", "committed", "running"]
+    order = ["stop", "stopped", "ram_done", "verified", "device_sent", "device_loaded", "committed", "running"]
     have = [k for k in order if k in times]
     for a, b in zip(have, have[1:]):
         out[f"{a}->{b}"] = times[b] - times[a]
@@ -624,8 +779,11 @@ def _send_device_state(q: QMP, stream: socket.socket, deadline: float) -> int:
 class _Incoming:
     """The destination's stream handler: relays one device-state stream into the local QEMU."""
 
-    def __init__(self, q: QMP, timeout: float) -> None:
+    def __init__(self, q: QMP, ram: Any, timeout: float) -> None:
         self.q = q
+        self.ram = ram
+        self.verify_passes = 0
+        self.repaired = 0
         self.timeout = timeout
         self.lock = threading.Lock()
         self.sock: socket.socket | None = None
@@ -645,6 +803,9 @@ class _Incoming:
         t0 = time.monotonic()
         try:
             sock.settimeout(self.timeout)
+            # the region is complete: compare it with the paused source's, page by page, and repair it
+            mine = _region_prints(self.ram)
+            self.verify_passes, self.repaired = _compare_and_repair(self.ram, sock, mine)
             self.bytes = self._relay(sock, time.monotonic() + self.timeout)
             self.load_time = time.monotonic() - t0
             self.loaded.set()
@@ -742,7 +903,7 @@ def receive_vm(
         _set_capabilities(q, source=False)
         cfg = config if config is not None else MigrationConfig()
         ram = GuestRAM.from_files({b.id: b.path for b in backends})
-        incoming = _Incoming(q, device_timeout)
+        incoming = _Incoming(q, ram, device_timeout)
         with Destination(ram, listen, cfg, on_stream=incoming, pool=pool) as dst:
             if on_listening is not None:
                 on_listening(dst.address)
@@ -779,6 +940,8 @@ def receive_vm(
             downtime=t_cont - t_commit,
             total_time=t_cont - t0,
             phases={"commit->running": t_cont - t_commit},
+            verify_passes=incoming.verify_passes,
+            repaired_pages=incoming.repaired,
         )
     finally:
         if incoming is not None:
