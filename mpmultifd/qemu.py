@@ -123,6 +123,9 @@ class QMP:
                 break
             except (FileNotFoundError, ConnectionRefusedError) as exc:
                 s.close()
+                # a QEMU we started may not have opened its socket yet; anyone else's should have
+                if proc is None:
+                    raise QMPError(f"cannot connect to the QMP socket {path}: {exc.strerror}") from None
                 if time.monotonic() > deadline:
                     raise QMPError(f"QMP socket {path} did not open in {timeout:g} s ({exc}):\n{_log_tail(log)}") from None
                 time.sleep(0.01)
