@@ -1,0 +1,301 @@
+"""Handing a running Linux VM from one QEMU to another (mpmultifd.qemu), on this machine.
+
+The guest (``tests/linux_guest.py``) keeps rewriting a file and checking the
+md5 of another one, printing ``CHECK n OK`` on its serial console; the
+handover must leave the destination guest printing on with growing ``n`` and
+never ``BAD``. Both QEMUs run here with their own backend files, so every
+byte of RAM the destination guest sees came through mpmultifd.
+
+Skipped, with the Debian packages to install, where the guest cannot run.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import socket
+import subprocess
+import threading
+import time
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mpmultifd import ConfigError, Destination, GuestRAM, MigrationConfig, MigrationError, qemu
+from mpmultifd.errors import RemoteProtocolError, VerificationError
+
+import linux_guest
+from linux_guest import LinuxGuest
+
+needs_guest = pytest.mark.skipif(linux_guest.missing() is not None, reason=str(linux_guest.missing()))
+needs_hooks = pytest.mark.skipif(
+    "on_stream" not in inspect.signature(Destination.__init__).parameters,
+    reason="needs Destination(on_stream=...) and Source.migrate(before_commit=...)",
+)
+
+CONFIG = MigrationConfig(channels=2, downtime_limit=0.3, stall_downtime_limit=float("inf"), start_method="forkserver")
+
+
+# --------------------------------------------------------------------------- the stream's framing
+
+
+@given(st.binary(max_size=3 * 1024 * 1024 + 7))
+def test_raw_payloads_survive_framing(data):
+    a, b = socket.socketpair()
+    try:
+        out: list[bytes] = []
+        t = threading.Thread(target=lambda: out.append(bytes(qemu._recv_raw(b, len(data), "test"))))
+        t.start()
+        qemu._send_raw(a, data)
+        t.join(10)
+        assert out == [data]
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("raw", [b"\xff\xff\xff\xff", b"\x00\x00\x00\x05abc"])
+def test_bad_frames_are_typed_errors(raw):
+    a, b = socket.socketpair()
+    try:
+        a.sendall(raw)
+        a.shutdown(socket.SHUT_WR)
+        with pytest.raises(MigrationError):  # too long: RemoteProtocolError; cut short: ChannelClosed
+            qemu._recv_frame(b, "test")
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("payload", [b"[1, 2]", b"not json", b'{"no": "status"}'])
+def test_a_message_that_is_not_one_is_refused(payload):
+    a, b = socket.socketpair()
+    try:
+        a.sendall(qemu._FRAME.pack(len(payload)) + payload)
+        with pytest.raises(RemoteProtocolError):
+            qemu._recv_json(b, "test")
+    finally:
+        a.close()
+        b.close()
+
+
+# --------------------------------------------------------------------------- verify and repair
+
+
+BLOCKS = {"ram0": 64 * 4096, "rom": 8 * 4096}
+
+
+def _repair(src: GuestRAM, dst: GuestRAM):
+    a, b = socket.socketpair()
+    a.settimeout(30)
+    b.settimeout(30)
+    got: dict = {}
+
+    def destination():
+        try:
+            got["dst"] = qemu._compare_and_repair(dst, b, None)
+        except BaseException as exc:  # noqa: BLE001 - checked by the test
+            got["dst"] = exc
+
+    t = threading.Thread(target=destination)
+    t.start()
+    try:
+        return qemu._verify_and_repair(src, a), got
+    finally:
+        a.close()
+        t.join(30)
+        b.close()
+
+
+@given(st.sets(st.tuples(st.sampled_from([0, 1]), st.integers(0, 63)), max_size=40), st.integers(0, 2**32))
+def test_repair_makes_the_destination_equal(differ, seed):
+    """Whatever pages differ (zero pages, data pages, either block), one pass resends exactly those."""
+    with GuestRAM.create(BLOCKS) as src, GuestRAM.create(BLOCKS) as dst:
+        try:
+            rng = np.random.default_rng(seed)
+            for b in src.blocks:
+                src.pages(b.index)[::2] = rng.integers(0, 256, size=src.pages(b.index)[::2].shape, dtype=np.uint8)
+                dst.pages(b.index)[:] = src.pages(b.index)
+            differ = {(blk, p) for blk, p in differ if p < src.blocks[blk].npages}
+            for blk, p in differ:
+                dst.pages(blk)[p, int(rng.integers(0, 4096))] ^= 0xFF
+            (passes, resent), got = _repair(src, dst)
+            assert got["dst"] == (passes, resent)
+            assert resent == len(differ)
+            assert passes == (2 if differ else 1)
+            for b in src.blocks:
+                assert np.array_equal(src.view(b.index), dst.view(b.index))
+        finally:
+            src.unlink()
+            dst.unlink()
+
+
+def test_repair_that_cannot_converge_is_a_verification_error(monkeypatch):
+    """A destination whose pages keep differing (here: it never stores them) fails after the last pass."""
+    with GuestRAM.create(BLOCKS) as src, GuestRAM.create(BLOCKS) as dst:
+        try:
+            src.pages(0)[3] = 7
+            monkeypatch.setattr(qemu, "_fingerprints_of", lambda data: np.zeros(len(data), dtype=np.uint64) + 1)
+            with pytest.raises(VerificationError):
+                _repair(src, dst)
+        finally:
+            src.unlink()
+            dst.unlink()
+
+
+# --------------------------------------------------------------------------- the guest and QMP
+
+
+@needs_guest
+@pytest.mark.timeout(120)
+def test_linux_guest_checks_its_memory(tmp_path):
+    with LinuxGuest(tmp_path) as guest:
+        checks = guest.wait_checks(3, timeout=90)
+        assert all(ok for _, ok in checks)
+        assert [n for n, _ in checks] == list(range(len(checks)))
+        assert guest.status() == "running"
+        backends = qemu.shared_backends(guest.qmp)
+        assert backends == [qemu.MemoryBackend("ram0", guest.mem_path, 256 << 20)]
+
+
+@needs_guest
+@pytest.mark.timeout(120)
+def test_a_guest_without_a_shared_file_backend_is_refused(tmp_path):
+    guest = LinuxGuest(tmp_path)
+    argv = guest.argv()
+    i = argv.index("-object")
+    argv[i + 1] = "memory-backend-memfd,id=ram0,size=256M,share=on"
+    with open(guest.log, "wb") as logf:
+        guest.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                                      start_new_session=True)
+    try:
+        guest.qmp = qemu.QMP(guest.qmp_path, guest.proc, guest.log)
+        with pytest.raises(ConfigError, match="not file-backed"):
+            qemu.shared_backends(guest.qmp)
+    finally:
+        guest.close()
+
+
+@needs_guest
+@pytest.mark.timeout(120)
+def test_device_state_relay_local_handover(tmp_path):
+    """Two QEMUs on one backend file: the relay alone (no RAM copy) moves the running guest."""
+    with LinuxGuest(tmp_path, name="src") as src:
+        src.wait_checks(2, timeout=90)
+        with LinuxGuest(tmp_path, name="dst", incoming=True, mem_path=src.mem_path) as dst:
+            qemu._set_capabilities(src.qmp, source=True)
+            qemu._set_capabilities(dst.qmp, source=False)
+            a, b = socket.socketpair()
+            incoming = qemu._Incoming(dst.qmp, None, 30)
+            out: dict = {}
+            t = threading.Thread(target=lambda: out.update(n=incoming._relay(b, time.monotonic() + 30)))
+            t.start()
+            try:
+                src.cmd("stop")
+                last = src.last_check()
+                sent = qemu._send_device_state(src.qmp, a, time.monotonic() + 30)
+                t.join(30)
+                assert out["n"] == sent > 0
+                assert src.status() == "postmigrate"
+                assert dst.status() == "paused"  # loaded, not started
+                dst.cmd("cont")
+                checks = dst.wait_checks(2, timeout=30)
+                assert checks[0][0] == last + 1
+            finally:
+                a.close()
+                b.close()
+                t.join(30)
+
+
+# --------------------------------------------------------------------------- real handovers
+
+
+def _receive(dst: LinuxGuest, config: MigrationConfig, out: dict, ready: threading.Event, timeout: float) -> None:
+    def listening(address):
+        out["address"] = address
+        ready.set()
+
+    try:
+        out["result"] = qemu.receive_vm(dst.agent_qmp_path, ("127.0.0.1", 0), config, on_listening=listening,
+                                        timeout=timeout)
+    except BaseException as exc:  # noqa: BLE001 - checked by the test
+        out["error"] = exc
+    finally:
+        ready.set()
+
+
+def handover(src: LinuxGuest, dst: LinuxGuest, config: MigrationConfig = CONFIG,
+             dst_config: MigrationConfig | None = None, before=None, dst_timeout: float = 90.0):
+    """Run receive_vm (a thread) and migrate_vm; returns (source outcome, destination outcome)."""
+    out: dict = {}
+    ready = threading.Event()
+    t = threading.Thread(target=_receive, args=(dst, dst_config or config, out, ready, dst_timeout))
+    t.start()
+    try:
+        assert ready.wait(60) and "address" in out, out.get("error")
+        if before is not None:
+            before()
+        try:
+            res = qemu.migrate_vm(src.agent_qmp_path, out["address"], config)
+        except MigrationError as exc:
+            res = exc
+    finally:
+        t.join(120)
+    return res, out.get("result", out.get("error"))
+
+
+@needs_guest
+@needs_hooks
+@pytest.mark.timeout(120)
+def test_handover_of_a_running_linux_guest(tmp_path):
+    with LinuxGuest(tmp_path, name="src") as src, LinuxGuest(tmp_path, name="dst", incoming=True) as dst:
+        src.wait_checks(3, timeout=90)
+        res, dres = handover(src, dst)
+        assert isinstance(res, qemu.VMHandoverResult), res
+        assert isinstance(dres, qemu.VMHandoverResult), dres
+        last = src.last_check()
+        assert src.status() == "postmigrate"
+        checks = dst.wait_checks(5, timeout=60)  # BAD raises
+        numbers = [n for n, _ in checks]
+        assert numbers[0] == last + 1 and numbers == list(range(numbers[0], numbers[0] + len(numbers)))
+        assert dst.status() == "running"
+        assert res.downtime is not None and res.downtime > 0
+        assert res.device_state_bytes == dres.device_state_bytes > 0
+        assert res.repaired_pages == dres.repaired_pages
+        assert res.ram.status == "completed" and dres.ram.status == "completed"
+        print(f"downtime {res.downtime * 1000:.0f} ms, total {res.total_time:.2f} s, rounds {res.ram.rounds}, "
+              f"device state {res.device_state_bytes} B, repaired {res.repaired_pages} pages, phases {res.phases}")
+
+
+@needs_guest
+@needs_hooks
+@pytest.mark.timeout(120)
+def test_destination_qemu_gone_before_the_device_state_resumes_the_source(tmp_path):
+    with LinuxGuest(tmp_path, name="src") as src, LinuxGuest(tmp_path, name="dst", incoming=True) as dst:
+        src.wait_checks(2, timeout=90)
+        res, dres = handover(src, dst, before=dst.kill)
+        assert isinstance(res, qemu.VMHandoverError), res
+        assert res.source_running is True and res.destination_started is False
+        assert isinstance(dres, qemu.VMHandoverError), dres
+        assert src.status() == "running"
+        src.wait_checks(3, after=src.last_check(), timeout=30)
+        assert not dst.alive()
+
+
+@needs_guest
+@needs_hooks
+@pytest.mark.timeout(120)
+def test_wrong_key_is_refused_and_the_source_keeps_running(tmp_path):
+    with LinuxGuest(tmp_path, name="src") as src, LinuxGuest(tmp_path, name="dst", incoming=True) as dst:
+        src.wait_checks(2, timeout=90)
+        good = CONFIG.replace(auth_key=os.urandom(32), timeout=5.0)
+        bad = CONFIG.replace(auth_key=os.urandom(32), timeout=5.0)
+        res, dres = handover(src, dst, config=bad, dst_config=good, dst_timeout=10.0)
+        assert isinstance(res, qemu.VMHandoverError), res
+        assert res.source_running is True
+        assert src.status() == "running"
+        src.wait_checks(2, after=src.last_check(), timeout=30)
+        assert dst.status() == "inmigrate"  # never loaded, never started
+        assert isinstance(dres, qemu.VMHandoverError), dres
