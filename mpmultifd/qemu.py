@@ -260,10 +260,16 @@ class VMHandoverResult:
     (QMP ``cont`` returned there), ``None`` if that answer was lost after
     COMMIT; ``total_time`` from the call until then. On the destination,
     ``downtime`` is from COMMIT's arrival to ``cont`` returning, and
-    ``total_time`` from the call until ``cont``. ``verify_passes`` and
-    ``repaired_pages``: the paused RAM was compared page by page between the
-    two hosts that many times, and that many pages that differed were resent
-    (see :func:`migrate_vm`).
+    ``total_time`` from the call until ``cont``. ``phases`` splits the
+    source's downtime into its steps, in order (seconds): mpmultifd's
+    (``pause-call`` = QMP ``stop``, ``dirty-sync``, ``final-round``,
+    ``verify-prints``, ``destination-check`` = the destination's comparison
+    and any repair), then the device state (``device-send``: the source QEMU's
+    stream relayed to the destination; ``device-load``: until the destination
+    QEMU had loaded it), ``commit`` and ``cont`` (the destination's ``cont``
+    and its word back). ``repaired_pages`` / ``repair_passes``: pages that
+    differed between the hosts once the guest was paused and were resent
+    (``MigrationResult`` of the RAM).
     """
 
     role: str
@@ -274,8 +280,14 @@ class VMHandoverResult:
     downtime: float | None
     total_time: float
     phases: dict[str, float] = field(default_factory=dict)
-    verify_passes: int = 0
-    repaired_pages: int = 0
+
+    @property
+    def repaired_pages(self) -> int:
+        return int(getattr(self.ram, "repaired_pages", 0) or 0)
+
+    @property
+    def repair_passes(self) -> int:
+        return int(getattr(self.ram, "repair_passes", 0) or 0)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly dict (kebab-case names, as ``MigrationResult.to_dict``)."""
@@ -288,7 +300,7 @@ class VMHandoverResult:
             "downtime": self.downtime,
             "total-time": self.total_time,
             "phases": dict(self.phases),
-            "verify-passes": self.verify_passes,
+            "repair-passes": self.repair_passes,
             "repaired-pages": self.repaired_pages,
         }
 
@@ -403,148 +415,6 @@ def _recv_json(sock: socket.socket, what: str) -> dict[str, Any]:
     return msg
 
 
-def _send_raw(sock: socket.socket, data: Any) -> None:
-    """Send a buffer of any size as frames of at most _MAX_FRAME bytes (the receiver knows its length)."""
-    view = memoryview(data).cast("B")
-    for start in range(0, len(view), _MAX_FRAME):
-        part = view[start : start + _MAX_FRAME]
-        sock.sendall(_FRAME.pack(len(part)))
-        sock.sendall(part)
-
-
-def _recv_raw(sock: socket.socket, nbytes: int, what: str) -> bytearray:
-    out = bytearray(nbytes)
-    got = 0
-    while got < nbytes:
-        part = _recv_frame(sock, what)
-        if not part or got + len(part) > nbytes:
-            from .errors import RemoteProtocolError
-
-            raise RemoteProtocolError(f"{what}: expected {nbytes} bytes, the frames say otherwise", field="length")
-        out[got : got + len(part)] = part
-        got += len(part)
-    return out
-
-
-def _region_prints(ram: Any) -> list[Any]:
-    """Every block's per-page fingerprints, reading only pages with data (holes are zero pages)."""
-    import numpy as np
-
-    from .digest import fingerprint_pages
-
-    out = []
-    for b in ram.blocks:
-        pages = ram.pages(b.index)
-        prints = np.zeros(b.npages, dtype=np.uint64)
-        for first, end in ram.data_extents(b.index):
-            prints[first:end] = fingerprint_pages(pages[first:end])
-        out.append(prints)
-    return out
-
-
-# Verification and repair, while the VM is paused and before COMMIT. The
-# scanning tracker compares a page with its previous scan, so a page scanned
-# as A, read by a channel as A' (a lock word held for a moment) and scanned as
-# A again looks clean while the destination holds A'. Only the destination's
-# bytes can tell: the source sends every page's fingerprint, the destination
-# answers with the pages that differ, the source resends those, and again,
-# until none differ.
-_REPAIR_PASSES = 4
-_MAX_REPAIR_PAGES = 1 << 16
-
-
-def _verify_and_repair(ram: Any, stream: socket.socket) -> tuple[int, int]:
-    """Source side; returns ``(passes, pages resent)``. Raises VerificationError if they still differ."""
-    import numpy as np
-
-    from .errors import VerificationError
-
-    prints = _region_prints(ram)
-    for b in ram.blocks:
-        _send_json(stream, {"status": "verify", "block": b.index, "npages": b.npages})
-        _send_raw(stream, prints[b.index])
-    resent = 0
-    for passes in range(1, _REPAIR_PASSES + 1):
-        answer = _recv_json(stream, "waiting for the destination's comparison")
-        if answer.get("status") == "verified":
-            return passes, resent
-        if answer.get("status") != "differ":
-            raise VMHandoverError(f"the destination could not compare the RAM: {answer.get('error', answer)}")
-        todo = answer.get("pages") or {}
-        total = sum(len(v) for v in todo.values())
-        if total > _MAX_REPAIR_PAGES:
-            raise VerificationError(f"{total} pages differ after the RAM copy (more than a repair is for)")
-        log.info("repair pass %d: resending %d pages the destination holds differently", passes, total)
-        for key, pages in todo.items():
-            block = int(key)
-            idx = np.asarray(pages, dtype=np.int64)
-            if block >= len(ram.blocks) or (idx.size and (idx.min() < 0 or idx.max() >= ram.blocks[block].npages)):
-                from .errors import RemoteProtocolError
-
-                raise RemoteProtocolError(f"the destination named pages outside block {block}", field="pages")
-            data = np.ascontiguousarray(ram.pages(block)[idx])
-            _send_json(stream, {"status": "pages", "block": block, "pages": idx.tolist()})
-            _send_raw(stream, data)
-            # what was sent now is final: the VM is paused
-            prints[block][idx] = _fingerprints_of(data)
-            resent += len(idx)
-        _send_json(stream, {"status": "check"})
-    raise VerificationError(f"pages still differ after {_REPAIR_PASSES} repair passes")
-
-
-def _fingerprints_of(data: Any) -> Any:
-    from .digest import fingerprint_pages
-
-    return fingerprint_pages(data)
-
-
-def _compare_and_repair(ram: Any, stream: socket.socket, mine: list[Any] | None) -> tuple[int, int]:
-    """Destination side of :func:`_verify_and_repair`; ``mine`` are its prints if already computed."""
-    import numpy as np
-
-    theirs: dict[int, Any] = {}
-    for _ in ram.blocks:
-        msg = _recv_json(stream, "receiving the source's fingerprints")
-        block, npages = int(msg.get("block", -1)), int(msg.get("npages", -1))
-        if msg.get("status") != "verify" or not 0 <= block < len(ram.blocks) or npages != ram.blocks[block].npages:
-            from .errors import RemoteProtocolError
-
-            raise RemoteProtocolError(f"expected the fingerprints of a block, got {msg}", field="status")
-        theirs[block] = np.frombuffer(_recv_raw(stream, npages * 8, "receiving fingerprints"), dtype=np.uint64)
-    prints = mine if mine is not None else _region_prints(ram)
-    repaired = 0
-    for passes in range(1, _REPAIR_PASSES + 2):
-        differ = {b.index: np.flatnonzero(prints[b.index] != theirs[b.index]) for b in ram.blocks}
-        differ = {k: v for k, v in differ.items() if v.size}
-        if not differ:
-            _send_json(stream, {"status": "verified"})
-            return passes, repaired
-        _send_json(stream, {"status": "differ", "pages": {str(k): v.tolist() for k, v in differ.items()}})
-        while True:
-            msg = _recv_json(stream, "receiving repaired pages")
-            if msg.get("status") == "check":
-                break
-            block = int(msg.get("block", -1))
-            if msg.get("status") != "pages" or block not in differ:
-                from .errors import RemoteProtocolError
-
-                raise RemoteProtocolError(f"expected repaired pages, got {str(msg)[:200]}", field="status")
-            idx = np.asarray(msg.get("pages"), dtype=np.int64)
-            if not np.isin(idx, differ[block]).all():
-                from .errors import RemoteProtocolError
-
-                raise RemoteProtocolError("the source resent pages that did not differ", field="pages")
-            ps = ram.page_size
-            data = np.frombuffer(_recv_raw(stream, idx.size * ps, "receiving repaired pages"), dtype=np.uint8)
-            grid = ram.pages(block)
-            grid[idx] = data.reshape(-1, ps)
-            prints[block][idx] = _fingerprints_of(grid[idx])
-            repaired += idx.size
-    from .errors import VerificationError
-
-    raise VerificationError(f"pages still differ after {_REPAIR_PASSES} repair passes")
-
-
 def _migration_status(qmp: QMP) -> dict[str, Any]:
     return qmp.cmd("query-migrate") or {}
 
@@ -620,8 +490,9 @@ def migrate_vm(
             raise ConfigError(f"the source QEMU is already migrating ({info.get('status')})")
         backends = shared_backends(q)
         _set_capabilities(q, source=True)
-        # the handover verifies (and repairs) the RAM itself while the VM is paused: see _verify_and_repair
-        cfg = (config if config is not None else MigrationConfig()).replace(dirty_tracker="scan", verify=False)
+        # QEMU writes the guest's RAM behind our back: the scanning tracker finds its writes, and the
+        # paused RAM is always verified (and pages that differ repaired) before the device state moves
+        cfg = (config if config is not None else MigrationConfig()).replace(dirty_tracker="scan", verify=True)
         ram = GuestRAM.from_files({b.id: b.path for b in backends})
 
         def pause() -> None:
@@ -640,8 +511,6 @@ def migrate_vm(
             stream = open_stream()
             stream_box["sock"] = stream
             stream.settimeout(max(1.0, device_timeout))
-            stream_box["passes"], stream_box["repaired"] = _verify_and_repair(ram, stream)
-            times["verified"] = time.monotonic()
             stream_box["bytes"] = _send_device_state(q, stream, time.monotonic() + device_timeout)
             times["device_sent"] = time.monotonic()
             stream.settimeout(max(1.0, device_timeout))
@@ -690,9 +559,7 @@ def migrate_vm(
             device_time=times.get("device_loaded", end) - times["ram_done"],
             downtime=downtime,
             total_time=end - t0,
-            phases=_phases(times),
-            verify_passes=int(stream_box.get("passes", 0)),
-            repaired_pages=int(stream_box.get("repaired", 0)),
+            phases=_phases(res, times),
         )
     finally:
         sock = stream_box.get("sock")
@@ -706,13 +573,19 @@ def migrate_vm(
             q.close()
 
 
-def _phases(times: dict[str, float]) -> dict[str, float]:
-    """Seconds of each step of the pause, in order, from the stop."""
+def _phases(res: Any, times: dict[str, float]) -> dict[str, float]:
+    """The source's downtime in steps, in order: mpmultifd's pause phases with ``before-commit``
+    split into the device state's ``device-send`` and ``device-load``, then ``cont`` (the
+    destination's ``cont`` and its word back, if it came)."""
     out: dict[str, float] = {}
-    order = ["stop", "stopped", "ram_done", "verified", "device_sent", "device_loaded", "committed", "running"]
-    have = [k for k in order if k in times]
-    for a, b in zip(have, have[1:]):
-        out[f"{a}->{b}"] = times[b] - times[a]
+    for name, secs in (res.downtime_phases or {}).items():
+        if name == "before-commit" and "device_loaded" in times:
+            out["device-send"] = times["device_sent"] - times["ram_done"]
+            out["device-load"] = times["device_loaded"] - times["device_sent"]
+        else:
+            out[name] = secs
+    if "running" in times and res.downtime is not None:
+        out["cont"] = max(0.0, times["running"] - (times["stop"] + res.downtime))
     return out
 
 
@@ -780,18 +653,23 @@ def _send_device_state(q: QMP, stream: socket.socket, deadline: float) -> int:
 
 
 class _Incoming:
-    """The destination's stream handler: relays one device-state stream into the local QEMU."""
+    """The destination's stream handler: relays one device-state stream into the local QEMU.
 
-    def __init__(self, q: QMP, ram: Any, timeout: float) -> None:
+    The Destination closes a stream once its handler returns, so after
+    answering "loaded" the handler keeps the stream (blocks) until
+    :meth:`release`: :func:`receive_vm` still has to tell the source that the
+    VM runs (or the source closes it first).
+    """
+
+    def __init__(self, q: QMP, timeout: float, hold: float = 0.0) -> None:
         self.q = q
-        self.ram = ram
-        self.verify_passes = 0
-        self.repaired = 0
         self.timeout = timeout
+        self.hold = hold
         self.lock = threading.Lock()
         self.sock: socket.socket | None = None
         self.loaded = threading.Event()
         self.finished = threading.Event()
+        self.released = threading.Event()
         self.error: str | None = None
         self.bytes = 0
         self.load_time = 0.0
@@ -806,13 +684,13 @@ class _Incoming:
         t0 = time.monotonic()
         try:
             sock.settimeout(self.timeout)
-            # the region is complete: compare it with the paused source's, page by page, and repair it
-            mine = _region_prints(self.ram)
-            self.verify_passes, self.repaired = _compare_and_repair(self.ram, sock, mine)
+            # the RAM is complete and verified (the source opens the stream only then)
             self.bytes = self._relay(sock, time.monotonic() + self.timeout)
             self.load_time = time.monotonic() - t0
             self.loaded.set()
             _send_json(sock, {"status": "loaded", "bytes": self.bytes, "load-time": self.load_time})
+            # keep the stream for receive_vm's last word ("running"), until COMMIT and cont or a failure
+            self._hold(sock)
         except BaseException as exc:  # noqa: BLE001 - reported to the source and to receive_vm
             self.error = f"{type(exc).__name__}: {exc}"
             log.warning("the device state was not loaded: %s", self.error)
@@ -858,11 +736,30 @@ class _Incoming:
             conn.close()
             shutil.rmtree(tmpdir, ignore_errors=True)
 
+    def _hold(self, sock: socket.socket) -> None:
+        """Block until :meth:`release`, the source closing the stream, or ``hold`` seconds."""
+        deadline = time.monotonic() + self.hold
+        while not self.released.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.warning("nobody released the device-state stream in %.0f s", self.hold)
+                return
+            try:
+                r, _, _ = select.select([sock], [], [], min(0.1, left))
+            except (OSError, ValueError):
+                return
+            if r:
+                # the source sends nothing after the device state: this is its close (or a broken peer)
+                return
+
+    def release(self) -> None:
+        """Let the handler return (the Destination then closes the stream)."""
+        self.released.set()
+
     def close(self) -> None:
+        self.release()
         with self.lock:
             self.finished.set()
-            if self.sock is not None:
-                self.sock.close()
 
 
 def receive_vm(
@@ -906,34 +803,38 @@ def receive_vm(
         _set_capabilities(q, source=False)
         cfg = config if config is not None else MigrationConfig()
         ram = GuestRAM.from_files({b.id: b.path for b in backends})
-        incoming = _Incoming(q, ram, device_timeout)
+        # the handler holds the stream after "loaded" until COMMIT (at most the commit wait) and cont
+        incoming = _Incoming(q, device_timeout, hold=device_timeout + cfg.timeout + 30.0)
         with Destination(ram, listen, cfg, on_stream=incoming, pool=pool) as dst:
-            if on_listening is not None:
-                on_listening(dst.address)
             try:
-                res = dst.wait(timeout)
-            except MigrationError as exc:
-                raise VMHandoverError(
-                    f"VM handover failed: {exc}; the destination VM was not started"
-                    + (f" (device state: {incoming.error})" if incoming.error else "")
-                ) from exc
-            except TimeoutError as exc:
-                dst.cancel()
-                raise VMHandoverError(f"no handover within {timeout} s; the destination VM was not started") from exc
-            t_commit = time.monotonic()
-            if not incoming.loaded.is_set():
-                raise VMHandoverError(
-                    "the RAM was committed but QEMU had not loaded the device state "
-                    f"({incoming.error or 'no device-state stream'}); the destination VM was not started"
-                )
-            q.cmd("cont")
-            t_cont = time.monotonic()
-            sock = incoming.sock
-            if sock is not None:
+                if on_listening is not None:
+                    on_listening(dst.address)
                 try:
-                    _send_json(sock, {"status": "running"})
-                except OSError as exc:
-                    log.warning("the VM runs here, but the source was not told: %s", exc)
+                    res = dst.wait(timeout)
+                except MigrationError as exc:
+                    raise VMHandoverError(
+                        f"VM handover failed: {exc}; the destination VM was not started"
+                        + (f" (device state: {incoming.error})" if incoming.error else "")
+                    ) from exc
+                except TimeoutError as exc:
+                    dst.cancel()
+                    raise VMHandoverError(f"no handover within {timeout} s; the destination VM was not started") from exc
+                t_commit = time.monotonic()
+                if not incoming.loaded.is_set():
+                    raise VMHandoverError(
+                        "the RAM was committed but QEMU had not loaded the device state "
+                        f"({incoming.error or 'no device-state stream'}); the destination VM was not started"
+                    )
+                q.cmd("cont")
+                t_cont = time.monotonic()
+                sock = incoming.sock
+                if sock is not None:
+                    try:
+                        _send_json(sock, {"status": "running"})
+                    except OSError as exc:
+                        log.warning("the VM runs here, but the source was not told: %s", exc)
+            finally:
+                incoming.release()  # before the Destination closes: it joins the handler
         return VMHandoverResult(
             role="destination",
             ram=res,
@@ -943,8 +844,6 @@ def receive_vm(
             downtime=t_cont - t_commit,
             total_time=t_cont - t0,
             phases={"commit->running": t_cont - t_commit},
-            verify_passes=incoming.verify_passes,
-            repaired_pages=incoming.repaired,
         )
     finally:
         if incoming is not None:
