@@ -237,3 +237,34 @@ def test_wrong_key_is_refused_and_the_source_keeps_running(tmp_path):
         src.wait_checks(2, after=src.last_check(), timeout=30)
         assert dst.status() == "inmigrate"  # never loaded, never started
         assert isinstance(dres, qemu.VMHandoverError), dres
+
+
+@needs_guest
+@pytest.mark.timeout(120)
+def test_commit_unknown_leaves_the_source_stopped_and_the_destination_runs(tmp_path, monkeypatch):
+    """The connection breaks after COMMIT, before its acknowledgement: the source cannot know who owns
+    the VM, so it stays stopped (CommitUnknown); the destination got COMMIT, so its VM runs. Never both."""
+    from mpmultifd import destination as dmod
+    from mpmultifd.errors import ChannelBroken, CommitUnknown
+
+    real_send = dmod.Destination._send
+
+    def lose_the_ack(self, msg):
+        if isinstance(msg, dmod.CommitAck):
+            self._control.shutdown(socket.SHUT_RDWR)
+            raise ChannelBroken("the test broke the control connection before COMMIT_ACK")
+        return real_send(self, msg)
+
+    monkeypatch.setattr(dmod.Destination, "_send", lose_the_ack)
+    with LinuxGuest(tmp_path, name="src") as src, LinuxGuest(tmp_path, name="dst", incoming=True) as dst:
+        src.wait_checks(2, timeout=90)
+        res, dres = handover(src, dst)
+        assert isinstance(res, CommitUnknown), res
+        assert isinstance(dres, qemu.VMHandoverResult), dres  # COMMIT arrived: the destination owns the VM
+        last = src.last_check()
+        assert src.status() != "running"
+        checks = dst.wait_checks(3, after=last, timeout=60)
+        assert [n for n, _ in checks if n > last][0] == last + 1
+        assert dst.status() == "running"
+        time.sleep(1.0)
+        assert src.last_check() == last and src.status() != "running"
