@@ -30,10 +30,8 @@ divided by the guest size.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -46,11 +44,9 @@ sys.path[:0] = [HERE, os.path.join(HERE, ".."), os.path.join(HERE, "..", "tests"
 import linux_guest  # noqa: E402
 from linux_guest import LinuxGuest  # noqa: E402
 
-from mpmultifd import Destination, GuestRAM, MigrationConfig, Source, qemu  # noqa: E402
+from mpmultifd import MigrationConfig, qemu  # noqa: E402
 from mpmultifd.cli import parse_size  # noqa: E402
 from toolkit import fmt_size, log, machine_header, report_leftovers  # noqa: E402
-
-HOOKS = "on_stream" in inspect.signature(Destination.__init__).parameters
 
 
 def busy_seconds() -> float:
@@ -61,77 +57,31 @@ def busy_seconds() -> float:
 
 
 def ours(src: LinuxGuest, dst: LinuxGuest, cfg: MigrationConfig) -> dict:
-    if HOOKS:
-        out: dict = {}
-        ready = threading.Event()
+    out: dict = {}
+    ready = threading.Event()
 
-        def recv() -> None:
-            try:
-                out["res"] = qemu.receive_vm(dst.agent_qmp_path, ("127.0.0.1", 0), cfg,
-                                             on_listening=lambda a: (out.update(address=a), ready.set()))
-            except BaseException as exc:  # noqa: BLE001
-                out["err"] = exc
-                ready.set()
-
-        t = threading.Thread(target=recv)
-        t.start()
-        ready.wait(60)
-        if "address" not in out:
-            t.join()
-            raise out.get("err") or RuntimeError("receive_vm did not listen")
+    def recv() -> None:
         try:
-            res = qemu.migrate_vm(src.agent_qmp_path, out["address"], cfg)
-        finally:
-            t.join(300)
-        if "err" in out:
-            raise out["err"]
-        return {"downtime": res.downtime, "total": res.total_time, "rounds": res.ram.rounds,
-                "repaired": res.repaired_pages, "device": res.device_state_bytes}
-    return emulated(src, dst, cfg)
+            out["res"] = qemu.receive_vm(dst.agent_qmp_path, ("127.0.0.1", 0), cfg, timeout=600,
+                                         on_listening=lambda a: (out.update(address=a), ready.set()))
+        except BaseException as exc:  # noqa: BLE001 - raised below
+            out["err"] = exc
+            ready.set()
 
-
-def emulated(src: LinuxGuest, dst: LinuxGuest, cfg: MigrationConfig) -> dict:
-    """migrate_vm's steps without the core hooks: RAM (committed), verify+repair, device state, cont."""
-    from mpmultifd.testing import RemoteDestination
-
-    qs, qd = src.qmp, dst.qmp
-    qemu._set_capabilities(qs, source=True)
-    qemu._set_capabilities(qd, source=False)
-    sram = GuestRAM.from_files({"ram0": src.mem_path})
-    dram = GuestRAM.from_files({"ram0": dst.mem_path})
-    c = cfg.replace(dirty_tracker="scan", verify=False)
-    t0 = time.monotonic()
-    ts: dict = {}
+    t = threading.Thread(target=recv)
+    t.start()
+    ready.wait(60)
+    if "address" not in out:
+        t.join(60)
+        raise out.get("err") or RuntimeError("receive_vm did not listen")
     try:
-        with RemoteDestination(dram.name, c, start_method=c.start_method) as rd, Source(sram, c) as s:
-            def pause() -> None:
-                ts["stop"] = time.monotonic()
-                qs.cmd("stop")
-
-            r = s.migrate(rd.address, pause=pause, resume=lambda: qs.cmd("cont"))
-            rd.result(60)
-        a, b = socket.socketpair()
-        inc = qemu._Incoming(qd, dram, 60)
-        th = threading.Thread(target=inc, args=(b,))
-        th.start()
-        try:
-            _, repaired = qemu._verify_and_repair(sram, a)
-            n = qemu._send_device_state(qs, a, time.monotonic() + 60)
-            ans = qemu._recv_json(a, "device state")
-            if ans.get("status") != "loaded":
-                raise RuntimeError(ans)
-            qd.cmd("cont")
-            t_end = time.monotonic()
-        finally:
-            th.join(60)
-            inc.close()
-            a.close()
-        return {"downtime": t_end - ts["stop"], "total": t_end - t0, "rounds": r.rounds, "repaired": repaired,
-                "device": n}
+        res = qemu.migrate_vm(src.agent_qmp_path, out["address"], cfg)
     finally:
-        for ram in (sram, dram):
-            ram.close()
-            ram.unlink()
+        t.join(300)
+    if "err" in out:
+        raise out["err"]
+    return {"downtime": res.downtime, "total": res.total_time, "rounds": res.ram.rounds,
+            "repaired": res.repaired_pages, "device": res.device_state_bytes, "phases": dict(res.phases)}
 
 
 def qemu_multifd(src: LinuxGuest, dst: LinuxGuest, channels: int) -> dict:
@@ -142,6 +92,7 @@ def qemu_multifd(src: LinuxGuest, dst: LinuxGuest, channels: int) -> dict:
                                          "downtime-limit": 300})
     dst.cmd("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})
     port = next(int(x["port"]) for x in dst.cmd("query-migrate")["socket-address"] if x.get("type") == "inet")
+    src.qmp.events.clear()
     t0 = time.monotonic()
     src.cmd("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
     while True:
@@ -158,9 +109,12 @@ def qemu_multifd(src: LinuxGuest, dst: LinuxGuest, channels: int) -> dict:
     # QEMU starts the destination by itself when the source ran; with -S it waits for cont
     if dst.status() != "running":
         dst.cmd("cont")
-    t_end = time.monotonic()
+    t_end, t_end_wall = time.monotonic(), time.time()
+    # the source's STOP event says when QEMU paused the guest (wall clock): stop -> cont as a VM manager sees it
+    stops = [ev["timestamp"] for _, ev in src.qmp.events if ev.get("event") == "STOP"]
+    stop_to_cont = (t_end_wall - (stops[-1]["seconds"] + stops[-1]["microseconds"] / 1e6)) if stops else None
     return {"downtime": info.get("downtime", 0) / 1000.0, "total": info.get("total-time", 0) / 1000.0,
-            "wall": t_end - t0}
+            "wall": t_end - t0, "stop_to_cont": stop_to_cont}
 
 
 def main() -> int:
@@ -182,6 +136,8 @@ def main() -> int:
     head = machine_header()
     t_all = time.monotonic()
     rows = []
+    tools = [t for t in ("qemu", "mpmultifd") if t in a.tools.split(",")]
+    attempted = completed = 0
     work = tempfile.mkdtemp(prefix="mpm-cmpvm-")
     for size in [parse_size(s) for s in a.sizes.split(",")]:
         mib = size >> 20
@@ -190,27 +146,41 @@ def main() -> int:
         try:
             guest.wait_checks(1, timeout=1200)
             log(f"# {fmt_size(size)} guest ready: {guest.console().splitlines()[-3:]}")
-            tools = [t for t in ("qemu", "mpmultifd") if t in a.tools.split(",")]
             for i in range(len(tools) * a.runs):
                 # q m m q q m ...: both go first as often
                 tool = tools[(i + (i // 2)) % 2] if len(tools) == 2 else tools[0]
                 nxt = LinuxGuest(work, mem=mib, incoming=True, name=f"g{mib}-{i + 1}").start()
+                attempted += 1
                 try:
                     c0 = busy_seconds()
                     r = ours(guest, nxt, cfg) if tool == "mpmultifd" else qemu_multifd(guest, nxt, a.channels)
                     r["cpu"] = busy_seconds() - c0
                     last = guest.last_check()  # the source is stopped for good now
-                    checks = nxt.wait_checks(2, timeout=60)
-                    if checks[0][0] != last + 1:
-                        raise RuntimeError(f"the guest did not continue: last {last}, then {checks[:3]}")
+                    checks = nxt.wait_checks(2, after=last, timeout=60)  # a BAD line raises
+                    first = [n for n, _ in checks if n > last][0]
+                    if first != last + 1 or guest.status() == "running":
+                        raise RuntimeError(f"the guest did not continue: last {last}, then {first}")
+                except Exception as exc:  # noqa: BLE001 - a failed handover must leave the source running
+                    nxt.close()
+                    log(f"{fmt_size(size)} run {i} {tool}: FAILED: {type(exc).__name__}: {exc}")
+                    if guest.alive() and guest.status() == "running":
+                        guest.wait_checks(2, after=guest.last_check(), timeout=60)
+                        log("    the source guest runs on; the chain continues from it")
+                        continue
+                    raise
                 except BaseException:
                     nxt.close()
                     raise
                 guest.close()
                 guest = nxt
+                completed += 1
                 runs[tool].append(r)
                 log(f"{fmt_size(size)} run {i} {tool}: guest continued (CHECK {last} on the source, "
-                    f"{checks[0][0]} next on the destination, all OK) " + json.dumps({k: round(v, 4) for k, v in r.items()}))
+                    f"{first} next on the destination, all OK) "
+                    + json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()
+                                  if k != "phases"}))
+                if "phases" in r:
+                    log("    pause phases (ms): " + ", ".join(f"{k} {v * 1000:.1f}" for k, v in r["phases"].items()))
         finally:
             guest.close()
 
@@ -218,35 +188,49 @@ def main() -> int:
             vals = [r[key] for r in runs[tool] if r.get(key) is not None]
             return statistics.median(vals) if vals else float("nan")
 
+        phase_names: list[str] = []
+        for r in runs["mpmultifd"]:
+            phase_names += [k for k in r["phases"] if k not in phase_names]
         rows.append({
             "size": fmt_size(size),
             "ours_downtime": med("mpmultifd", "downtime"), "ours_total": med("mpmultifd", "total"),
             "ours_cpu": med("mpmultifd", "cpu"), "ours_repaired": med("mpmultifd", "repaired"),
-            "qemu_downtime": med("qemu", "downtime"), "qemu_total": med("qemu", "total"),
-            "qemu_wall": med("qemu", "wall"), "qemu_cpu": med("qemu", "cpu"),
+            "qemu_downtime": med("qemu", "downtime"), "qemu_stop_to_cont": med("qemu", "stop_to_cont"),
+            "qemu_total": med("qemu", "total"), "qemu_wall": med("qemu", "wall"), "qemu_cpu": med("qemu", "cpu"),
             "pause_ms_per_gib": med("mpmultifd", "downtime") * 1000 / (size / (1 << 30)),
+            "phases": {k: statistics.median([r["phases"].get(k, 0.0) for r in runs["mpmultifd"]])
+                       for k in phase_names},
             "runs": runs,
         })
     wall = time.monotonic() - t_all
     if a.json:
-        print(json.dumps({"header": head, "hooks": HOOKS, "rows": rows, "wall_time": wall}, indent=2))
+        print(json.dumps({"header": head, "rows": rows, "handovers": [completed, attempted], "wall_time": wall},
+                         indent=2))
     else:
         print(f"# {head['command']}  (nproc {head['nproc']}, kernel {head['kernel']}, "
               f"load {head['load_average_at_start']:.2f})")
-        if not HOOKS:
-            print("# core hooks missing: RAM committed before verify+repair and the device state (same steps)")
         print(f"# channels {a.channels}, guest fills {a.fill}% of its free memory, medians of {a.runs} runs each, "
               "alternating; downtime = source stop -> destination running")
-        print("| guest | ours downtime | ours total | ours CPU s | pages repaired | QEMU downtime | QEMU total-time "
-              "| QEMU wall | QEMU CPU s | our pause per GiB |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+        print("| guest | ours downtime | ours total | ours CPU s | pages repaired | QEMU stop->cont | QEMU downtime "
+              "| QEMU total-time | QEMU wall | QEMU CPU s | our pause per GiB |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             print(f"| {r['size']} | {r['ours_downtime'] * 1000:.0f} ms | {r['ours_total']:.2f} s | {r['ours_cpu']:.1f} "
-                  f"| {r['ours_repaired']:.0f} | {r['qemu_downtime'] * 1000:.0f} ms | {r['qemu_total']:.2f} s "
+                  f"| {r['ours_repaired']:.0f} | {r['qemu_stop_to_cont'] * 1000:.0f} ms "
+                  f"| {r['qemu_downtime'] * 1000:.0f} ms | {r['qemu_total']:.2f} s "
                   f"| {r['qemu_wall']:.2f} s | {r['qemu_cpu']:.1f} | {r['pause_ms_per_gib']:.0f} ms |")
-        print(f"# wall time {wall:.0f} s")
+        names: list[str] = []
+        for r in rows:
+            names += [k for k in r["phases"] if k not in names]
+        if names:
+            print("\n# our pause, phase by phase (medians, ms)")
+            print("| guest | " + " | ".join(names) + " |")
+            print("|---|" + "---|" * len(names))
+            for r in rows:
+                print(f"| {r['size']} | " + " | ".join(f"{r['phases'].get(k, 0.0) * 1000:.1f}" for k in names) + " |")
+        print(f"# {completed} of {attempted} handovers completed with the guest continuing; wall time {wall:.0f} s")
     report_leftovers(os.environ["MPMULTIFD_SHM_PREFIX"])
-    return 0
+    return 0 if completed == attempted else 1
 
 
 if __name__ == "__main__":
