@@ -15,7 +15,7 @@ QEMU.
 Source host (:func:`migrate_vm`)::
 
     QMP x-ignore-shared on, multifd off
-    map every shared backend file -> Source.migrate(dirty_tracker="scan")
+    map every shared backend file -> Source.migrate(dirty_tracker="scan", verify=True)
         pause  = QMP stop        (the downtime starts)
         before_commit(open_stream):   RAM is complete and verified, VM stopped
             QMP migrate unix:<private>  -> relay -> stream
@@ -547,8 +547,14 @@ def migrate_vm(
                 times["running"] = time.monotonic()
                 downtime = times["running"] - times["stop"]
             else:
-                log.warning("after COMMIT the destination said %s", msg)
+                raise VMHandoverError(
+                    "the RAM and the device state were committed, but the destination could not start its VM: "
+                    f"{msg.get('error', msg)}; the source VM stays stopped (the destination owns the VM now)",
+                    source_running=False,
+                )
         except (OSError, MigrationError) as exc:
+            if isinstance(exc, VMHandoverError):
+                raise
             log.warning("committed, but the destination's word that its VM runs was lost: %s", exc)
         end = times.get("running", times["committed"])
         return VMHandoverResult(
@@ -825,7 +831,18 @@ def receive_vm(
                         "the RAM was committed but QEMU had not loaded the device state "
                         f"({incoming.error or 'no device-state stream'}); the destination VM was not started"
                     )
-                q.cmd("cont")
+                try:
+                    q.cmd("cont")
+                except QMPError as exc:
+                    if incoming.sock is not None:
+                        try:
+                            _send_json(incoming.sock, {"status": "failed", "error": f"QMP cont: {exc}"})
+                        except OSError:
+                            pass
+                    raise VMHandoverError(
+                        f"the VM was committed here but QMP cont failed ({exc}); it is not running, and the "
+                        "source VM stays stopped: check this QEMU"
+                    ) from exc
                 t_cont = time.monotonic()
                 sock = incoming.sock
                 if sock is not None:

@@ -268,3 +268,26 @@ def test_commit_unknown_leaves_the_source_stopped_and_the_destination_runs(tmp_p
         assert dst.status() == "running"
         time.sleep(1.0)
         assert src.last_check() == last and src.status() != "running"
+
+
+@needs_guest
+@pytest.mark.timeout(120)
+def test_cont_refused_after_commit_leaves_both_stopped_and_says_so(tmp_path, monkeypatch):
+    """After COMMIT the source must not resume; if the destination QEMU then refuses cont, neither runs
+    and both sides raise VMHandoverError saying so (the source's: source_running False)."""
+    with LinuxGuest(tmp_path, name="src") as src, LinuxGuest(tmp_path, name="dst", incoming=True) as dst:
+        real_cmd = qemu.QMP.cmd
+
+        def refuse_cont(self, name, args=None, timeout=30.0):
+            if name == "cont" and self.path == dst.agent_qmp_path:
+                raise qemu.QMPError("QMP cont {}: refused by the test")
+            return real_cmd(self, name, args, timeout)
+
+        monkeypatch.setattr(qemu.QMP, "cmd", refuse_cont)
+        src.wait_checks(2, timeout=90)
+        res, dres = handover(src, dst)
+        assert isinstance(res, qemu.VMHandoverError), res
+        assert res.source_running is False and "stays stopped" in str(res)
+        assert isinstance(dres, qemu.VMHandoverError) and "cont failed" in str(dres), dres
+        assert src.status() == "postmigrate"
+        assert dst.status() == "paused"
