@@ -15,14 +15,19 @@ by run between:
 - **QEMU multifd**: ``migrate`` with the ``multifd`` capability and the same
   channel count, ``x-ignore-shared`` off (QEMU copies the shared RAM itself),
   ``max-bandwidth`` 100 GB/s, default 300 ms ``downtime-limit``; QEMU's own
-  ``downtime`` and ``total-time`` from ``query-migrate``, plus the wall time
-  from ``migrate`` until ``cont`` returned on the destination.
+  ``downtime`` and ``total-time`` from ``query-migrate``, the wall time
+  from ``migrate`` until ``cont`` returned on the destination, and "stop->cont":
+  from the source's ``STOP`` event (its timestamp) until that ``cont`` returned,
+  the same span as our downtime.
 
 After every run the destination guest must print two more ``CHECK n OK``
 lines (n continuing), or the run fails. CPU seconds are the machine's busy
 time from ``/proc/stat`` during the run (the guest's own TCG CPU included,
 for both). The table shows medians; "pause cost per GiB" is our downtime
-divided by the guest size.
+divided by the guest size; a second table splits our pause into its phases
+(``VMHandoverResult.phases``, medians). A failed handover is logged, and the
+chain goes on from the source guest if it runs again; the last line says how
+many of the handovers completed with the guest continuing (exit 1 if not all).
 
     python tools/compare_vm_handover.py --sizes 256M,1G,4G --runs 3 --channels 2
 """
