@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 from .errors import MigrationError
@@ -50,6 +51,8 @@ def cmd_vm_send(a: argparse.Namespace) -> int:
     from .qemu import VMHandoverError, migrate_vm
 
     cfg = _config(a)
+    if not a.verify:
+        print("vm-send: --no-verify is ignored: a VM handover always verifies the paused RAM", file=sys.stderr)
     on_event = (lambda ev: print(json.dumps(ev), flush=True)) if a.json else None
     try:
         res = migrate_vm(a.qmp, a.address, cfg, device_timeout=a.device_timeout, on_event=on_event)

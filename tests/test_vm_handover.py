@@ -291,3 +291,48 @@ def test_cont_refused_after_commit_leaves_both_stopped_and_says_so(tmp_path, mon
         assert isinstance(dres, qemu.VMHandoverError) and "cont failed" in str(dres), dres
         assert src.status() == "postmigrate"
         assert dst.status() == "paused"
+
+
+@needs_guest
+@pytest.mark.timeout(150)
+def test_cli_vm_recv_and_vm_send(tmp_path):
+    """The two verbs as processes, one port between them, a key file: exit 0 both, the guest continues."""
+    import json
+    import subprocess
+    import sys
+
+    key = tmp_path / "key"
+    key.write_bytes(os.urandom(32).hex().encode())
+    common = ["--channels", "2", "--stall-downtime-limit", "10", "--auth-key-file", str(key), "--json"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+    with LinuxGuest(tmp_path, name="src") as src, LinuxGuest(tmp_path, name="dst", incoming=True) as dst:
+        src.wait_checks(2, timeout=90)
+        recv = subprocess.Popen(
+            [sys.executable, "-m", "mpmultifd", "vm-recv", "--qmp", dst.agent_qmp_path, "--listen", "127.0.0.1:0",
+             "--wait", "100", *common],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        )
+        try:
+            first = json.loads(recv.stdout.readline())
+            assert first["event"] == "listening", first
+            send = subprocess.run(
+                [sys.executable, "-m", "mpmultifd", "vm-send", "--qmp", src.agent_qmp_path, first["address"],
+                 *common],
+                capture_output=True, text=True, env=env, timeout=100,
+            )
+            out, err = recv.communicate(timeout=60)
+        finally:
+            if recv.poll() is None:
+                recv.kill()
+                recv.wait(10)
+        assert send.returncode == 0, (send.stdout[-2000:], send.stderr[-2000:])
+        assert recv.returncode == 0, (out[-2000:], err[-2000:])
+        sres = json.loads(send.stdout.strip().splitlines()[-1])
+        rres = json.loads(out.strip().splitlines()[-1])
+        assert sres["status"] == rres["status"] == "completed"
+        assert sres["device-state-bytes"] == rres["device-state-bytes"] > 0
+        assert sres["downtime"] > 0 and sres["ram"]["verified"] is True
+        last = src.last_check()
+        assert src.status() == "postmigrate"
+        checks = dst.wait_checks(3, after=last, timeout=60)
+        assert [n for n, _ in checks if n > last][0] == last + 1
