@@ -97,6 +97,8 @@ log = logging.getLogger("mpmultifd.source")
 _JOIN_GRACE = 2.0
 # round trips and wake-ups of a switchover (EOS, RESULT, COMMIT and its acknowledgement)
 _SWITCH_LATENCY = 0.01
+# the VERIFY message and the destination's comparison, per page of the region
+_COMPARE_SECONDS_PER_PAGE = 20e-9
 
 
 def _forget_foreign_forkserver() -> None:
@@ -212,7 +214,7 @@ def _fingerprint_seconds_per_page(page_size: int) -> float:
 
 
 def verify_threads(channels: int) -> int:
-    """Threads a destination fingerprints its region with at switchover."""
+    """Threads a destination fingerprints its whole region with (a top-up's starting point)."""
     return max(1, min(channels, os.cpu_count() or 1))
 
 
@@ -1321,20 +1323,19 @@ class Source:
         """Seconds the pause will spend fingerprinting pages, beyond the last dirty sync.
 
         A save fingerprints the paused guest here for its digests. A migration
-        with ``verify`` fingerprints it in the workers (no extra pass when the
-        scanning tracker's final scan serves), and the destination fingerprints
-        what it holds, in as many threads as it has channels and CPUs.
+        with ``verify`` fingerprints it in the workers, in parallel (nothing
+        extra when the scanning tracker's final scan serves); the destination
+        fingerprinted each page as it arrived and only compares arrays.
         """
         ram = self.ram
         pages = sum(e - f for b in ram.blocks for f, e in ram.data_extents(b.index))
         per_page = _fingerprint_seconds_per_page(ram.page_size)
         if save:
             return per_page * pages
-        cpus = os.cpu_count() or 1
-        cost = _SWITCH_LATENCY
+        cost = _SWITCH_LATENCY + _COMPARE_SECONDS_PER_PAGE * ram.total_pages
         if not isinstance(self._tracker, ScanningTracker):
-            cost += per_page * pages / max(1, min(self.config.channels, cpus))
-        return cost + per_page * pages / verify_threads(self.config.channels)
+            cost += per_page * pages / max(1, min(self.config.channels, os.cpu_count() or 1))
+        return cost
 
     def _precopy(
         self, top_up: bool = False, save: bool = False, tracker: DirtyTracker | None = None
