@@ -33,6 +33,7 @@ file.
 
 from __future__ import annotations
 
+import atexit
 import glob
 import os
 import re
@@ -140,7 +141,11 @@ def build_initramfs(workdir: str | None = None) -> str:
     """Build (once per process) the gzip'd cpio initramfs; returns its path."""
     if "initrd" in _cache and os.path.exists(_cache["initrd"]):
         return _cache["initrd"]
-    base = workdir or tempfile.mkdtemp(prefix="mpm-linux-guest-")
+    if workdir is None:
+        base = tempfile.mkdtemp(prefix="mpm-linux-guest-")
+        atexit.register(shutil.rmtree, base, True)  # the cache lives as long as this process
+    else:
+        base = workdir
     root = os.path.join(base, "root")
     for d in ("bin", "proc", "sys", "dev", "t"):
         os.makedirs(os.path.join(root, d), exist_ok=True)

@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -235,7 +236,11 @@ def main() -> int:
                 print(f"| {r['size']} | " + " | ".join(f"{r['phases'].get(k, 0.0) * 1000:.1f}" for k in names) + " |")
         print(f"# {completed} of {attempted} handovers completed with the guest continuing; wall time {wall:.0f} s")
     report_leftovers(os.environ["MPMULTIFD_SHM_PREFIX"])
-    return 0 if completed == attempted else 1
+    if completed == attempted:
+        shutil.rmtree(work, ignore_errors=True)
+        return 0
+    log(f"# serial consoles and QEMU logs kept in {work}")
+    return 1
 
 
 if __name__ == "__main__":
