@@ -768,6 +768,23 @@ class _Incoming:
             self.finished.set()
 
 
+def _wait_commit(dst: Any, timeout: float | None) -> Any:
+    """Wait until COMMIT arrived (``dst.valid``: the region is ours) or the migration ended.
+
+    Returns the result if the migration already ended, else ``None``: the
+    Destination tears its receivers down after COMMIT before ``wait()``
+    returns, and the VM should not wait for that.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while not dst.valid:
+        try:
+            return dst.wait(0.002)
+        except TimeoutError:
+            if deadline is not None and time.monotonic() > deadline:
+                raise
+    return None
+
+
 def receive_vm(
     qmp: str | QMP,
     listen: Any,
@@ -816,7 +833,7 @@ def receive_vm(
                 if on_listening is not None:
                     on_listening(dst.address)
                 try:
-                    res = dst.wait(timeout)
+                    res = _wait_commit(dst, timeout)
                 except MigrationError as exc:
                     raise VMHandoverError(
                         f"VM handover failed: {exc}; the destination VM was not started"
@@ -850,6 +867,8 @@ def receive_vm(
                         _send_json(sock, {"status": "running"})
                     except OSError as exc:
                         log.warning("the VM runs here, but the source was not told: %s", exc)
+                if res is None:
+                    res = dst.wait()  # the receivers' teardown, after the VM runs
             finally:
                 incoming.release()  # before the Destination closes: it joins the handler
         return VMHandoverResult(
