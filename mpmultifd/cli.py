@@ -678,6 +678,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true")
     _config_args(e)
     e.set_defaults(func=cmd_estimate)
+
+    from .cli_vm import add_vm_commands  # vm-send / vm-recv: a QEMU VM handover
+
+    add_vm_commands(sub, _config_args, parse_address)
     return p
 
 

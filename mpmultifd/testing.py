@@ -8,11 +8,7 @@ way a cooperating guest would, and ``RemoteDestination`` runs a
 
 from __future__ import annotations
 
-import json
-import select
 import signal
-import socket
-import subprocess
 import time
 from typing import Any
 
@@ -381,103 +377,5 @@ class RemoteDestination:
 
 # --------------------------------------------------------------------------- QEMU
 
-
-class QMPError(RuntimeError):
-    """QEMU failed to start, to answer, or to run a command; the message ends with QEMU's log."""
-
-
-def _log_tail(path: str, n: int = 20) -> str:
-    try:
-        with open(path, errors="replace") as f:
-            return "".join(f.readlines()[-n:])
-    except OSError:
-        return ""
-
-
-class QMP:
-    """A minimal QMP client for driving QEMU from tests and benchmarks.
-
-    Connects to the Unix socket ``path`` of the QEMU process ``proc`` (whose
-    output goes to ``log``, quoted in errors) and negotiates capabilities.
-    ``cmd()`` runs one command with a timeout; events that arrive meanwhile
-    are kept in ``events`` as ``(time.monotonic(), event)``.
-    """
-
-    def __init__(self, path: str, proc: subprocess.Popen, log: str, timeout: float = 30.0) -> None:
-        self.path, self.proc, self.log = path, proc, log
-        self.buf = b""
-        self.events: list[tuple[float, dict[str, Any]]] = []
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise QMPError(f"QEMU exited with {proc.returncode} before its QMP socket opened:\n{_log_tail(log)}")
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                s.connect(path)
-                break
-            except (FileNotFoundError, ConnectionRefusedError):
-                s.close()
-                if time.monotonic() > deadline:
-                    raise QMPError(f"QMP socket {path} did not open in {timeout:g} s:\n{_log_tail(log)}") from None
-                time.sleep(0.01)
-        self.sock: socket.socket | None = s
-        try:
-            greeting = self.read(max(0.0, deadline - time.monotonic()))
-            if "QMP" not in greeting:
-                raise QMPError(f"unexpected QMP greeting {greeting}")
-            self.version = greeting["QMP"]["version"]
-            self.cmd("qmp_capabilities", timeout=max(1.0, deadline - time.monotonic()))
-        except BaseException:
-            self.close()
-            raise
-
-    def fileno(self) -> int:
-        if self.sock is None:
-            raise QMPError("the QMP connection is closed")
-        return self.sock.fileno()
-
-    def buffered(self) -> bool:
-        """A whole message is already read and waiting (``select`` on the socket would miss it)."""
-        return b"\n" in self.buf
-
-    def read(self, timeout: float = 30.0) -> dict[str, Any]:
-        """The next JSON message, a reply or an event."""
-        if self.sock is None:
-            raise QMPError("the QMP connection is closed")
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self.buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise QMPError(f"no answer on {self.path} in {timeout:g} s")
-            r, _, _ = select.select([self.sock], [], [], left)
-            if r:
-                data = self.sock.recv(65536)
-                if not data:
-                    raise QMPError(f"QEMU closed its QMP socket (exit {self.proc.poll()}):\n{_log_tail(self.log)}")
-                self.buf += data
-        line, self.buf = self.buf.split(b"\n", 1)
-        return json.loads(line)
-
-    def cmd(self, name: str, args: dict[str, Any] | None = None, timeout: float = 30.0) -> Any:
-        """Run one command; its ``return`` value, or :class:`QMPError` with QEMU's ``desc``."""
-        if self.sock is None:
-            raise QMPError("the QMP connection is closed")
-        msg: dict[str, Any] = {"execute": name}
-        if args:
-            msg["arguments"] = args
-        self.sock.sendall(json.dumps(msg).encode() + b"\n")
-        deadline = time.monotonic() + timeout
-        while True:
-            reply = self.read(max(0.0, deadline - time.monotonic()))
-            if "event" in reply:
-                self.events.append((time.monotonic(), reply))
-                continue
-            if "error" in reply:
-                err = reply["error"]
-                raise QMPError(f"QMP {name} {json.dumps(args or {})}: {err.get('desc', err)}")
-            return reply.get("return")
-
-    def close(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
+# the QMP client lives in mpmultifd.qemu (the VM handover uses it); tests and tools import it from here too
+from .qemu import QMP, QMPError, _log_tail  # noqa: E402,F401
