@@ -216,6 +216,7 @@ class Destination:
         self._result: MigrationResult | None = None
         self._error: MigrationError | None = None
         self._done = threading.Event()
+        self._settled = threading.Event()  # the outcome is known: set at COMMIT, or at the end of a failure
         self._cancel_requested = False
         self._closing = False
         self._wake_r, self._wake_w = os.pipe()
@@ -282,12 +283,13 @@ class Destination:
         return self._valid
 
     def wait(self, timeout: float | None = None) -> MigrationResult:
-        """Block until the migration ends; returns its result or raises its :class:`MigrationError`.
+        """Block until the outcome is known (COMMIT arrived, or the migration failed); returns the result or raises.
 
         Raises :class:`TimeoutError` if ``timeout`` seconds pass first (the
         migration goes on).
         """
-        if not self._done.wait(timeout):
+        # returns at COMMIT: the receivers are reaped afterwards, off the caller's critical path
+        if not self._settled.wait(timeout):
             raise TimeoutError(f"migration still running after {timeout} s")
         if self._error is not None:
             raise self._error
@@ -891,6 +893,7 @@ class Destination:
             repaired_pages=self._repaired_pages,
             repair_passes=self._repair_passes,
         )
+        self._settled.set()  # wait() returns now: the region is ours, the rest is teardown
         try:
             self._send(CommitAck())
         except MigrationError as e:
@@ -1290,6 +1293,7 @@ class Destination:
             self._t_end = time.monotonic()
         self._status = status
         self._done.set()
+        self._settled.set()
         try:
             self._lsock.close()
         except OSError:
