@@ -71,7 +71,8 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tls-ca", default=None, help="CA bundle to check the destination's certificate (source)")
     g.add_argument("--tls-hostname", default=None, help="name the destination's certificate must carry")
     g.add_argument("--tls", action="store_true", help="use TLS with the system CAs (source) when no --tls-ca")
-    g.add_argument("--allow-unauthenticated", action="store_true", help="listen beyond loopback without a key")
+    g.add_argument("--allow-unauthenticated", action="store_true",
+                   help="without a key: listen beyond loopback, admit or send to other users and other hosts")
 
 
 def _tls_context(a: argparse.Namespace, *, server: bool) -> ssl.SSLContext | None:
