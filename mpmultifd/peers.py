@@ -97,8 +97,10 @@ def _rows(tables: Iterable[str], port: int) -> Iterator[str]:
         raise PeerUnknown("cannot read the kernel's socket table (" + "; ".join(errors) + ")")
 
 
-def find_socket_uid(local: Endpoint, remote: Endpoint, tables: Iterable[str] = PROC_TABLES) -> int:
-    """The uid owning the TCP socket whose local endpoint is ``local`` and remote endpoint ``remote``."""
+def find_socket_uid(local: Endpoint, remote: Endpoint, tables: Iterable[str] | None = None) -> int:
+    """The uid owning the TCP socket whose local endpoint is ``local`` and remote endpoint ``remote``
+    (looked up in ``tables``, by default :data:`PROC_TABLES`)."""
+    tables = PROC_TABLES if tables is None else tables
     want = (_ip(str(local[0])), int(local[1])), (_ip(str(remote[0])), int(remote[1]))
     for line in _rows(tables, want[0][1]):
         try:
