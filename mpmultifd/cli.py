@@ -384,7 +384,8 @@ def check_configuration(a: argparse.Namespace) -> list[dict[str, Any]]:
             add("zerocopy", "ok", detail, fb)
     if a.auth_key_file is None and a.address is not None and not is_loopback(a.address):
         add("authentication", "warn", "no --auth-key-file for a non-loopback address",
-            "a destination refuses to listen there without a key unless --allow-unauthenticated")
+            "a destination refuses to listen there, and a source to send there, without a key unless "
+            "--allow-unauthenticated")
     # shared memory room
     st = os.statvfs("/dev/shm")
     add("/dev/shm", "ok", f"{_fmt_bytes(st.f_bavail * st.f_frsize)} free for regions")
