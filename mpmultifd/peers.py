@@ -2,10 +2,12 @@
 
 Without a key, a peer on the same host is trusted only if it runs as the same
 user. On a Unix socket the kernel says who the peer is (``SO_PEERCRED``). On
-TCP loopback it says it through its socket table: ``/proc/net/tcp`` and
-``/proc/net/tcp6`` list every socket of this network namespace with the uid
-that created it, and the peer's socket is the row whose local address is our
-socket's peer address and whose remote address is our own local address. For
+TCP loopback it says it through its socket table, which lists every socket of
+this network namespace with the uid that created it: the peer's socket is the
+one whose local address is our socket's peer address and whose remote address
+is our own local address. The table is asked through the ``sock_diag`` netlink
+(one exact lookup), or where that is unavailable read from ``/proc/net/tcp``
+and ``/proc/net/tcp6`` (a scan of every socket). For
 a destination that row is the source's connecting socket; for a source it is
 the destination's accepted socket, which carries the uid of the user that
 made the listening socket.
@@ -13,6 +15,7 @@ made the listening socket.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import socket
@@ -97,11 +100,67 @@ def _rows(tables: Iterable[str], port: int) -> Iterator[str]:
         raise PeerUnknown("cannot read the kernel's socket table (" + "; ".join(errors) + ")")
 
 
+_NETLINK_SOCK_DIAG = 4
+_SOCK_DIAG_BY_FAMILY = 20
+_NLMSG_ERROR = 2
+_NLM_F_REQUEST = 1
+_NLMSG = struct.Struct("=IHHII")
+_DIAG_REQ = struct.Struct("=BBBBI")  # family, protocol, extensions, pad, states
+_SYN_RECV_STATES = (3, 12)  # SYN_RECV and NEW_SYN_RECV: a request socket, whose diag uid is not its owner's
+NETLINK = hasattr(socket, "AF_NETLINK")  # the exact lookup; False falls back to scanning PROC_TABLES
+
+
+def _diag_uid(local: Endpoint, remote: Endpoint) -> int:
+    """The socket's uid from the kernel's ``sock_diag`` netlink: one exact lookup by address and ports.
+
+    ``OSError`` when this kernel or sandbox offers no such netlink; :class:`PeerUnknown` when it has
+    no such socket."""
+    v4 = isinstance(local[0], ipaddress.IPv4Address) and isinstance(remote[0], ipaddress.IPv4Address)
+    family = socket.AF_INET if v4 else socket.AF_INET6
+
+    def packed(ip: ipaddress._BaseAddress) -> bytes:
+        raw = ip.packed if v4 or isinstance(ip, ipaddress.IPv6Address) else b"\0" * 10 + b"\xff\xff" + ip.packed
+        return raw + bytes(16 - len(raw))
+
+    sockid = struct.pack("!HH", local[1], remote[1]) + packed(local[0]) + packed(remote[0])
+    sockid += struct.pack("=III", 0, 0xFFFFFFFF, 0xFFFFFFFF)  # any interface, no cookie
+    req = _DIAG_REQ.pack(family, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF) + sockid
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG) as nl:
+        nl.settimeout(5)
+        nl.sendto(_NLMSG.pack(_NLMSG.size + len(req), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST, 1, 0) + req, (0, 0))
+        data = nl.recv(65536)
+    if len(data) < _NLMSG.size + 4:
+        raise OSError(f"sock_diag: a {len(data)}-byte answer")
+    kind = _NLMSG.unpack_from(data)[1]
+    if kind == _NLMSG_ERROR:
+        err = -struct.unpack_from("=i", data, _NLMSG.size)[0]
+        if err == errno.ENOENT:
+            raise PeerUnknown(
+                f"no socket {local[0]}:{local[1]} -> {remote[0]}:{remote[1]} on this host "
+                "(a peer in another network namespace, or one that already left)"
+            )
+        raise OSError(err, f"sock_diag: {os.strerror(err)}")
+    if kind != _SOCK_DIAG_BY_FAMILY or len(data) < _NLMSG.size + 72:
+        raise OSError(f"sock_diag: an answer of type {kind}, {len(data)} bytes")
+    state = data[_NLMSG.size + 1]
+    if state in _SYN_RECV_STATES:
+        raise PeerUnknown(f"the socket {local[0]}:{local[1]} is still being set up")
+    return struct.unpack_from("=I", data, _NLMSG.size + 64)[0]
+
+
 def find_socket_uid(local: Endpoint, remote: Endpoint, tables: Iterable[str] | None = None) -> int:
-    """The uid owning the TCP socket whose local endpoint is ``local`` and remote endpoint ``remote``
-    (looked up in ``tables``, by default :data:`PROC_TABLES`)."""
-    tables = PROC_TABLES if tables is None else tables
+    """The uid owning the TCP socket whose local endpoint is ``local`` and remote endpoint ``remote``.
+
+    Asked of the ``sock_diag`` netlink (an exact lookup) when :data:`NETLINK` is set and ``tables``
+    is not given; without it, or where the netlink is unavailable, the rows of ``tables`` (by
+    default :data:`PROC_TABLES`) are searched."""
     want = (_ip(str(local[0])), int(local[1])), (_ip(str(remote[0])), int(remote[1]))
+    if NETLINK and tables is None:
+        try:
+            return _diag_uid(*want)
+        except OSError:
+            pass  # no sock_diag here (a sandbox, an old kernel): read the tables
+    tables = PROC_TABLES if tables is None else tables
     for line in _rows(tables, want[0][1]):
         try:
             here, there, _state, uid = parse_proc_line(line)

@@ -191,8 +191,10 @@ def test_the_kernel_format_is_what_proc_shows():
     assert ((ipaddress.ip_address("127.0.0.1"), port), (ipaddress.ip_address("0.0.0.0"), 0), 0x0A, os.geteuid()) in rows
 
 
+@pytest.mark.parametrize("netlink", [True, False])
 @pytest.mark.parametrize("host", HOSTS)
-def test_peer_uid_of_a_loopback_connection_is_ours_both_ways(host):
+def test_peer_uid_of_a_loopback_connection_is_ours_both_ways(host, netlink, monkeypatch):
+    monkeypatch.setattr(peers, "NETLINK", netlink)
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as lsock:
         lsock.bind((host, 0))
         lsock.listen()
@@ -204,7 +206,62 @@ def test_peer_uid_of_a_loopback_connection_is_ours_both_ways(host):
                 assert peers.untrusted_peer(a) is None
 
 
+@needs_root
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("host", HOSTS)
+def test_both_lookups_find_another_users_sockets(host, monkeypatch):
+    """sock_diag and /proc/net/tcp agree on the owner of a connecting socket and of an accepted one."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    def connect_and_listen(say) -> str:
+        theirs = socket.socket(family)
+        theirs.bind((host, 0))
+        theirs.listen()
+        theirs.settimeout(20)
+        say(str(theirs.getsockname()[1]))
+        s = socket.create_connection((host, int(os.read(go_r, 16))), timeout=20)  # our listener's port
+        conn, _ = theirs.accept()
+        conn.settimeout(20)
+        conn.recv(1)  # until the parent has looked
+        s.close()
+        return "done"
+
+    go_r, go_w = os.pipe()
+    with socket.socket(family) as ours:
+        ours.bind((host, 0))
+        ours.listen()
+        ours.settimeout(20)
+        child = _Child(NOBODY, connect_and_listen)
+        try:
+            their_port = int(child.line())
+            os.write(go_w, str(ours.getsockname()[1]).encode())
+            with socket.create_connection((host, their_port), timeout=20) as c:
+                a, _ = ours.accept()
+                with a:
+                    for netlink in (True, False):
+                        monkeypatch.setattr(peers, "NETLINK", netlink)
+                        assert peers.peer_uid(a) == (NOBODY, None), netlink  # their connecting socket
+                        assert peers.peer_uid(c) == (NOBODY, None), netlink  # their accepted socket
+                        assert peers.untrusted_peer(c) == f"uid {NOBODY}"
+                c.sendall(b"x")
+        finally:
+            assert child.finish() == "done"
+            os.close(go_r)
+            os.close(go_w)
+
+
+@pytest.mark.parametrize("netlink", [True, False])
+def test_a_socket_that_is_not_there_is_peerunknown(netlink, monkeypatch):
+    monkeypatch.setattr(peers, "NETLINK", netlink)
+    with socket.socket() as s:  # a port nobody is connected from: bound, never connected
+        s.bind(("127.0.0.1", 0))
+        gone = ("127.0.0.1", s.getsockname()[1])
+        with pytest.raises(peers.PeerUnknown, match="no socket"):
+            peers.find_socket_uid((ipaddress.ip_address(gone[0]), gone[1]), (ipaddress.ip_address("127.0.0.1"), 9))
+
+
 def test_an_unknown_owner_is_peerunknown(monkeypatch):
+    monkeypatch.setattr(peers, "NETLINK", False)
     monkeypatch.setattr(peers, "PROC_TABLES", ("/nonexistent/tcp",))
     with socket.socket() as lsock:
         lsock.bind(("127.0.0.1", 0))
@@ -248,6 +305,7 @@ def test_allow_unauthenticated_admits_another_user_on_loopback():
 
 @pytest.mark.timeout(60)
 def test_a_destination_that_cannot_find_the_peers_user_refuses_it(monkeypatch, caplog):
+    monkeypatch.setattr(peers, "NETLINK", False)
     monkeypatch.setattr(peers, "PROC_TABLES", ("/nonexistent/tcp",))
     with GuestRAM.create({"a": 4 * PS}) as ram:
         try:
@@ -321,6 +379,7 @@ def test_allow_unauthenticated_lets_a_source_reach_another_user(regions):
 @pytest.mark.timeout(60)
 def test_a_source_that_cannot_find_the_destinations_user_sends_nothing(regions, monkeypatch):
     src, _ = regions
+    monkeypatch.setattr(peers, "NETLINK", False)
     monkeypatch.setattr(peers, "PROC_TABLES", ("/nonexistent/tcp",))
     err, out = _migrate_to_fake(src, None, _cfg(), REFUSE_HELLO)
     assert isinstance(err, AuthenticationError) and "user is unknown" in str(err), err
