@@ -71,7 +71,8 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tls-ca", default=None, help="CA bundle to check the destination's certificate (source)")
     g.add_argument("--tls-hostname", default=None, help="name the destination's certificate must carry")
     g.add_argument("--tls", action="store_true", help="use TLS with the system CAs (source) when no --tls-ca")
-    g.add_argument("--allow-unauthenticated", action="store_true", help="listen beyond loopback without a key")
+    g.add_argument("--allow-unauthenticated", action="store_true",
+                   help="without a key: listen beyond loopback, admit or send to other users and other hosts")
 
 
 def _tls_context(a: argparse.Namespace, *, server: bool) -> ssl.SSLContext | None:
@@ -383,7 +384,8 @@ def check_configuration(a: argparse.Namespace) -> list[dict[str, Any]]:
             add("zerocopy", "ok", detail, fb)
     if a.auth_key_file is None and a.address is not None and not is_loopback(a.address):
         add("authentication", "warn", "no --auth-key-file for a non-loopback address",
-            "a destination refuses to listen there without a key unless --allow-unauthenticated")
+            "a destination refuses to listen there, and a source to send there, without a key unless "
+            "--allow-unauthenticated")
     # shared memory room
     st = os.statvfs("/dev/shm")
     add("/dev/shm", "ok", f"{_fmt_bytes(st.f_bavail * st.f_frsize)} free for regions")

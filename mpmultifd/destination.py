@@ -7,7 +7,6 @@ import os
 import queue
 import socket
 import ssl
-import struct
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +33,7 @@ from .methods import get_method
 from .ram import GuestRAM, file_data_extents
 from .pool import WorkerPool
 from .admission import DropLog, PendingHandshakes
+from .peers import untrusted_peer
 from .source import (
     mp_context,
     nudge_worker,
@@ -473,7 +473,7 @@ class Destination:
                     raise AuthenticationError("no proof of the key was presented")
                 if stranger is not None:
                     self._refuse(sock, auth.REFUSE_PEER_USER)
-                    raise AuthenticationError(f"a keyless peer of another user ({stranger}) on the Unix socket")
+                    raise AuthenticationError(f"a keyless local peer not of this user: {stranger}")
                 welcome = auth.encode_welcome()
             cut = self._pending.leave(token)  # admitted: no longer counted, never cut off from now on
             if cut is not None:
@@ -502,16 +502,13 @@ class Destination:
             self._pending.leave(token)
 
     def _stranger(self, sock: socket.socket) -> str | None:
-        """Without a key, a Unix socket peer of another user is not trusted (``SO_PEERCRED``):
-        returns who it is, or None for a peer of our own uid (or with ``allow_unauthenticated``)."""
-        if sock.family != socket.AF_UNIX or self.config.allow_unauthenticated or not hasattr(socket, "SO_PEERCRED"):
+        """Without a key, a local peer of another user is not trusted: ``SO_PEERCRED`` on a Unix
+        socket, the kernel's socket table on TCP loopback. Returns who it is (or why that is
+        unknown, which is refused too), or None for a peer of our own uid (or with
+        ``allow_unauthenticated``)."""
+        if self.config.allow_unauthenticated:
             return None
-        try:
-            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        except OSError as e:
-            return f"credentials unknown: {e}"
-        pid, uid, _ = struct.unpack("3i", creds)
-        return None if uid == os.geteuid() else f"uid {uid}, pid {pid}"
+        return untrusted_peer(sock)
 
     @staticmethod
     def _refuse(sock: socket.socket, reason: int) -> None:

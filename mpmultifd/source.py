@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import logging
 import mmap
 import multiprocessing
@@ -49,7 +50,8 @@ from .pool import WorkerPool
 from .savefile import STATE_OFFSET, SaveLayout, SaveState, encode_state, pack_bitmap, pack_digests
 from .stats import DirtyRateEstimate, EventHub, MigrationResult, SaveResult
 from .tracking import DirtyTracker, ScanningTracker, make_tracker
-from .transport import Address, connect, is_loopback, parse_address, recv_exact
+from .peers import untrusted_peer
+from .transport import Address, connect, format_address, is_loopback, parse_address, recv_exact
 from .wire import (
     CONTROL_CHANNEL,
     MAX_CONTROL_BODY,
@@ -1192,6 +1194,9 @@ class Source:
         what = {KIND_CONTROL: "control connection", KIND_STREAM: "stream connection"}.get(
             hello.kind, f"data channel {hello.channel}"
         )
+        vouch = key is None and not cfg.allow_unauthenticated and not _tls_verifies(cfg.tls)
+        if vouch:
+            _keyless_address_check(address, what)  # before connecting: a remote address is refused outright
         sock = connect(address, cfg.timeout)
         self._opening = sock
         try:
@@ -1205,6 +1210,8 @@ class Source:
                 raise _AdmissionDropped(
                     ChannelClosed(f"{what}: the destination closed the connection before greeting")
                 ) from None
+            if vouch:
+                _keyless_peer_check(sock, address, what)  # nothing but the connection itself sent yet
             if greeting.auth_required and key is None:
                 raise AuthenticationError(
                     f"{what}: the destination requires an auth key; set MigrationConfig(auth_key=...)"
@@ -2150,3 +2157,48 @@ class Source:
             )
         return out
 
+
+_KEYLESS_HINT = (
+    "set MigrationConfig(auth_key=...) on both ends, use TLS that checks the destination's certificate, "
+    "or opt out with allow_unauthenticated=True"
+)
+
+
+def _tls_verifies(ctx: Any) -> bool:
+    """A TLS context that checks the destination's certificate authenticates it without a key."""
+    return ctx is not None and ctx.verify_mode == ssl.CERT_REQUIRED
+
+
+def _keyless_address_check(address: Address, what: str) -> None:
+    """Without a key, pages go only to this host: a literal non-loopback IP is refused before connecting."""
+    family, addr = parse_address(address)
+    if family == socket.AF_UNIX or is_loopback(address):
+        return
+    try:
+        ipaddress.ip_address(addr[0].split("%", 1)[0])
+    except ValueError:
+        return  # a host name: the address it resolves to is checked once connected
+    raise AuthenticationError(
+        f"{what}: refusing to send pages without a key to {format_address(address)}, a destination that "
+        f"cannot be authenticated; {_KEYLESS_HINT}"
+    )
+
+
+def _keyless_peer_check(sock: socket.socket, address: Address, what: str) -> None:
+    """Without a key, the destination must be on this host (loopback or a Unix socket) and run as our user."""
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        host = sock.getpeername()[0]
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+        ip = getattr(ip, "ipv4_mapped", None) or ip
+        if not ip.is_loopback:
+            raise AuthenticationError(
+                f"{what}: refusing to send pages without a key to {format_address(address)} ({host}), "
+                f"a destination that cannot be authenticated; {_KEYLESS_HINT}"
+            )
+    stranger = untrusted_peer(sock)
+    if stranger is not None:
+        raise AuthenticationError(
+            f"{what}: the destination at {format_address(address)} is not run by this user "
+            f"(uid {os.geteuid()}): {stranger}; without a key, pages go only to a local destination of "
+            f"the same user; {_KEYLESS_HINT}"
+        )
