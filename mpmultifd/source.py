@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from . import auth
+from . import _mp, auth
 from .config import MigrationConfig
 from ._shm import Segment, unique_name
 from .digest import fingerprint_pages, fingerprint_some
@@ -77,27 +77,6 @@ __all__ = ["Source"]
 log = logging.getLogger("mpmultifd.source")
 
 _JOIN_GRACE = 2.0
-
-
-def _forget_foreign_forkserver() -> None:
-    """Drop forkserver state that names a server this process did not start.
-
-    A process that was itself started through a forkserver can carry its
-    parent's server pid; ``ensure_running`` then fails with ChildProcessError
-    on ``waitpid``. That server is not ours to use: start our own.
-    """
-    from multiprocessing import forkserver
-
-    fs = forkserver._forkserver
-    pid = getattr(fs, "_forkserver_pid", None)
-    if pid is None:
-        return
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        fs._forkserver_pid = None
-        fs._forkserver_address = None
-        fs._forkserver_alive_fd = None
 
 
 _START_LOCK = threading.Lock()
@@ -213,12 +192,9 @@ def worker_start_method(config: MigrationConfig) -> str:
 
 
 def mp_context(method: str) -> multiprocessing.context.BaseContext:
-    """The multiprocessing context for workers; forkserver preloads numpy and the worker module."""
-    ctx = multiprocessing.get_context(method)
-    if method == "forkserver":
-        _forget_foreign_forkserver()
-        ctx.set_forkserver_preload(["numpy", "mpmultifd.worker", "mpmultifd.file_worker"])
-    return ctx
+    """The multiprocessing context for workers: their children never run the caller's ``__main__``,
+    and forkserver ones come from a server of ours that preloads numpy and the worker modules."""
+    return _mp.context(method)
 
 
 def _compression_stats(per_channel: list[dict[str, int]]) -> dict[str, Any]:
