@@ -190,8 +190,11 @@ def _receiving_region(a: argparse.Namespace) -> Iterator[GuestRAM]:
         yield ram
     finally:
         ram.close()
-        if ram.owner and not a.keep:
-            ram.unlink()
+        if ram.owner:
+            if a.keep:
+                ram.keep()  # outlives this process: the resource tracker must not remove it at exit
+            else:
+                ram.unlink()
 
 
 def _await_migration(a: argparse.Namespace, dst: Destination, ram: GuestRAM, doing: str) -> int:
