@@ -167,6 +167,40 @@ def _guest_cmd_args(p: argparse.ArgumentParser, *, pause_help: str, resume_help:
     g.add_argument("--resume-cmd", default=None, metavar="CMD", help=resume_help)
 
 
+def _metrics_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("metrics (pip install 'mpmultifd[prometheus]')")
+    g.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="serve Prometheus metrics at http://ADDRESS:PORT/metrics while running (0: any free port)")
+    g.add_argument("--metrics-address", default="127.0.0.1", metavar="ADDRESS",
+                   help="address for --metrics-port (default 127.0.0.1)")
+
+
+@contextlib.contextmanager
+def _metrics(a: argparse.Namespace, job: Any) -> Iterator[None]:
+    """With --metrics-port, ``job``'s query() as Prometheus metrics while the block runs."""
+    if getattr(a, "metrics_port", None) is None:
+        yield
+        return
+    try:
+        from .metrics import MigrationCollector, serve_metrics
+    except ImportError:
+        raise ConfigError("--metrics-port: needs prometheus_client (pip install 'mpmultifd[prometheus]')") from None
+    collector = MigrationCollector()
+    collector.add(job)
+    try:
+        server = serve_metrics((a.metrics_address, a.metrics_port), collector)
+    except OSError as e:
+        raise ConfigError(f"--metrics-port {a.metrics_port}: {e.strerror or e}") from None
+    host, port = server.address
+    _emit(a, {"event": "metrics", "address": f"{host}:{port}"})
+    if not a.json:
+        print(f"metrics at http://{host}:{port}/metrics", file=sys.stderr, flush=True)
+    try:
+        yield
+    finally:
+        server.close()
+
+
 def _progress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--progress", dest="progress", action="store_true", default=None,
                    help="show progress (default: when stderr is a terminal)")
@@ -513,7 +547,7 @@ def cmd_recv(a: argparse.Namespace) -> int:
     """Listen and receive one migration into a region."""
     cfg = _config(a, server=True)
     _check_listen(a, cfg)
-    with _receiving_region(a) as ram, _destination(ram, a.listen, cfg) as dst:
+    with _receiving_region(a) as ram, _destination(ram, a.listen, cfg) as dst, _metrics(a, dst):
         return _await_migration(a, dst, ram, f"receiving into region {ram.name}")
 
 
@@ -590,7 +624,8 @@ def _cli_source(a: argparse.Namespace) -> Iterator[Source]:
     # with --json, every status change and round is a line of its own as it happens
     on_event = (lambda ev: print(json.dumps(ev), flush=True)) if a.json else None
     try:
-        with Source(ram, cfg, on_event=on_event) as src, _control.cancels(src, getattr(a, "max_time", None)):
+        with Source(ram, cfg, on_event=on_event) as src, _control.cancels(src, getattr(a, "max_time", None)), \
+                _metrics(a, src):
             yield src
     finally:
         _release_region(ram)
@@ -955,6 +990,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--keep", action="store_true", help="leave the region in /dev/shm after exit (for --create)")
     r.add_argument("--json", action="store_true", help="one JSON object per line: listening, then the result")
     _deadline_arg(r)
+    _metrics_args(r)
     g = r.add_argument_group("receiving")
     g.add_argument("--channels", type=int, default=_DEFAULTS.channels,
                    help="worker processes to expect (the source's --channels decides; default "
@@ -971,6 +1007,7 @@ def build_parser() -> argparse.ArgumentParser:
     _progress_args(s)
     s.add_argument("--json", action="store_true", help="one JSON line per event, then the result with the final query")
     _deadline_arg(s)
+    _metrics_args(s)
     _tuning_args(s)
     _connection_args(s, server=False, client=True)
     s.set_defaults(func=cmd_send)
@@ -989,6 +1026,7 @@ def build_parser() -> argparse.ArgumentParser:
     _progress_args(sv)
     sv.add_argument("--json", action="store_true", help="print events and the result as JSON lines")
     _deadline_arg(sv)
+    _metrics_args(sv)
     _tuning_args(sv)
     _connection_args(sv, server=False, client=True)
     sv.set_defaults(func=cmd_save)
