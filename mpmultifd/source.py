@@ -782,6 +782,9 @@ class Source:
         }
         if self._downtime is not None:
             info["downtime"] = int(self._downtime * 1000)
+        eta = self._expected_remaining(normal + duplicate, elapsed_active)
+        if eta is not None:
+            info["expected-remaining"] = int(eta * 1000)
         if self._error is not None:
             info["error-desc"] = str(self._error)
         return info
@@ -841,6 +844,16 @@ class Source:
         self._sync_seconds = 0.0
         self._pages_pushed = 0
         self._stall_reason: str | None = None
+
+    def _expected_remaining(self, pages_sent: int, elapsed: float) -> float | None:
+        """Seconds until the end at the pace pages have gone so far: the pages still to send, then
+        the switchover's expected downtime; None before the first page or once it ended otherwise."""
+        if self._status == "completed":
+            return 0.0
+        if self._status not in ("active", "device") or pages_sent == 0:
+            return None
+        left = self._remaining_pages if self._round > 0 else max(self.ram.total_pages - pages_sent, 0)
+        return left * elapsed / pages_sent + self._expected_downtime
 
     def _progress(self, pages_sent: int) -> float:
         """Percent done that never runs backwards, even while the guest re-dirties pages.
