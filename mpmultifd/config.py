@@ -60,8 +60,13 @@ class MigrationConfig:
             (QEMU's auto-converge): first step, each further step, and the cap.
         throttle_trigger_threshold: throttle when a round's dirtied bytes exceed
             this percentage of the bytes it sent, twice in a row (QEMU's rule).
-        verify: compare per-page fingerprints of every block at switchover; a
-            mismatch fails the migration and names the pages.
+        verify: compare per-page fingerprints of every block at switchover. Pages
+            that differ are sent again while the guest is still paused and checked
+            again (``repair_passes``); only a repair that does not converge fails the
+            migration, naming the pages.
+        repair_passes: on the destination, how many times pages that differ at
+            switchover may be resent and checked again before the migration fails
+            with VerificationError (0: fail at the first difference).
         auth_key: shared secret (bytes, at least 16) that every connection, control
             and data, must prove it knows (HMAC-SHA256 challenge-response bound to
             the session and the channel). Both ends must have the same key.
@@ -104,6 +109,7 @@ class MigrationConfig:
     max_cpu_throttle: int = 99
     throttle_trigger_threshold: int = 50
     verify: bool = True
+    repair_passes: int = 3
     auth_key: bytes | None = field(default=None, repr=False)
     tls: Any = None
     tls_hostname: str | None = None
@@ -163,6 +169,8 @@ class MigrationConfig:
             raise bad("throttle_trigger_threshold", f"{self.throttle_trigger_threshold!r} is not a whole percentage in 1..100")
         if not isinstance(self.verify, bool):
             raise bad("verify", f"{self.verify!r} is not True or False")
+        if not _is_int(self.repair_passes) or not 0 <= self.repair_passes <= 16:
+            raise bad("repair_passes", f"{self.repair_passes!r} is not a whole number in 0..16")
         if self.auth_key is not None:
             if not isinstance(self.auth_key, (bytes, bytearray)):
                 raise bad("auth_key", "must be bytes (read a key file in binary mode)")

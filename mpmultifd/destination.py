@@ -9,14 +9,15 @@ import socket
 import ssl
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import wait as mp_wait
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from ._shm import Segment, unique_name
 from .config import MigrationConfig
-from .digest import fingerprint_some
+from .pageprint import fingerprint_extents, fingerprint_rows, key_from_seed, session_seed
 from .errors import (
     AuthenticationError,
     ChannelBroken,
@@ -31,7 +32,15 @@ from .errors import (
 from .methods import get_method
 from .ram import GuestRAM, file_data_extents
 from .pool import WorkerPool
-from .source import mp_context, nudge_worker, read_available, reap_workers, start_worker, worker_start_method
+from .source import (
+    mp_context,
+    nudge_worker,
+    read_available,
+    reap_workers,
+    start_worker,
+    verify_threads,
+    worker_start_method,
+)
 from .stats import MigrationResult, RestoreResult
 from . import auth
 from .transport import Address, format_address, is_loopback, recv_exact, tune_accepted
@@ -40,12 +49,18 @@ from .wire import (
     HELLO_FLAG_AUTH,
     HELLO_SIZE,
     KIND_CONTROL,
+    KIND_STREAM,
+    MAX_REPAIR_PAGES,
     Cancel,
     Commit,
+    CommitAck,
     Complete,
     Config,
     ControlDecoder,
     ErrorMessage,
+    Repair,
+    RepairDone,
+    RepairPages,
     Result,
     Resume,
     RoundAck,
@@ -73,6 +88,26 @@ log = logging.getLogger("mpmultifd.destination")
 _MAX_PENDING_HANDSHAKES = 64
 _JOIN_GRACE = 2.0
 _MAX_MISMATCHES_REPORTED = 32
+
+
+def _split_runs(runs: list[tuple[int, int]], nparts: int) -> list[list[tuple[int, int]]]:
+    """Cut page ranges into at most ``nparts`` lists holding about as many pages each."""
+    total = sum(e - f for f, e in runs)
+    if total == 0:
+        return []
+    per = -(-total // max(nparts, 1))
+    parts: list[list[tuple[int, int]]] = [[]]
+    room = per
+    for f, e in runs:
+        while f < e:
+            if room == 0:
+                parts.append([])
+                room = per
+            take = min(e - f, room)
+            parts[-1].append((f, f + take))
+            f += take
+            room -= take
+    return parts
 
 
 def _allocated_pages(path: str, npages: int, page_size: int, out: np.ndarray) -> None:
@@ -120,6 +155,17 @@ class Destination:
     (``query()["prepared-receivers"]``). Each prepared worker spends about
     0.3 s of CPU per GiB of region before the migration, and keeps 2 MiB of
     page tables per GiB until it ends; :meth:`wait_prepared` waits for them.
+
+    ``on_stream(sock)`` receives every stream connection the source opens
+    during the session (``Source.migrate(..., before_commit=...)``), admitted
+    like the channels (auth key, TLS), each in a thread of its own; the
+    handler owns the socket. While one runs, the destination keeps waiting for
+    COMMIT. Without a handler, stream connections are refused.
+
+    The region is the destination's from the moment COMMIT arrives: ``wait()``
+    then returns the result and neither ``cancel()`` nor ``close()`` can undo
+    it; COMMIT is acknowledged only after that, so a source that saw the
+    acknowledgement knows the destination owns the region.
     """
 
     def __init__(
@@ -131,6 +177,7 @@ class Destination:
         pool: WorkerPool | None = None,
         prefault: bool = False,
         prepare_receivers: bool = False,
+        on_stream: Callable[[socket.socket], Any] | None = None,
     ) -> None:
         self.ram = ram
         self.config = config if config is not None else MigrationConfig()
@@ -180,6 +227,11 @@ class Destination:
         self._broken: dict[int, float] = {}  # channel -> deadline for its reconnection
         self._connected: set[int] = set()
         self._control_bytes = 0
+        self._on_stream = on_stream
+        self._streams: list[tuple[threading.Thread, socket.socket]] = []
+        self._committed = False
+        self._repaired_pages = 0
+        self._repair_passes = 0
         # prefault: allocate the region's memory now, while no migration needs the CPU;
         # the holes found first still count as known-zero pages
         self._holes_before: list[np.ndarray] | None = None
@@ -236,6 +288,8 @@ class Destination:
 
     def cancel(self) -> None:
         """Stop receiving; idempotent, safe from any thread or a signal handler."""
+        if self._committed:
+            return  # the region is ours: nothing left to cancel
         self._cancel_requested = True
         if self._status in ("setup", "active", "device"):
             self._status = "cancelling"
@@ -285,6 +339,8 @@ class Destination:
                 "page-size": self.ram.page_size,
             },
             "rounds": self._rounds,
+            "repaired-pages": self._repaired_pages,
+            "repair-passes": self._repair_passes,
             "prepared-receivers": self._warm_used,
             "rejected-connections": self._rejected,
             "authentication-failures": self._auth_failures,
@@ -310,6 +366,8 @@ class Destination:
                 pass
         self._acceptor.join(2.0)
         self._drop_unclaimed()
+        for thread, _ in self._streams:
+            thread.join(_JOIN_GRACE)
         for fd in (self._wake_r, self._wake_w):
             try:
                 os.close(fd)
@@ -698,31 +756,22 @@ class Destination:
     ) -> None:
         verified: bool | None = None
         if c.verify:
-            mismatches: dict[str, list[int]] = {}
-            for b in self.ram.blocks:
-                # holes in the backing file are zero by the kernel's word; reading them
-                # through the mapping would allocate them, so only data pages are read
-                allocated = np.empty(b.npages, dtype=np.uint8)
-                _allocated_pages(b.path, b.npages, b.page_size, allocated)
-                mine = fingerprint_some(self.ram.pages(b.index), np.flatnonzero(allocated))
-                bad = np.flatnonzero(mine != verify[b.index])
-                if len(bad):
-                    mismatches[b.name] = bad[:_MAX_MISMATCHES_REPORTED].tolist()
-            if mismatches:
-                text = "; ".join(f"{k}: pages {v}" for k, v in mismatches.items())
-                self._send(Result(False, False, f"pages differ after migration: {text}", mismatches))
-                raise VerificationError(f"pages differ after migration: {text}", mismatches=mismatches)
+            self._verify_and_repair(c, verify, decoder)
             verified = True
         self._send(Result(True, verified, None, {}))
         # the region is ours only once the source commits (it then will not resume
-        # its copy); a CANCEL, an error or silence leaves it invalid
+        # its copy); a CANCEL, an error or silence leaves it invalid. A stream the
+        # source opened before committing (a VM's device state) may take its time.
         deadline = time.monotonic() + self.config.timeout
         while True:
             msg = decoder.next_message()
             if msg is None:
                 if time.monotonic() > deadline:
-                    raise ChannelBroken("the source did not commit the migration")
+                    if not self._streams_running():
+                        raise ChannelBroken("the source did not commit the migration")
+                    deadline = time.monotonic() + self.config.timeout
                 self._wait([], self._control, 0.5)
+                self._take_incoming(accept_data=False)
                 self._read(self._control, decoder)
                 continue
             if isinstance(msg, Commit):
@@ -732,6 +781,8 @@ class Destination:
             if isinstance(msg, ErrorMessage):
                 raise MigrationError(f"source failed: {msg.message}")
             raise RemoteProtocolError(f"expected COMMIT, got {type(msg).__name__}", field="type")
+        # from here on nothing undoes the migration: not a cancel, not a lost connection
+        self._committed = True
         self._valid = True
         self._t_end = time.monotonic()
         per = self._counters()
@@ -749,7 +800,130 @@ class Destination:
             channels=c.channels,
             method=c.method,
             per_channel=tuple(per),
+            repaired_pages=self._repaired_pages,
+            repair_passes=self._repair_passes,
         )
+        try:
+            self._send(CommitAck())
+        except MigrationError as e:
+            # the source will report that it does not know who owns the region; we do
+            log.warning("COMMIT_ACK could not be sent (%s); the region is this destination's all the same", e)
+
+    def _verify_and_repair(self, c: Config, verify: dict[int, np.ndarray], decoder: ControlDecoder) -> None:
+        """Compare every page with the source's fingerprints; have differing pages resent and check them again."""
+        ram = self.ram
+        ps = ram.page_size
+        key = key_from_seed(session_seed(self.config.auth_key, c.session_id, 0), ps)
+        mine = self._fingerprint_held(key, c.channels)
+        bad = {b.index: np.flatnonzero(mine[b.index] != verify[b.index]) for b in ram.blocks}
+        bad = {i: p for i, p in bad.items() if len(p)}
+        attempt = 0
+        while bad:
+            total = sum(len(p) for p in bad.values())
+            if attempt >= self.config.repair_passes or total > MAX_REPAIR_PAGES:
+                mismatches = {ram.blocks[i].name: p[:_MAX_MISMATCHES_REPORTED].tolist() for i, p in bad.items()}
+                text = "; ".join(f"{k}: pages {v}" for k, v in mismatches.items())
+                why = (
+                    f"after {attempt} repair passes"
+                    if attempt
+                    else ("too many to repair" if total > MAX_REPAIR_PAGES else "repair is off (repair_passes=0)")
+                )
+                message = f"pages differ after migration ({total} pages, {why}): {text}"
+                self._send(Result(False, False, message, mismatches))
+                raise VerificationError(message, mismatches=mismatches)
+            attempt += 1
+            self._repair_passes = attempt
+            log.warning("%d pages differ at switchover; asking the source for them (repair pass %d)", total, attempt)
+            self._send(Repair(attempt, tuple(sorted(bad.items()))))
+            bad = self._receive_repair(c, attempt, bad, decoder)
+            self._repaired_pages += total
+
+    def _receive_repair(
+        self, c: Config, attempt: int, asked: dict[int, np.ndarray], decoder: ControlDecoder
+    ) -> dict[int, np.ndarray]:
+        """Write the resent pages; returns those whose bytes still do not match their fingerprints."""
+        ram = self.ram
+        ps = ram.page_size
+        key = key_from_seed(session_seed(self.config.auth_key, c.session_id, attempt), ps)
+        outstanding = {i: np.zeros(ram.blocks[i].npages, dtype=bool) for i in asked}
+        for i, pages in asked.items():
+            outstanding[i][pages] = True
+        still: dict[int, list[np.ndarray]] = {}
+        got = 0
+        while True:
+            msg = self._next_message(decoder, time.monotonic() + self.config.timeout, "the resent pages")
+            if isinstance(msg, RepairPages):
+                n = len(msg.pages)
+                if msg.attempt != attempt:
+                    raise RemoteProtocolError(f"REPAIR_PAGES for pass {msg.attempt} during pass {attempt}", field="attempt")
+                if msg.block not in outstanding or len(msg.data) != n * ps:
+                    raise RemoteProtocolError(f"REPAIR_PAGES for block {msg.block} with {len(msg.data)} bytes", field="block")
+                todo = outstanding[msg.block]
+                if int(msg.pages.max()) >= len(todo) or not todo[msg.pages].all():
+                    raise RemoteProtocolError("REPAIR_PAGES carries pages that were not asked for", field="pages")
+                todo[msg.pages] = False
+                grid = ram.pages(msg.block)
+                grid[msg.pages] = np.frombuffer(msg.data, dtype=np.uint8).reshape(n, ps)
+                held = np.empty(n, dtype=np.uint64)
+                fingerprint_rows(grid[msg.pages], key, held)  # what the region holds now, read back
+                wrong = msg.pages[held != msg.fingerprints]
+                if len(wrong):
+                    still.setdefault(msg.block, []).append(wrong)
+                got += n
+            elif isinstance(msg, RepairDone):
+                if msg.attempt != attempt or msg.pages != got or any(t.any() for t in outstanding.values()):
+                    raise RemoteProtocolError(
+                        f"REPAIR_DONE after {got} pages; pass {attempt} asked for "
+                        f"{sum(len(p) for p in asked.values())}",
+                        field="pages",
+                    )
+                return {i: np.unique(np.concatenate(p)) for i, p in still.items()}
+            elif isinstance(msg, Cancel):
+                raise MigrationCancelled("the source cancelled the migration during repair")
+            elif isinstance(msg, ErrorMessage):
+                raise MigrationError(f"source failed: {msg.message}")
+            else:
+                raise RemoteProtocolError(f"expected REPAIR_PAGES, got {type(msg).__name__}", field="type")
+
+    def _fingerprint_held(self, key: np.ndarray, channels: int) -> list[np.ndarray]:
+        """Fingerprints of every page this region holds, reading only pages with data, in threads."""
+        ram = self.ram
+        out = [np.zeros(b.npages, dtype=np.uint64) for b in ram.blocks]
+        jobs: list[tuple[int, list[tuple[int, int]]]] = []
+        threads = verify_threads(channels)
+        for b in ram.blocks:
+            # holes in the backing file are zero by the kernel's word; reading them
+            # through the mapping would allocate them, so only data pages are read
+            runs = file_data_extents(b.path, b.npages, b.page_size)
+            jobs += [(b.index, part) for part in _split_runs(runs, threads)]
+
+        def run(job: tuple[int, list[tuple[int, int]]]) -> None:
+            block, part = job
+            fingerprint_extents(ram.pages(block), part, key, out[block])
+
+        if threads == 1 or len(jobs) <= 1:
+            for job in jobs:
+                run(job)
+        else:
+            with ThreadPoolExecutor(threads, thread_name_prefix="mpmultifd-verify") as ex:
+                list(ex.map(run, jobs))
+        return out
+
+    def _streams_running(self) -> bool:
+        return any(t.is_alive() for t, _ in self._streams)
+
+    def _serve_stream(self, sock: socket.socket) -> None:
+        handler = self._on_stream
+        try:
+            if handler is not None:
+                handler(sock)
+        except Exception:
+            log.exception("the stream handler failed")
+        finally:
+            try:
+                sock.close()
+            except OSError:
+                pass
 
     # ------------------------------------------------------------------ events
 
@@ -769,8 +943,21 @@ class Destination:
                     self._control_hello = hello
                     continue
                 reason = "a control connection already exists"
-            elif not accept_data or s is None:
+            elif hello.kind == KIND_STREAM:
+                if self._on_stream is None:
+                    reason = "a stream connection, but this destination has no on_stream handler"
+                elif s is None or hello.session_id != s.session_id or self._committed:
+                    reason = "a stream connection outside this session"
+                else:
+                    sock.setblocking(True)
+                    t = threading.Thread(target=self._serve_stream, args=(sock,), name="mpmultifd-stream", daemon=True)
+                    self._streams.append((t, sock))
+                    t.start()
+                    continue
+            elif s is None:
                 reason = "data channel before the session was configured"
+            elif not accept_data:
+                reason = "data channel after the final round"
             elif hello.session_id != s.session_id:
                 reason = f"session {hello.session_id.hex()} is not this session"
             elif hello.nchannels != s.channels or hello.channel >= s.channels:
@@ -914,7 +1101,7 @@ class Destination:
         self._control_bytes += len(data)
         decoder.feed(data)
 
-    def _next_message(self, decoder: ControlDecoder, deadline: float) -> Any:
+    def _next_message(self, decoder: ControlDecoder, deadline: float, what: str = "the source's configuration") -> Any:
         assert self._control is not None
         while True:
             msg = decoder.next_message()
@@ -922,7 +1109,7 @@ class Destination:
                 return msg
             left = deadline - time.monotonic()
             if left <= 0:
-                raise ChannelBroken("timed out waiting for the source's configuration")
+                raise ChannelBroken(f"timed out waiting for {what}")
             self._wait([], self._control, min(left, 1.0))
             self._read(self._control, decoder)
 
@@ -954,6 +1141,10 @@ class Destination:
     # ------------------------------------------------------------------ teardown
 
     def _finish(self, error: BaseException | None) -> None:
+        if error is not None and self._committed:
+            # after COMMIT the region is ours whatever failed since (say, the acknowledgement)
+            log.warning("after the commit: %s", error)
+            error = None
         if error is not None:
             if isinstance(error, MigrationCancelled):
                 err: MigrationError = error
@@ -991,6 +1182,12 @@ class Destination:
         if self._control is not None:
             self._control.close()
             self._control = None
+        if error is not None:
+            for _, sock in self._streams:  # wake handlers blocked on a stream of a failed session
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
         for seg in (self._received, self._stats):
             if seg is not None:
                 seg.close()

@@ -18,6 +18,8 @@ so an agent can catch one name. The branches say who is at fault:
   carries it and nothing made it converge (dirty rate against bandwidth).
 - :class:`TrackingUnavailable`: the dirty tracker asked for cannot run here.
 - :class:`SaveFileError`: a save file is incomplete, truncated or corrupted.
+- :class:`CommitUnknown`: the connection broke after COMMIT was sent and
+  before the destination acknowledged it; either side may own the region.
 - :class:`MigrationCancelled`: someone called ``cancel()``.
 - :class:`RingError`: a shared-memory ring was closed or timed out.
 """
@@ -35,6 +37,7 @@ __all__ = [
     "ChannelBroken",
     "AuthenticationError",
     "VerificationError",
+    "CommitUnknown",
     "MigrationCancelled",
     "ConvergenceError",
     "TrackingUnavailable",
@@ -158,6 +161,17 @@ class SaveFileError(MigrationError):
         super().__init__(message)
         self.field = field
         self.path = path
+
+
+class CommitUnknown(MigrationError):
+    """COMMIT went out but its acknowledgement never came back: who owns the region is unknown here.
+
+    The destination may have taken the region (it owns it from the moment it
+    reads COMMIT) or may never have seen COMMIT. The source therefore does not
+    call ``resume()``: the guest stays paused until the agent learns which side
+    owns it (``Destination.valid`` / its agent, as libvirt's confirm phase
+    does) and either starts the destination's copy or resumes this one.
+    """
 
 
 class MigrationCancelled(MigrationError):

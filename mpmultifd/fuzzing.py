@@ -1229,7 +1229,8 @@ def _replay(cap: Capture, streams: Streams, *, settle: float, dst_timeout: float
         before = [ram.view(b.index).copy() for b in ram.blocks]
         paths = [b.path for b in ram.blocks]
         sizes = [os.stat(p).st_size for p in paths]
-        cfg = MigrationConfig(start_method="fork", timeout=dst_timeout)
+        # a replay cannot answer a repair request: a page that differs must fail verification
+        cfg = MigrationConfig(start_method="fork", timeout=dst_timeout, repair_passes=0)
         err: BaseException | None = None
         result: Any = None
         admitted = False

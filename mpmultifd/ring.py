@@ -57,6 +57,7 @@ __all__ = [
     "KIND_SYNC",
     "KIND_EOS",
     "KIND_STOP",
+    "KIND_SCAN",
     "MODES",
     "Batch",
     "Ring",
@@ -66,6 +67,8 @@ KIND_DATA = 0  # a batch of page indices to send
 KIND_SYNC = 1  # end of a round: send a SYNC packet
 KIND_EOS = 2  # end of stream: send the final SYNC+EOS packet and exit
 KIND_STOP = 3  # stop now without sending anything (cancel)
+KIND_SCAN = 4  # fingerprint page ranges (pairs first, end in the page words) into shared memory
+_LAST_KIND = KIND_SCAN
 
 MODES = ("auto", "eventidx", "credit")
 
@@ -293,7 +296,7 @@ class Ring:
 
     def _check_batch(self, kind: int, pages: Any) -> tuple[np.ndarray | None, int]:
         # the full argument checks, off the hot path
-        if isinstance(kind, bool) or not isinstance(kind, (int, np.integer)) or not 0 <= kind <= KIND_STOP:
+        if isinstance(kind, bool) or not isinstance(kind, (int, np.integer)) or not 0 <= kind <= _LAST_KIND:
             raise ConfigError(f"unknown batch kind {kind!r}")
         if pages is None:
             return None, 0
@@ -373,7 +376,7 @@ class Ring:
             and pages.dtype is _U64
             and pages.ndim == 1
             and kind.__class__ is int
-            and 0 <= kind <= KIND_STOP
+            and 0 <= kind <= _LAST_KIND
         ):
             n = len(pages)
             if n > self.capacity:

@@ -29,6 +29,7 @@ from .errors import (
     ChannelBroken,
     ChannelError,
     ChannelClosed,
+    CommitUnknown,
     ConfigError,
     ConvergenceError,
     MigrationCancelled,
@@ -40,28 +41,35 @@ from .errors import (
     WorkerDied,
 )
 from .methods import get_method
+from .pageprint import fingerprint_extents, fingerprint_rows, key_from_seed, session_seed
 from .pacing import AutoConverge, BandwidthWindow, StallDetector, TokenBucket, rounds_to_converge
 from .ram import GuestRAM
-from .ring import KIND_DATA, KIND_EOS, KIND_STOP, KIND_SYNC, Ring
+from .ring import KIND_DATA, KIND_EOS, KIND_SCAN, KIND_STOP, KIND_SYNC, Ring
 from .pool import WorkerPool
 from .savefile import STATE_OFFSET, SaveLayout, SaveState, encode_state, pack_bitmap, pack_digests
 from .stats import DirtyRateEstimate, EventHub, MigrationResult, SaveResult
-from .tracking import DirtyTracker, make_tracker
+from .tracking import DirtyTracker, ScanningTracker, make_tracker
 from .transport import Address, connect, is_loopback, parse_address, recv_exact
 from .wire import (
     CONTROL_CHANNEL,
     HELLO_FLAG_AUTH,
     KIND_CONTROL,
     KIND_DATA as HELLO_DATA,
+    KIND_STREAM,
+    REPAIR_CHUNK_PAGES,
     BlockSpec,
     Cancel,
     Commit,
+    CommitAck,
     Complete,
     Config,
     ConfigAck,
     ControlDecoder,
     ErrorMessage,
     Hello,
+    Repair,
+    RepairDone,
+    RepairPages,
     Result,
     Resume,
     RoundAck,
@@ -70,13 +78,25 @@ from .wire import (
     encode_control,
     encode_hello,
 )
-from .worker import C_NORMAL, C_WIRE_BYTES, C_ZERO, COUNTERS, WorkerSpec, error_from_report, forward_log, sender_main
+from .worker import (
+    C_NORMAL,
+    C_WIRE_BYTES,
+    C_ZERO,
+    COUNTERS,
+    PageRecords,
+    WorkerSpec,
+    error_from_report,
+    forward_log,
+    sender_main,
+)
 
 __all__ = ["Source"]
 
 log = logging.getLogger("mpmultifd.source")
 
 _JOIN_GRACE = 2.0
+# round trips and wake-ups of a switchover (EOS, RESULT, COMMIT and its acknowledgement)
+_SWITCH_LATENCY = 0.01
 
 
 _START_LOCK = threading.Lock()
@@ -152,16 +172,47 @@ _FINGERPRINT_COST: dict[int, float] = {}
 
 
 def _fingerprint_seconds_per_page(page_size: int) -> float:
-    """What fingerprinting one page costs on this machine, timed once on a private buffer."""
+    """What fingerprinting one page costs on this machine, timed once on a private buffer.
+
+    Times the keyed 32-bit fingerprint (migrations' scans and verification),
+    the dearer of the two kinds, so the estimate errs on the long side.
+    """
     cost = _FINGERPRINT_COST.get(page_size)
     if cost is None:
         n = max(1, (8 << 20) // page_size)
         buf = np.ones((n, page_size), dtype=np.uint8)  # touched now, not inside the timing
-        fingerprint_pages(buf)
+        key = key_from_seed(b"timing", page_size)
+        out = np.empty(n, dtype=np.uint64)
+        fingerprint_rows(buf, key, out)
         t0 = time.perf_counter()
-        fingerprint_pages(buf)
+        fingerprint_rows(buf, key, out)
         cost = _FINGERPRINT_COST[page_size] = (time.perf_counter() - t0) / n
     return cost
+
+
+def verify_threads(channels: int) -> int:
+    """Threads a destination fingerprints its region with at switchover."""
+    return max(1, min(channels, os.cpu_count() or 1))
+
+
+def _split_extents(extents: list[tuple[int, int]], nparts: int) -> list[list[tuple[int, int]]]:
+    """Cut page ranges into at most ``nparts`` lists of ranges holding about as many pages each."""
+    total = sum(e - f for f, e in extents)
+    if total == 0 or nparts <= 0:
+        return []
+    per = -(-total // nparts)
+    parts: list[list[tuple[int, int]]] = [[]]
+    room = per
+    for f, e in extents:
+        while f < e:
+            if room == 0:
+                parts.append([])
+                room = per
+            take = min(e - f, room)
+            parts[-1].append((f, f + take))
+            f += take
+            room -= take
+    return parts
 
 
 def _block_fingerprints(ram: GuestRAM, block: int) -> np.ndarray:
@@ -293,6 +344,8 @@ class Source:
         self._save_base: bytes | None = None  # the id of the last save, while the tracker still covers it
         self._present: Segment | None = None  # a save's map of pages with data in the file
         self._save_resume: Callable[[], Any] | None = None  # called once a save no longer needs the pause
+        self._records: PageRecords | None = None  # per-page fingerprints the workers write (migrations)
+        self._verify_key = np.zeros(0, dtype=np.uint64)  # this migration's verification key (pass 0)
         # live parameters, changeable while a migration runs (QEMU's migrate-set-parameters)
         self._max_bandwidth = self.config.max_bandwidth
         self._downtime_limit = self.config.downtime_limit
@@ -314,6 +367,7 @@ class Source:
         *,
         throttle: Callable[[int], Any] | None = None,
         top_up: bool = False,
+        before_commit: Callable[[Callable[[], socket.socket]], Any] | None = None,
     ) -> MigrationResult:
         """Migrate the region to the destination listening at ``address``; blocks until done.
 
@@ -334,6 +388,22 @@ class Source:
         (:meth:`Destination.restore`); the destination refuses a top-up from
         any other save. The save's tracking ends with any migration, so after
         a failed top-up the next migration must be a full one.
+
+        ``before_commit(open_stream)``, if given, runs on this thread once the
+        destination reported the region complete and verified, with the guest
+        still paused, and before COMMIT: the last moment at which the migration
+        can still fail and ``resume()`` the guest here. ``open_stream()``
+        returns a connected, blocking socket to the destination's ``on_stream``
+        handler, admitted like the channels (auth key, TLS), for whatever else
+        must travel before the switch (a VM's device state). If it raises, the
+        migration fails with that exception as the cause.
+
+        The migration is ``completed`` only once the destination acknowledged
+        COMMIT; from then on the region is the destination's. If the
+        connection breaks between COMMIT and that acknowledgement,
+        :class:`CommitUnknown` is raised and ``resume()`` is *not* called: the
+        destination may already own the region, so the agent must find out
+        (``Destination.valid`` on the other host) before running either copy.
         """
         self._begin("migration")
         error: BaseException | None = None
@@ -347,6 +417,7 @@ class Source:
             get_method(self.config.compression)(self.config.compression_level, {})
             self._t_start = time.monotonic()
             self._throttle_cb = throttle
+            self._before_commit = before_commit
             self._set_status("setup")
             result = self._run(address, pause, top_up)
             self._set_status("completed")
@@ -357,7 +428,13 @@ class Source:
         finally:
             self._shutdown(error)
             self._release_throttle()
-            if error is not None and self._paused_at is not None and resume is not None:
+            self._drop_records()
+            if (
+                error is not None
+                and self._paused_at is not None
+                and resume is not None
+                and not isinstance(self._error, CommitUnknown)
+            ):
                 try:
                     resume()
                 except Exception:
@@ -844,6 +921,15 @@ class Source:
         self._sync_seconds = 0.0
         self._pages_pushed = 0
         self._stall_reason: str | None = None
+        self._before_commit: Callable[[Callable[[], socket.socket]], Any] | None = None
+        self._commit_sent = False
+        self._repaired_pages = 0
+        self._repair_passes = 0
+        self._pause_phases: dict[str, float] = {}
+        # scan jobs handed to workers and not reported done: id -> (block, extents, channel, generation)
+        self._scan_pending: dict[int, tuple[int, list[tuple[int, int]], _Channel, int]] = {}
+        self._scan_job_seq = 0
+        self._scan_seconds_per_page: float | None = None  # measured by the latest scan
 
     def _expected_remaining(self, pages_sent: int, elapsed: float) -> float | None:
         """Seconds until the end at the pace pages have gone so far: the pages still to send, then
@@ -902,6 +988,11 @@ class Source:
         return err
 
     def _fail(self, exc: BaseException) -> MigrationError:
+        if isinstance(exc, CommitUnknown):
+            self._error = exc
+            self._set_status("commit-unknown")
+            log.error("migration outcome unknown: %s", exc)
+            return exc
         if isinstance(exc, MigrationCancelled) or (self._cancel_requested and not isinstance(exc, MigrationError)):
             err: MigrationError = exc if isinstance(exc, MigrationCancelled) else MigrationCancelled("cancelled")
             self._set_status("cancelled")
@@ -944,6 +1035,12 @@ class Source:
         reply = self._next_control(time.monotonic() + cfg.timeout, "the destination's answer to the configuration")
         if not isinstance(reply, ConfigAck):
             raise RemoteProtocolError(f"expected CONFIG_ACK, got {type(reply).__name__}", field="type")
+        # both ends derive the verification key from the session (and the auth key): it never
+        # crosses the wire, so a relay without the key cannot match a page it changed
+        self._verify_key = key_from_seed(session_seed(cfg.auth_key, session, 0), ram.page_size)
+        npages = tuple(b.npages for b in ram.blocks)
+        self._records = PageRecords(Segment.create(unique_name("prt"), PageRecords.size(npages)), npages)
+        tracker = self._migration_tracker(top_up)
         self._start_channels(address, session)
         deadline = time.monotonic() + cfg.timeout
         while not all(ch.ready for ch in self._channels):
@@ -954,19 +1051,66 @@ class Source:
             # every worker is attached: drop the names, so a crash of this process
             # leaves no ring behind in /dev/shm
             ch.ring.unlink()
+        if not cfg.channel_retries:
+            self._records.seg.unlink()  # a replacement worker would attach by name
         self._setup_time = time.monotonic() - self._t_start
         self._set_status("active")
-        rnd, pending, converged = self._precopy(top_up)
+        rnd, pending, converged = self._precopy(top_up, tracker=tracker)
         # let the destination drain what is still in flight while the guest runs:
         # otherwise the pause would also wait for socket buffers to empty
         self._wait_confirmed(rnd - 1)
         return self._switchover(rnd, pending, pause, converged)
 
+    def _migration_tracker(self, top_up: bool) -> DirtyTracker:
+        """The tracker for this migration; a scanning one compares against what the workers record as sent."""
+        records = self._records
+        assert records is not None
+        if top_up:
+            assert self._tracker is not None and self._tracker.started
+            tracker = self._tracker
+            if isinstance(tracker, ScanningTracker):
+                # from here on the workers record what they send; until then, the save's last scan
+                for b in self.ram.blocks:
+                    records.sent[b.index][:] = tracker.baseline[b.index]
+                tracker.baseline, tracker.fresh = records.sent, records.scanned
+        else:
+            tracker = self._fresh_tracker(key=self._verify_key, baseline=records.sent, fresh=records.scanned)
+        if isinstance(tracker, ScanningTracker):
+            tracker.recorded = True
+            tracker.scanner = self._parallel_scan
+        return tracker
+
+    def _print_key(self) -> np.ndarray:
+        """The key the workers fingerprint with: the scanning tracker's, else the verification key."""
+        t = self._tracker
+        return t.key if isinstance(t, ScanningTracker) else self._verify_key
+
+    def _drop_records(self) -> None:
+        t = self._tracker
+        if isinstance(t, ScanningTracker) and t.recorded:
+            # its arrays are views of the records: a later migration starts a fresh tracker
+            t.close()
+            t.release()
+            self._tracker = None
+        records, self._records = self._records, None
+        if records is not None:
+            records.close()
+            if records.seg.owned:
+                records.seg.unlink()
+
+    def _open_stream(self) -> socket.socket:
+        """A stream connection to the destination's ``on_stream``, admitted like a channel."""
+        sock = self._open(self._address, Hello(KIND_STREAM, self._session, CONTROL_CHANNEL, self.config.channels))
+        sock.setblocking(True)
+        return sock
+
     def _open(self, address: Address, hello: Hello) -> socket.socket:
         """Connect and pass admission: greeting, hello (with a proof of the key), welcome."""
         cfg = self.config
         key = cfg.auth_key
-        what = "control connection" if hello.kind == KIND_CONTROL else f"data channel {hello.channel}"
+        what = {KIND_CONTROL: "control connection", KIND_STREAM: "stream connection"}.get(
+            hello.kind, f"data channel {hello.channel}"
+        )
         sock = connect(address, cfg.timeout)
         self._opening = sock
         try:
@@ -1007,7 +1151,7 @@ class Source:
             return sock
         except AuthenticationError as e:
             sock.close()
-            if e.channel is None and hello.kind != KIND_CONTROL:
+            if e.channel is None and hello.kind == HELLO_DATA:
                 e.channel = hello.channel
             raise
         except ssl.SSLError as e:
@@ -1034,7 +1178,9 @@ class Source:
             return "on"
         family, _ = parse_address(address)
         reason = None
-        if cfg.tls is not None:
+        if isinstance(self._tracker, ScanningTracker):
+            reason = "the scanning tracker sends private copies of the pages"
+        elif cfg.tls is not None:
             reason = "TLS encrypts into its own buffers"
         elif cfg.compression != "none":
             reason = f"{cfg.compression} packets are built in private buffers"
@@ -1063,6 +1209,9 @@ class Source:
             zerocopy=self._zerocopy_mode(address),
             flush_timeout=cfg.timeout,
             log_level=logging.getLogger("mpmultifd").getEffectiveLevel(),
+            print_key=self._print_key(),
+            prints_name=self._records.seg.name if self._records is not None else None,
+            snapshot=isinstance(self._tracker, ScanningTracker),
         )
         self._ctx = ctx
         self._spec_base = spec_base
@@ -1157,13 +1306,28 @@ class Source:
                         return  # replaced again while resending: that replacement resent everything
         log.info("channel %d reconnected; resent %d packets from round %d", ch.index, len(ch.log), start)
 
-    def _fingerprint_cost(self) -> float:
-        """Seconds the switchover will spend fingerprinting the region's pages with data."""
+    def _fingerprint_cost(self, save: bool) -> float:
+        """Seconds the pause will spend fingerprinting pages, beyond the last dirty sync.
+
+        A save fingerprints the paused guest here for its digests. A migration
+        with ``verify`` fingerprints it in the workers (no extra pass when the
+        scanning tracker's final scan serves), and the destination fingerprints
+        what it holds, in as many threads as it has channels and CPUs.
+        """
         ram = self.ram
         pages = sum(e - f for b in ram.blocks for f, e in ram.data_extents(b.index))
-        return _fingerprint_seconds_per_page(ram.page_size) * pages
+        per_page = _fingerprint_seconds_per_page(ram.page_size)
+        if save:
+            return per_page * pages
+        cpus = os.cpu_count() or 1
+        cost = _SWITCH_LATENCY
+        if not isinstance(self._tracker, ScanningTracker):
+            cost += per_page * pages / max(1, min(self.config.channels, cpus))
+        return cost + per_page * pages / verify_threads(self.config.channels)
 
-    def _precopy(self, top_up: bool = False, save: bool = False) -> tuple[int, list[np.ndarray], bool]:
+    def _precopy(
+        self, top_up: bool = False, save: bool = False, tracker: DirtyTracker | None = None
+    ) -> tuple[int, list[np.ndarray], bool]:
         """Run precopy rounds until the rest fits the downtime limit; returns (next round, pages left, converged)."""
         cfg = self.config
         ram = self.ram
@@ -1178,13 +1342,13 @@ class Source:
             # those pages are taken: if this migration fails, a later top-up would miss them
             self._save_base = None
         else:
-            tracker = self._fresh_tracker()
+            tracker = tracker if tracker is not None else self._fresh_tracker()
             # round 0 sends everything; tracking starts first, so writes made from now on are seen again
             tracker.start()
             pending = [np.arange(b.npages, dtype=np.int64) for b in ram.blocks]
         self._sync_seconds += time.perf_counter() - t_sync
         rnd = 0
-        fingerprint_cost = self._fingerprint_cost() if (cfg.verify or save) else 0.0
+        fingerprint_cost = self._fingerprint_cost(save) if (cfg.verify or save) else 0.0
         window = BandwidthWindow()
         auto = AutoConverge(
             cfg.cpu_throttle_initial, cfg.cpu_throttle_increment, cfg.max_cpu_throttle, cfg.throttle_trigger_threshold
@@ -1310,12 +1474,13 @@ class Source:
             throttle=self._throttle_percent,
         )
 
-    def _fresh_tracker(self) -> DirtyTracker:
+    def _fresh_tracker(self, **scan_options: Any) -> DirtyTracker:
         self._save_base = None  # a new tracker knows nothing of the last save
         if self._tracker is not None:
             self._tracker.close()
             self._tracker = None
-        self._tracker = make_tracker(self.config.dirty_tracker, self.ram)
+        kind = self.config.dirty_tracker
+        self._tracker = make_tracker(kind, self.ram, **(scan_options if kind == "scan" else {}))
         return self._tracker
 
     def _set_throttle(self, percent: int) -> None:
@@ -1350,37 +1515,59 @@ class Source:
         ram = self.ram
         self._check_cancel()
         expected = self._expected_downtime
+        phases = self._pause_phases
         self._paused_at = time.monotonic()
         if pause is not None:
             pause()
+        t = self._phase("pause-call", self._paused_at)
         self._set_status("device")
-        # pages dirtied between the last sync and the pause
-        assert self._tracker is not None
-        t_sync = time.perf_counter()
-        final = [np.union1d(p, more) for p, more in zip(pending, self._tracker.collect_all())]
-        self._sync_seconds += time.perf_counter() - t_sync
+        # pages dirtied between the last sync and the pause (a scanning tracker's scan of the
+        # paused guest is also the verification's fingerprints: the region is read once)
+        tracker = self._tracker
+        assert tracker is not None
+        final = [np.union1d(p, more) for p, more in zip(pending, tracker.collect_all())]
+        t = self._phase("dirty-sync", t)
+        self._sync_seconds += phases["dirty-sync"]
         self._dirty_syncs += 1
         self._round = rnd
-        self._send_round(rnd, final, final=True)
-        if cfg.verify:
-            for b in ram.blocks:
-                self._control_send(Verify(b.index, _block_fingerprints(ram, b.index)))
+        reuse_scan = isinstance(tracker, ScanningTracker) and tracker.key is self._verify_key
+        by_workers = cfg.verify and not reuse_scan and self._print_key() is self._verify_key
+        # without a reusable scan the workers fingerprint the paused guest after their last pages
+        self._send_round(rnd, final, final=True, before_end=self._queue_verify_scans if by_workers else None)
         self._wait_done()
-        deadline = time.monotonic() + cfg.timeout + 2.0 * ram.total_size / (1 << 30)
-        while True:
-            msg = self._next_control(deadline, "the destination's result")
-            if isinstance(msg, Result):
-                break
-            if not isinstance(msg, RoundAck):
-                raise RemoteProtocolError(f"expected RESULT, got {type(msg).__name__}", field="type")
+        t = self._phase("final-round", t)
+        verified_prints: list[np.ndarray] = []
+        if cfg.verify:
+            records = self._records
+            assert records is not None
+            if by_workers:
+                self._finish_scans(time.monotonic() + cfg.timeout)
+            elif not reuse_scan:
+                for b in ram.blocks:
+                    records.scanned[b.index][:] = 0
+                    fingerprint_extents(ram.pages(b.index), ram.data_extents(b.index), self._verify_key, records.scanned[b.index])
+            verified_prints = [records.scanned[b.index].copy() for b in ram.blocks]
+            t = self._phase("verify-prints", t)
+            for b in ram.blocks:
+                self._control_send(Verify(b.index, verified_prints[b.index]))
+        msg = self._await_result()
+        t = self._phase("destination-check", t)
         if not msg.ok:
             if msg.mismatches:
                 raise VerificationError(msg.error or "verification failed", mismatches=msg.mismatches)
             raise MigrationError(f"destination reported failure: {msg.error}")
-        # the point of no return: after COMMIT the destination owns the region and
-        # this side must not resume; a cancel that came in before it still wins
+        if self._before_commit is not None:
+            try:
+                self._before_commit(self._open_stream)
+            except MigrationError:
+                raise
+            except Exception as e:
+                raise MigrationError(f"before_commit failed: {type(e).__name__}: {e}") from e
+            t = self._phase("before-commit", t)
+        # the point of no return: a cancel that came in before it still wins
         self._check_cancel()
-        self._control_send(Commit())
+        self._commit()
+        self._phase("commit", t)
         self._downtime = time.monotonic() - self._paused_at
         self._remaining_pages = 0
         self._t_end = time.monotonic()
@@ -1405,14 +1592,183 @@ class Source:
             throttle=self._throttle_max,
             dirty_tracker=cfg.dirty_tracker,
             dirty_sync_time=self._sync_seconds,
+            repaired_pages=self._repaired_pages,
+            repair_passes=self._repair_passes,
+            downtime_phases=dict(phases),
         )
+
+    def _phase(self, name: str, since: float) -> float:
+        """Record how long pause phase ``name`` took since ``since``; returns now."""
+        now = time.monotonic()
+        self._pause_phases[name] = now - since
+        return now
+
+    def _await_result(self) -> Result:
+        """The destination's RESULT, resending the pages it names while it asks for repairs."""
+        cfg = self.config
+        budget = cfg.timeout + 2.0 * self.ram.total_size / (1 << 30)
+        deadline = time.monotonic() + budget
+        while True:
+            msg = self._next_control(deadline, "the destination's result")
+            if isinstance(msg, Result):
+                return msg
+            if isinstance(msg, Repair):
+                self._repair(msg)
+                deadline = time.monotonic() + budget
+                continue
+            raise RemoteProtocolError(f"expected RESULT or REPAIR, got {type(msg).__name__}", field="type")
+
+    def _repair(self, msg: Repair) -> None:
+        """Send again, over the control connection, the pages the destination found different."""
+        ram = self.ram
+        if msg.attempt != self._repair_passes + 1:
+            raise RemoteProtocolError(
+                f"REPAIR pass {msg.attempt} after pass {self._repair_passes}", field="attempt"
+            )
+        self._repair_passes = msg.attempt
+        key = key_from_seed(session_seed(self.config.auth_key, self._session, msg.attempt), ram.page_size)
+        total = 0
+        for block, pages in msg.pages:
+            if not 0 <= block < len(ram.blocks):
+                raise RemoteProtocolError(f"REPAIR names block {block}", field="block")
+            npages = ram.blocks[block].npages
+            if len(pages) and (int(pages.min()) < 0 or int(pages.max()) >= npages):
+                raise RemoteProtocolError(f"REPAIR names pages outside block {block}", field="pages")
+            grid = ram.pages(block)
+            for s in range(0, len(pages), REPAIR_CHUNK_PAGES):
+                chunk = pages[s : s + REPAIR_CHUNK_PAGES]
+                data = grid[chunk]  # a private copy: its fingerprint is of exactly what is sent
+                prints = np.empty(len(chunk), dtype=np.uint64)
+                fingerprint_rows(data, key, prints)
+                self._control_send(RepairPages(msg.attempt, block, chunk, prints, data.tobytes()))
+            total += len(pages)
+        self._control_send(RepairDone(msg.attempt, total))
+        self._repaired_pages += total
+        log.warning("resent %d pages that differed at switchover (repair pass %d)", total, msg.attempt)
+
+    def _commit(self) -> None:
+        """Send COMMIT and wait for its acknowledgement; a break in between is CommitUnknown.
+
+        Cancelling no longer applies once COMMIT is out: the destination may own the region.
+        """
+        cfg = self.config
+        ctrl = self._control
+        assert ctrl is not None
+        try:
+            self._control_send(Commit())
+        except MigrationError as e:
+            raise CommitUnknown(
+                f"COMMIT may not have reached the destination ({e}): it may or may not own the region"
+            ) from e
+        self._commit_sent = True
+        deadline = time.monotonic() + cfg.timeout
+        while True:
+            try:
+                msg = self._early.pop(0) if self._early else self._decoder.next_message()
+                if msg is None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise ChannelBroken(f"no acknowledgement within {cfg.timeout:g} s")
+                    pending_tls = isinstance(ctrl, ssl.SSLSocket) and ctrl.pending()
+                    if pending_tls or mp_wait([ctrl], min(left, 0.5)):
+                        self._read_control()
+                    continue
+            except MigrationError as e:
+                raise CommitUnknown(
+                    f"COMMIT was sent but not acknowledged ({e}): the destination may or may not own the "
+                    "region; this side did not resume the guest"
+                ) from e
+            if isinstance(msg, CommitAck):
+                return
+            if isinstance(msg, (RoundAck, Resume)):
+                continue
+            raise CommitUnknown(
+                f"the destination answered COMMIT with {type(msg).__name__}"
+                + (f" ({msg.message})" if isinstance(msg, ErrorMessage) else "")
+                + ": it may or may not own the region; this side did not resume the guest"
+            )
+
+    # ------------------------------------------------------------------ scans
+
+    def _usable_for_scans(self) -> list[_Channel]:
+        return [ch for ch in self._channels if ch.ready and not ch.done and not ch.reconnecting and ch.sock is not None]
+
+    def _parallel_scan(self, block: int, out: np.ndarray) -> None:
+        """Fingerprint every page of ``block`` that holds data into ``out`` (the shared scan record),
+        holes as 0, spread over the idle channel workers (and this thread, with a CPU to spare)."""
+        t0 = time.perf_counter()
+        ram = self.ram
+        extents = ram.data_extents(block)
+        out[:] = 0
+        npages = sum(e - f for f, e in extents)
+        usable = self._usable_for_scans()
+        local = len(usable) < (os.cpu_count() or 1) or not usable
+        parts = _split_extents(extents, len(usable) + (1 if local else 0))
+        jobs = []
+        for ch, part in zip(usable, parts):
+            jobs += self._queue_scan(ch, block, part)
+        for part in parts[len(usable) :]:
+            fingerprint_extents(ram.pages(block), part, self._print_key(), out)
+        self._finish_scans(time.monotonic() + self.config.timeout, jobs)
+        if npages:
+            self._scan_seconds_per_page = (time.perf_counter() - t0) / npages
+
+    def _queue_verify_scans(self) -> None:
+        """Before the final EOS: every worker fingerprints its share of the paused guest."""
+        assert self._records is not None
+        usable = self._usable_for_scans()
+        for b in self.ram.blocks:
+            self._records.scanned[b.index][:] = 0
+            parts = _split_extents(self.ram.data_extents(b.index), len(usable))
+            for ch, part in zip(usable, parts):
+                self._queue_scan(ch, b.index, part)
+
+    def _queue_scan(self, ch: _Channel, block: int, extents: list[tuple[int, int]]) -> list[int]:
+        """Hand ``extents`` of ``block`` to ``ch``'s worker as scan jobs; returns their ids."""
+        per_job = max(1, ch.ring.capacity // 2)
+        ids = []
+        for s in range(0, len(extents), per_job):
+            part = extents[s : s + per_job]
+            jid = self._scan_job_seq
+            self._scan_job_seq += 1
+            self._scan_pending[jid] = (block, part, ch, ch.generation)
+            ids.append(jid)
+            pairs = np.asarray(part, dtype=np.uint64).reshape(-1)
+            while True:
+                try:
+                    ch.ring.push(KIND_SCAN, block, jid, 0, pairs, timeout=0.1)
+                    break
+                except RingTimeout:
+                    self._pump(0)
+                except RingClosed:
+                    break  # the worker is gone: _finish_scans does this job here
+        return ids
+
+    def _finish_scans(self, deadline: float, ids: list[int] | None = None) -> None:
+        """Wait for scan jobs; any whose worker died, was replaced or ran out of time is done here."""
+        pending = self._scan_pending
+        want = list(pending) if ids is None else ids
+        while any(j in pending for j in want) and time.monotonic() < deadline:
+            lost = [j for j in want if j in pending and (pending[j][2].generation != pending[j][3] or pending[j][2].done)]
+            if lost and len(lost) == sum(1 for j in want if j in pending):
+                break
+            self._pump(0.2)
+        key = self._print_key()
+        assert self._records is not None
+        for j in want:
+            job = pending.pop(j, None)
+            if job is not None:
+                block, part, _, _ = job
+                fingerprint_extents(self.ram.pages(block), part, key, self._records.scanned[block])
 
     # ------------------------------------------------------------------ rounds
 
     def _wire_bytes(self) -> int:
         return sum(c["bytes"] for c in self._channel_counters_of(self._channels))
 
-    def _send_round(self, rnd: int, pending: list[np.ndarray], *, final: bool) -> None:
+    def _send_round(
+        self, rnd: int, pending: list[np.ndarray], *, final: bool, before_end: Callable[[], None] | None = None
+    ) -> None:
         """Cut the round's pages into batches and hand them to the emptiest rings, then SYNC (or EOS)."""
         chans = self._channels
         n = self.config.packet_pages
@@ -1429,6 +1785,8 @@ class Source:
                 self._push(ch, KIND_DATA, block, rnd, batch)
                 self._pages_pushed += len(batch)
                 ch.packets_in_round += 1
+        if before_end is not None:
+            before_end()
         kind = KIND_EOS if final else KIND_SYNC
         for ch in chans:
             self._push(ch, kind, 0, rnd, None)
@@ -1591,6 +1949,8 @@ class Source:
         elif kind == "done":
             ch.synced = msg[1]
             ch.done = True
+        elif kind == "scanned":
+            self._scan_pending.pop(msg[1], None)
         elif kind == "error":
             raise error_from_report(ch.index, msg)
 
@@ -1650,7 +2010,7 @@ class Source:
             # keep the last counters for query() after the rings are gone
             self._final_channels = self._channel_counters_of(chans)
         ctrl, self._control = self._control, None
-        if error is not None and ctrl is not None:
+        if error is not None and ctrl is not None and not self._commit_sent:
             msg = Cancel() if isinstance(error, MigrationCancelled) or self._cancel_requested else ErrorMessage(
                 "source-failed", str(error)[:1000]
             )

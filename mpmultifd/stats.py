@@ -32,6 +32,9 @@ class MigrationResult:
     took a longer downtime than the limit, as ``stall_downtime_limit`` allowed.
     ``throttle`` is the highest throttle percentage applied, ``dirty_tracker``
     the tracker used, ``dirty_sync_time`` the seconds spent finding dirty pages.
+    ``repaired_pages`` counts pages that differed at switchover and were sent
+    again (in ``repair_passes`` passes) before the region verified;
+    ``downtime_phases`` splits the source's downtime into its phases (seconds).
     """
 
     status: str
@@ -53,6 +56,9 @@ class MigrationResult:
     throttle: int = 0
     dirty_tracker: str = "map"
     dirty_sync_time: float = 0.0
+    repaired_pages: int = 0
+    repair_passes: int = 0
+    downtime_phases: dict[str, float] = field(default_factory=dict)
 
     @property
     def throughput(self) -> float:

@@ -18,30 +18,20 @@ returned is reported by the next one (invariant 2).
   (Linux 6.7+). The kernel records writes made through this process's
   mappings, so every writer must be a thread of this process.
 
-Why a scanning fingerprint misses (almost) nothing
---------------------------------------------------
-A page is read as 32-bit words ``x[i]`` and fingerprinted as
-``F = sum(K[i] * x[i]) mod 2**64`` with ``K`` drawn at random (odd) when the
-tracker starts. A change turns ``x`` into ``x + d`` with every ``|d[i]| < 2**32``
-and changes ``F`` by ``sum(K[i] * d[i]) mod 2**64``:
-
-- if one word changed, ``K[i] * d[i]`` is never 0 mod ``2**64``, because ``K[i]``
-  is odd and ``0 < |d[i]| < 2**64``: every change confined to one aligned
-  32-bit word (any single byte, first or last of the page included) is caught
-  with certainty;
-- otherwise, let ``2**t`` be the largest power of two dividing the changed word
-  with the fewest trailing zero bits (``t <= 31``, because ``|d[i]| < 2**32``).
-  For any fixed change, the fingerprint is unchanged for at most one residue of
-  that word's key modulo ``2**(64 - t)``, so over the random key the miss
-  probability is at most ``2**-(63 - t) <= 2**-32``, and ``2**-63`` for the
-  typical change whose lowest changed bit is bit 0.
-
-Reading 32-bit rather than 64-bit words is what bounds ``t``: with 64-bit words a
-change that only flips the sign bits of two doubles would be missed every time.
-The key is secret to the process, so no writer can aim at a collision, and the
-switchover's verification (``MigrationConfig.verify``) fingerprints every page
-again with an independent key, so a miss would fail the migration loudly, never
-leave a silent difference.
+What the scanning tracker compares against
+------------------------------------------
+A page is dirty when its bytes differ from the bytes the destination holds,
+not from the previous scan: a lock word taken between a scan and the send and
+released before the next scan would otherwise look clean while the
+destination keeps the taken copy. So during a migration the channel workers
+copy each batch into private memory, send that copy, and record its
+fingerprints (:mod:`mpmultifd.pageprint`) in a shared array; ``collect``
+compares a fresh scan against that record (``recorded=True``). Without
+workers that record (``estimate``) it compares consecutive scans. The
+fingerprint misses no change confined to one 32-bit word and any other with
+probability at most ``2**-32`` (:mod:`mpmultifd.pageprint`); the
+switchover's verification fingerprints every page again, so a miss is
+repaired or fails loudly, never left silent.
 """
 
 from __future__ import annotations
@@ -49,12 +39,13 @@ from __future__ import annotations
 import abc
 import os
 import time
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import numpy as np
 
 from .config import DIRTY_TRACKERS
 from .errors import ConfigError
+from .pageprint import ROWS_PER_CALL, fingerprint_extents, random_key
 from .ram import GuestRAM
 
 __all__ = [
@@ -68,9 +59,6 @@ __all__ = [
 
 TRACKERS = DIRTY_TRACKERS  # the names MigrationConfig.dirty_tracker accepts
 
-# pages fingerprinted per numpy call: the uint64 temporary (8 KiB per 4 KiB page)
-# stays in the cache
-_SCAN_CHUNK = 256
 
 
 class DirtyTracker(abc.ABC):
@@ -131,31 +119,20 @@ class DirtyMapTracker(DirtyTracker):
         return self.ram.snapshot_dirty(block)
 
 
-def _scan_key(page_size: int) -> np.ndarray:
-    words = page_size // 4
-    key = np.frombuffer(os.urandom(8 * words), dtype=np.uint64).copy()
-    key |= np.uint64(1)
-    return key
-
-
 def scan_fingerprints(
-    ram: GuestRAM, block: int, key: np.ndarray, out: np.ndarray, *, chunk: int = _SCAN_CHUNK
+    ram: GuestRAM, block: int, key: np.ndarray, out: np.ndarray, *, chunk: int = ROWS_PER_CALL
 ) -> None:
     """Fingerprint every page of ``block`` that holds data into ``out`` (uint64); holes get 0.
 
     The fingerprint of an all-zero page is 0 too, so a page that becomes a hole
     (or is zeroed) reads as unchanged only if it was zero before.
     """
-    pages = ram.pages(block)
-    words = pages.view(np.uint32)
     out[:] = 0
-    tmp = np.empty((chunk, words.shape[1]), dtype=np.uint64)
-    for first, end in ram.data_extents(block):
-        for s in range(first, end, chunk):
-            e = min(s + chunk, end)
-            t = tmp[: e - s]
-            np.copyto(t, words[s:e])  # widen; the products wrap mod 2**64 as intended
-            np.matmul(t, key, out=out[s:e])
+    fingerprint_extents(ram.pages(block), ram.data_extents(block), key, out)
+
+
+# fills its second argument with the fingerprints of every page of block (holes 0)
+Scanner = Callable[[int, np.ndarray], None]
 
 
 class ScanningTracker(DirtyTracker):
@@ -164,31 +141,59 @@ class ScanningTracker(DirtyTracker):
     Needs no cooperation from the writers, so it works for a region another
     program writes. Costs one read of the region's allocated pages per round
     (``tools/bench_convergence.py`` measures it per GiB) and 16 bytes per page.
-    See the module documentation for why it misses no single-word change and
-    any other change with probability at most ``2**-32``.
+
+    ``baseline`` and ``fresh`` (one uint64 per page of each block) may be
+    arrays in shared memory that channel workers write: with ``recorded=True``
+    the workers put the fingerprint of every page they send into ``baseline``,
+    and a page is dirty when a fresh scan differs from it. ``scanner`` replaces
+    the in-process scan (the source spreads it over its idle channel workers).
     """
 
     name = "scan"
 
-    def __init__(self, ram: GuestRAM) -> None:
+    def __init__(
+        self,
+        ram: GuestRAM,
+        key: np.ndarray | None = None,
+        *,
+        baseline: list[np.ndarray] | None = None,
+        fresh: list[np.ndarray] | None = None,
+    ) -> None:
         super().__init__(ram)
-        self._key = _scan_key(ram.page_size)
-        self._prints = [np.zeros(b.npages, dtype=np.uint64) for b in ram.blocks]
-        self._fresh = [np.zeros(b.npages, dtype=np.uint64) for b in ram.blocks]
+        self.key = key if key is not None else random_key(ram.page_size)
+        self.baseline = baseline if baseline is not None else [np.zeros(b.npages, dtype=np.uint64) for b in ram.blocks]
+        self.fresh = fresh if fresh is not None else [np.zeros(b.npages, dtype=np.uint64) for b in ram.blocks]
+        self.recorded = False
+        self.scanner: Scanner | None = None
+
+    def _scan(self, block: int, out: np.ndarray) -> None:
+        if self.scanner is not None:
+            self.scanner(block, out)
+        else:
+            scan_fingerprints(self.ram, block, self.key, out)
 
     def _start(self) -> None:
+        if self.recorded:
+            return  # the first round sends every page and records what it sent
         for b in self.ram.blocks:
-            scan_fingerprints(self.ram, b.index, self._key, self._prints[b.index])
+            self._scan(b.index, self.baseline[b.index])
 
     def _collect(self, block: int) -> np.ndarray:
-        fresh = self._fresh[block]
-        scan_fingerprints(self.ram, block, self._key, fresh)
-        changed = np.flatnonzero(fresh != self._prints[block]).astype(np.int64, copy=False)
-        self._fresh[block], self._prints[block] = self._prints[block], fresh
+        fresh = self.fresh[block]
+        self._scan(block, fresh)
+        changed = np.flatnonzero(fresh != self.baseline[block]).astype(np.int64, copy=False)
+        if not self.recorded:
+            self.baseline[block][:] = fresh
         return changed
 
+    def release(self) -> None:
+        """Drop the arrays (they may be views of shared memory the caller wants to close)."""
+        self.baseline = []
+        self.fresh = []
+        self.scanner = None
 
-def make_tracker(kind: str, ram: GuestRAM) -> DirtyTracker:
+
+def make_tracker(kind: str, ram: GuestRAM, **scan_options: object) -> DirtyTracker:
     """The tracker named ``kind`` (one of :data:`TRACKERS`) for ``ram``.
 
     Raises :class:`~mpmultifd.errors.TrackingUnavailable` (a ConfigError) with
@@ -197,7 +202,7 @@ def make_tracker(kind: str, ram: GuestRAM) -> DirtyTracker:
     if kind == "map":
         return DirtyMapTracker(ram)
     if kind == "scan":
-        return ScanningTracker(ram)
+        return ScanningTracker(ram, **scan_options)  # type: ignore[arg-type]
     if kind == "kernel":
         from .uffd import KernelTracker
 

@@ -35,6 +35,7 @@ __all__ = [
     "CONTROL_CHANNEL",
     "KIND_CONTROL",
     "KIND_DATA",
+    "KIND_STREAM",
     "HELLO_FLAG_AUTH",
     "MAX_CHANNELS",
     "MAX_PACKET_PAGES",
@@ -61,6 +62,12 @@ __all__ = [
     "Cancel",
     "Commit",
     "Resume",
+    "CommitAck",
+    "Repair",
+    "RepairPages",
+    "RepairDone",
+    "MAX_REPAIR_PAGES",
+    "REPAIR_CHUNK_PAGES",
     "ControlMessage",
     "encode_control",
     "ControlDecoder",
@@ -74,6 +81,8 @@ CONTROL_MAGIC = 0x4D504D43  # "MPMC"
 
 KIND_CONTROL = 0
 KIND_DATA = 1
+KIND_STREAM = 2  # a byte stream for the agent (e.g. a VM's device state), admitted like the others
+_KINDS = (KIND_CONTROL, KIND_DATA, KIND_STREAM)
 CONTROL_CHANNEL = 0xFFFF
 HELLO_FLAG_AUTH = 0x01  # a client nonce and a proof of the key follow the hello
 MAX_CHANNELS = 256
@@ -118,14 +127,14 @@ class Hello:
 
 def encode_hello(hello: Hello) -> bytes:
     """Encode a hello; raises :class:`LocalProtocolError` for values the format cannot carry."""
-    if hello.kind not in (KIND_CONTROL, KIND_DATA):
+    if hello.kind not in _KINDS:
         raise LocalProtocolError(f"kind: unknown connection kind {hello.kind}", field="kind")
     if len(hello.session_id) != 16:
         raise LocalProtocolError("session_id: must be 16 bytes", field="session_id")
     if not 1 <= hello.nchannels <= MAX_CHANNELS:
         raise LocalProtocolError(f"nchannels: {hello.nchannels} not in 1..{MAX_CHANNELS}", field="nchannels")
-    if hello.kind == KIND_CONTROL and hello.channel != CONTROL_CHANNEL:
-        raise LocalProtocolError("channel: a control hello carries channel 0xFFFF", field="channel")
+    if hello.kind != KIND_DATA and hello.channel != CONTROL_CHANNEL:
+        raise LocalProtocolError("channel: a control or stream hello carries channel 0xFFFF", field="channel")
     if hello.kind == KIND_DATA and not 0 <= hello.channel < hello.nchannels:
         raise LocalProtocolError(f"channel: {hello.channel} not below nchannels {hello.nchannels}", field="channel")
     if hello.flags & ~HELLO_FLAG_AUTH:
@@ -153,7 +162,7 @@ def decode_hello(
         raise _fail("magic", f"0x{magic:08x} is not the hello magic 0x{HELLO_MAGIC:08x}")
     if version != PROTOCOL_VERSION:
         raise _fail("version", f"protocol version {version} is not supported (this end speaks {PROTOCOL_VERSION})")
-    if kind not in (KIND_CONTROL, KIND_DATA):
+    if kind not in _KINDS:
         raise _fail("kind", f"unknown connection kind {kind}")
     if flags & ~HELLO_FLAG_AUTH:
         raise _fail("flags", f"unknown hello flags 0x{flags:02x}")
@@ -163,9 +172,9 @@ def decode_hello(
         raise _fail("nchannels", f"{nch} not in 1..{MAX_CHANNELS}")
     if nchannels is not None and nch != nchannels:
         raise _fail("nchannels", f"{nch} does not match the session's {nchannels} channels")
-    if kind == KIND_CONTROL:
+    if kind != KIND_DATA:
         if channel != CONTROL_CHANNEL:
-            raise _fail("channel", f"a control hello must carry 0xFFFF, got {channel}")
+            raise _fail("channel", f"a control or stream hello must carry 0xFFFF, got {channel}")
     elif channel >= nch:
         # QEMU checks "id > channels"; an id equal to the count is one past the end.
         raise _fail("channel", f"channel id {channel} is not below the channel count {nch}")
@@ -435,6 +444,11 @@ T_ROUND_ACK = 8
 T_CANCEL = 9
 T_COMMIT = 10
 T_RESUME = 11
+T_COMMIT_ACK = 12
+T_REPAIR = 13
+T_REPAIR_PAGES = 14
+T_REPAIR_DONE = 15
+_LAST_TYPE = T_REPAIR_DONE
 
 _ZERO_PAGE_MODES = ("multifd", "none")
 
@@ -541,14 +555,88 @@ class Commit:
     """Source → destination, after a successful RESULT: the source will not resume; the region is yours."""
 
 
+@dataclass(frozen=True)
+class CommitAck:
+    """Destination → source, answering COMMIT: the region is the destination's now, whatever happens next."""
+
+
+@dataclass(frozen=True, eq=False)
+class Repair:
+    """Destination → source, instead of RESULT: these pages differ; send them again (repair pass ``attempt``)."""
+
+    attempt: int
+    pages: tuple[tuple[int, np.ndarray], ...]  # (block index, ascending page indices), blocks ascending
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Repair):
+            return NotImplemented
+        return (
+            self.attempt == other.attempt
+            and len(self.pages) == len(other.pages)
+            and all(a == c and np.array_equal(b, d) for (a, b), (c, d) in zip(self.pages, other.pages))
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class RepairPages:
+    """Source → destination: whole pages of one block, each with its fingerprint under the pass's key."""
+
+    attempt: int
+    block: int
+    pages: np.ndarray  # page indices
+    fingerprints: np.ndarray  # uint64, one per page
+    data: bytes  # len(pages) * page_size bytes, in page order
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, RepairPages):
+            return NotImplemented
+        return (
+            (self.attempt, self.block, self.data) == (other.attempt, other.block, other.data)
+            and np.array_equal(self.pages, other.pages)
+            and np.array_equal(self.fingerprints, other.fingerprints)
+        )
+
+
+@dataclass(frozen=True)
+class RepairDone:
+    """Source → destination: every page the REPAIR named was sent; ``pages`` of them in all."""
+
+    attempt: int
+    pages: int
+
+
 ControlMessage = Union[
-    Config, ConfigAck, RoundEnd, Complete, Verify, Result, ErrorMessage, RoundAck, Cancel, Commit, Resume
+    Config,
+    ConfigAck,
+    RoundEnd,
+    Complete,
+    Verify,
+    Result,
+    ErrorMessage,
+    RoundAck,
+    Cancel,
+    Commit,
+    Resume,
+    CommitAck,
+    Repair,
+    RepairPages,
+    RepairDone,
 ]
+
+# a REPAIR names at most this many pages: more than that is a tracker that
+# missed the writer altogether, which a resend at switchover cannot fix
+MAX_REPAIR_PAGES = 1 << 16
+# a REPAIR_PAGES message carries at most this many pages
+REPAIR_CHUNK_PAGES = 64
 
 _ROUND = struct.Struct(">IHH")
 _VERIFY = struct.Struct(">HHI")
 _ACK = struct.Struct(">I")
 _RESUME = struct.Struct(">HHI")
+_REPAIR = struct.Struct(">IHH")  # attempt, nblocks, reserved; then per block _REPAIR_BLOCK + u64 pages
+_REPAIR_BLOCK = struct.Struct(">HHI")  # block, reserved, npages
+_REPAIR_PAGES = struct.Struct(">IHHI")  # attempt, block, reserved, npages; then pages, fingerprints, data
+_REPAIR_DONE = struct.Struct(">II")
 
 
 def _json(obj: dict[str, Any]) -> bytes:
@@ -606,6 +694,30 @@ def encode_control(msg: ControlMessage) -> bytes:
         if not 0 <= msg.channel < MAX_CHANNELS or not 0 <= msg.round <= 0xFFFFFFFF:
             raise LocalProtocolError("resume: channel or round out of range", field="channel")
         return _frame(T_RESUME, _RESUME.pack(msg.channel, 0, msg.round))
+    if isinstance(msg, CommitAck):
+        return _frame(T_COMMIT_ACK, b"")
+    if isinstance(msg, Repair):
+        total = sum(len(p) for _, p in msg.pages)
+        if not 1 <= len(msg.pages) <= MAX_BLOCKS or not 1 <= total <= MAX_REPAIR_PAGES:
+            raise LocalProtocolError(f"repair: {total} pages in {len(msg.pages)} blocks", field="pages")
+        parts = [_REPAIR.pack(msg.attempt, len(msg.pages), 0)]
+        for block, pages in msg.pages:
+            parts.append(_REPAIR_BLOCK.pack(block, 0, len(pages)))
+            parts.append(np.asarray(pages, dtype=">u8").tobytes())
+        return _frame(T_REPAIR, b"".join(parts))
+    if isinstance(msg, RepairPages):
+        n = len(msg.pages)
+        if not 1 <= n <= REPAIR_CHUNK_PAGES or len(msg.fingerprints) != n or len(msg.data) % n:
+            raise LocalProtocolError(f"repair_pages: {n} pages, {len(msg.fingerprints)} fingerprints", field="pages")
+        return _frame(
+            T_REPAIR_PAGES,
+            _REPAIR_PAGES.pack(msg.attempt, msg.block, 0, n)
+            + np.asarray(msg.pages, dtype=">u8").tobytes()
+            + np.asarray(msg.fingerprints, dtype=">u8").tobytes()
+            + bytes(msg.data),
+        )
+    if isinstance(msg, RepairDone):
+        return _frame(T_REPAIR_DONE, _REPAIR_DONE.pack(msg.attempt, msg.pages))
     raise LocalProtocolError(f"not a control message: {type(msg).__name__}", field="type")
 
 
@@ -805,7 +917,60 @@ def _decode_body(mtype: int, body: bytes) -> ControlMessage:
         if channel >= MAX_CHANNELS:
             raise _fail("channel", f"{channel} is not a channel index")
         return Resume(channel, rnd)
+    if mtype == T_COMMIT_ACK:
+        if body:
+            raise _fail("length", "COMMIT_ACK carries no body")
+        return CommitAck()
+    if mtype == T_REPAIR:
+        return _decode_repair(body)
+    if mtype == T_REPAIR_PAGES:
+        if len(body) < _REPAIR_PAGES.size:
+            raise _fail("repair_pages", "body too short")
+        attempt, block, reserved, n = _REPAIR_PAGES.unpack_from(body)
+        if reserved:
+            raise _fail("reserved", "must be zero")
+        if not 1 <= n <= REPAIR_CHUNK_PAGES:
+            raise _fail("npages", f"{n} not in 1..{REPAIR_CHUNK_PAGES}")
+        data_len = len(body) - _REPAIR_PAGES.size - 16 * n
+        if data_len <= 0 or data_len % n:
+            raise _fail("length", f"{data_len} bytes of page data for {n} pages")
+        off = _REPAIR_PAGES.size
+        pages = np.frombuffer(body, dtype=">u8", count=n, offset=off).astype(np.int64)
+        prints = np.frombuffer(body, dtype=">u8", count=n, offset=off + 8 * n).astype(np.uint64)
+        return RepairPages(attempt, block, pages, prints, body[off + 16 * n :])
+    if mtype == T_REPAIR_DONE:
+        if len(body) != _REPAIR_DONE.size:
+            raise _fail("length", f"REPAIR_DONE body must be {_REPAIR_DONE.size} bytes")
+        return RepairDone(*_REPAIR_DONE.unpack(body))
     raise _fail("type", f"unknown control message type {mtype}")
+
+
+def _decode_repair(body: bytes) -> Repair:
+    if len(body) < _REPAIR.size:
+        raise _fail("repair", "body too short")
+    attempt, nblocks, reserved = _REPAIR.unpack_from(body)
+    if reserved:
+        raise _fail("reserved", "must be zero")
+    if not 1 <= nblocks <= MAX_BLOCKS:
+        raise _fail("nblocks", f"{nblocks} not in 1..{MAX_BLOCKS}")
+    off, total, out = _REPAIR.size, 0, []
+    for _ in range(nblocks):
+        if len(body) < off + _REPAIR_BLOCK.size:
+            raise _fail("length", "REPAIR ends inside a block entry")
+        block, reserved, n = _REPAIR_BLOCK.unpack_from(body, off)
+        off += _REPAIR_BLOCK.size
+        total += n
+        if reserved:
+            raise _fail("reserved", "must be zero")
+        if n == 0 or total > MAX_REPAIR_PAGES:
+            raise _fail("npages", f"{n} pages for block {block} ({total} in all; 1..{MAX_REPAIR_PAGES})")
+        if len(body) < off + 8 * n:
+            raise _fail("length", "REPAIR ends inside a page list")
+        out.append((block, np.frombuffer(body, dtype=">u8", count=n, offset=off).astype(np.int64)))
+        off += 8 * n
+    if off != len(body):
+        raise _fail("length", f"{len(body) - off} bytes after the last block of REPAIR")
+    return Repair(attempt, tuple(out))
 
 
 class ControlDecoder:
@@ -837,7 +1002,7 @@ class ControlDecoder:
             raise _fail("magic", f"0x{magic:08x} is not the control magic 0x{CONTROL_MAGIC:08x}")
         if flags or reserved:
             raise _fail("reserved", "frame flags and reserved bytes must be zero")
-        if not T_CONFIG <= mtype <= T_RESUME:
+        if not T_CONFIG <= mtype <= _LAST_TYPE:
             raise _fail("type", f"unknown control message type {mtype}")
         if length > self.max_body:
             raise _fail("length", f"body of {length} bytes exceeds the limit of {self.max_body}")

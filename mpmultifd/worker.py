@@ -30,7 +30,8 @@ from ._shm import Segment
 from .errors import ChannelBroken, ChannelClosed, MigrationError
 from .methods import PageBatch, PageSink, Prepared, get_method
 from .ram import GuestRAM
-from .ring import KIND_DATA, KIND_EOS, KIND_STOP, KIND_SYNC, Ring
+from .pageprint import fingerprint_extents, fingerprint_rows
+from .ring import KIND_DATA, KIND_EOS, KIND_SCAN, KIND_STOP, KIND_SYNC, Ring
 from .transport import recv_exact_into, send_buffers
 from .zerocopy import ZeroCopySender
 from .zeropage import nonzero_pages
@@ -43,7 +44,7 @@ from .wire import (
     DataHeaderEncoder,
 )
 
-__all__ = ["WorkerSpec", "sender_main", "receiver_main", "warm_receiver_main", "COUNTERS", "error_from_report", "forward_log"]
+__all__ = ["WorkerSpec", "PageRecords", "sender_main", "receiver_main", "warm_receiver_main", "COUNTERS", "error_from_report", "forward_log"]
 
 log = logging.getLogger("mpmultifd.worker")
 
@@ -103,6 +104,41 @@ class WorkerSpec:
     flush_timeout: float = 10.0
     start_round: int = 0  # a receiver replacing a broken channel starts at the destination's round
     log_level: int = logging.WARNING
+    # sender: the page-fingerprint key (pageprint) for scan jobs and sent-page records, and the
+    # shared segment of per-page fingerprints (see PageRecords); snapshot=True sends private
+    # copies and records what was sent (the scanning tracker's exact baseline)
+    print_key: np.ndarray | None = None
+    prints_name: str | None = None
+    snapshot: bool = False
+
+
+class PageRecords:
+    """Two uint64 per page of every block in one shared segment: ``sent`` and ``scanned``.
+
+    ``sent[b][p]`` is the fingerprint of the bytes last sent for page ``p`` of
+    block ``b`` (written by the sender that sent it); ``scanned[b][p]`` is the
+    fingerprint a scan job found. Pages are in one batch per round and scan jobs
+    cover disjoint ranges, so no two workers write the same entry at once; the
+    coordinator reads them only after every worker reported the round or job done.
+    """
+
+    def __init__(self, seg: Segment, npages: tuple[int, ...]) -> None:
+        self.seg = seg
+        total = sum(npages)
+        words = np.frombuffer(seg.buf, dtype=np.uint64, count=2 * total)
+        offsets = np.concatenate(([0], np.cumsum(npages)))
+        self.sent = [words[offsets[i] : offsets[i + 1]] for i in range(len(npages))]
+        self.scanned = [words[total + offsets[i] : total + offsets[i + 1]] for i in range(len(npages))]
+        del words
+
+    @staticmethod
+    def size(npages: tuple[int, ...]) -> int:
+        return 16 * max(sum(npages), 1)
+
+    def close(self) -> None:
+        self.sent = []
+        self.scanned = []
+        self.seg.close()
 
 
 class _ForwardHandler(logging.Handler):
@@ -200,23 +236,31 @@ class CoordinatorWatch:
 def sender_main(spec: WorkerSpec, ram: GuestRAM, ring: Ring, sock: socket.socket, conn: Connection) -> None:
     """Entry point of a source channel worker."""
     _child_setup(spec, conn)
+    records: PageRecords | None = None
     try:
-        conn.send(("ready",))  # attached to the ring and the RAM: the coordinator may unlink their names
+        if spec.prints_name is not None:
+            records = PageRecords(Segment.attach(spec.prints_name), tuple(s // spec.page_size for s in spec.block_sizes))
+        # attached to the ring, the RAM and the records: the coordinator may unlink their names
+        conn.send(("ready",))
         log.debug("sender worker %d started (pid %d, method %s)", spec.channel, os.getpid(), spec.method)
-        _run_sender(spec, ram, ring, sock, conn)
+        _run_sender(spec, ram, ring, sock, conn, records)
     except _Stopped:
         pass
     except BaseException as exc:  # every failure is reported, then the process ends
         _report(conn, exc)
         raise SystemExit(1) from None
     finally:
+        if records is not None:
+            records.close()
         ring.close_consumer()
         ring.close()
         ram.close()
         sock.close()
 
 
-def _run_sender(spec: WorkerSpec, ram: GuestRAM, ring: Ring, sock: socket.socket, conn: Connection) -> None:
+def _run_sender(
+    spec: WorkerSpec, ram: GuestRAM, ring: Ring, sock: socket.socket, conn: Connection, records: PageRecords | None
+) -> None:
     ps = spec.page_size
     grids = [ram.pages(b.index) for b in ram.blocks]
     words = [g.view(np.uint64) for g in grids]
@@ -228,6 +272,8 @@ def _run_sender(spec: WorkerSpec, ram: GuestRAM, ring: Ring, sock: socket.socket
     counters = ring.counters
     no_pages = np.empty(0, dtype=np.int64)
     watch = CoordinatorWatch(conn)
+    key = spec.print_key
+    snapshot = spec.snapshot and records is not None and key is not None
     zc: ZeroCopySender | None = None
     if spec.zerocopy != "off":
         # "on" never falls back; "auto" does once most completions say "copied"
@@ -260,14 +306,29 @@ def _run_sender(spec: WorkerSpec, ram: GuestRAM, ring: Ring, sock: socket.socket
                 blk = batch.block
                 pages = batch.pages.astype(np.intp, copy=False)
                 n = len(pages)
-                if detect_zero and n:
-                    nonzero = nonzero_pages(words[blk], pages)
+                if snapshot and n:
+                    # a private copy is what goes on the wire, and its fingerprints are what
+                    # the scanning tracker compares later scans against: exact, whatever the
+                    # writer does to the shared pages meanwhile
+                    snap = grids[blk][pages]
+                    prints = np.empty(n, dtype=np.uint64)
+                    fingerprint_rows(snap, key, prints)
+                    records.sent[blk][pages] = prints
+                    rows = np.arange(n, dtype=np.intp)
+                    nonzero = nonzero_pages(snap.view(np.uint64), rows) if detect_zero else np.ones(n, dtype=bool)
                     normal = pages[nonzero]
                     zero = pages[~nonzero]
+                    src = PageBatch(blk, ps, rows[nonzero], memoryview(snap).cast("B"), snap)
                 else:
-                    normal, zero = pages, no_pages
+                    if detect_zero and n:
+                        nonzero = nonzero_pages(words[blk], pages)
+                        normal = pages[nonzero]
+                        zero = pages[~nonzero]
+                    else:
+                        normal, zero = pages, no_pages
+                    src = PageBatch(blk, ps, normal, datas[blk], grids[blk])
                 if len(normal):
-                    prep = sender.send_prepare(PageBatch(blk, ps, normal, datas[blk], grids[blk]))
+                    prep = sender.send_prepare(src)
                 else:
                     prep = Prepared(ENCODING_RAW, (), 0)
                 header = encoder.encode(
@@ -313,6 +374,12 @@ def _run_sender(spec: WorkerSpec, ram: GuestRAM, ring: Ring, sock: socket.socket
                     conn.send(("done", batch.round))
                     return
                 conn.send(("synced", batch.round))
+            elif batch.kind == KIND_SCAN:
+                if records is None or key is None:
+                    raise MigrationError("scan job for a worker without page records", channel=spec.channel)
+                extents = batch.pages.reshape(-1, 2)
+                scanned = fingerprint_extents(grids[batch.block], extents, key, records.scanned[batch.block])
+                conn.send(("scanned", batch.round, scanned))
             elif batch.kind == KIND_STOP:
                 return
             counters[C_BUSY_NS] += time.perf_counter_ns() - t0

@@ -205,8 +205,9 @@ def test_map_tracker_misses_a_running_guest_and_verification_catches_it(tmp_path
     ``pause`` waits until the guest wrote twice more after precopy had ended (so
     at least the marker page is certainly stale on the destination), then stops
     it.
-    Verification must refuse the result; ``resume`` (called by the library
-    because the migration failed after the pause) lets the guest run on.
+    Verification must refuse the result (repair is off here: the next test
+    shows the repair); ``resume`` (called by the library because the
+    migration failed after the pause) lets the guest run on.
     """
     config = MigrationConfig(
         channels=2,
@@ -214,6 +215,7 @@ def test_map_tracker_misses_a_running_guest_and_verification_catches_it(tmp_path
         downtime_limit=0.5,
         stall_downtime_limit=math.inf,
         start_method="forkserver",
+        repair_passes=0,
     )
     with QemuGuest(tmp_path) as guest:
         guest.wait_writing(timeout=60, writes=100)
@@ -249,3 +251,27 @@ def test_map_tracker_misses_a_running_guest_and_verification_catches_it(tmp_path
     assert reported and set(reported) <= set(differ.tolist()), (reported[:10], differ[:10])
     print(f"{differ.size} stale pages; verification named {len(reported)} (first {reported[:5]}); "
           f"guest wrote on after resume: {after}")
+
+
+@needs_qemu
+@pytest.mark.timeout(120)
+def test_map_tracker_misses_a_running_guest_and_the_switchover_repairs_it(tmp_path):
+    """The same blind tracker, with repair on (the default): the pages verification finds
+    different while the guest is stopped are sent again, and the copy is byte-identical."""
+    config = MigrationConfig(
+        channels=2, dirty_tracker="map", downtime_limit=0.5, stall_downtime_limit=math.inf, start_method="forkserver"
+    )
+    with QemuGuest(tmp_path) as guest:
+        guest.wait_writing(timeout=60, writes=100)
+
+        def pause():
+            guest.wait_writing(timeout=10, writes=2, since=guest.marker())
+            guest.stop()
+
+        outcome, (dest_outcome, dest_valid), dst = _migrate_guest(guest, config, pause)
+        assert isinstance(outcome, MigrationResult), outcome
+        assert outcome.verified and outcome.repaired_pages > 0 and outcome.repair_passes >= 1
+        assert isinstance(dest_outcome, MigrationResult) and dest_valid
+        assert dest_outcome.repaired_pages == outcome.repaired_pages
+        ram = np.fromfile(guest.mem_path, dtype=np.uint8)
+        assert np.array_equal(dst, ram)

@@ -19,10 +19,15 @@ from mpmultifd.wire import (
     HELLO_SIZE,
     KIND_CONTROL,
     KIND_DATA,
+    KIND_STREAM,
+    MAX_BLOCKS,
+    MAX_REPAIR_PAGES,
+    REPAIR_CHUNK_PAGES,
     BlockSpec,
     Cancel,
     ChannelState,
     Commit,
+    CommitAck,
     Complete,
     Config,
     ConfigAck,
@@ -31,6 +36,9 @@ from mpmultifd.wire import (
     DataHeaderEncoder,
     ErrorMessage,
     Hello,
+    Repair,
+    RepairDone,
+    RepairPages,
     Result,
     RoundAck,
     RoundEnd,
@@ -191,13 +199,13 @@ def test_hello_encoder_refuses_impossible_values():
 
 
 @given(
-    kind=st.sampled_from([KIND_CONTROL, KIND_DATA]),
+    kind=st.sampled_from([KIND_CONTROL, KIND_DATA, KIND_STREAM]),
     sid=st.binary(min_size=16, max_size=16),
     n=st.integers(1, 256),
     data=st.data(),
 )
 def test_hello_round_trip(kind, sid, n, data):
-    ch = CONTROL_CHANNEL if kind == KIND_CONTROL else data.draw(st.integers(0, n - 1))
+    ch = data.draw(st.integers(0, n - 1)) if kind == KIND_DATA else CONTROL_CHANNEL
     h = Hello(kind, sid, ch, n)
     b = encode_hello(h)
     assert len(b) == HELLO_SIZE
@@ -405,6 +413,10 @@ def test_channel_state_orders_rounds_and_packets():
         RoundAck(12),
         Cancel(),
         Commit(),
+        CommitAck(),
+        Repair(1, ((0, np.array([1, 5, 9])), (2, np.array([3])))),
+        RepairPages(2, 1, np.array([4, 5]), np.array([7, 2**64 - 1], dtype=np.uint64), bytes(range(256)) * 32),
+        RepairDone(3, 17),
     ],
 )
 def test_control_round_trip(msg):
@@ -446,7 +458,18 @@ def _config_json(**changes) -> bytes:
         (_frame(1, b"{}", magic=0x11223344), "magic"),
         (_frame(1, b"{}", flags=1), "reserved"),
         (_frame(0, b""), "type"),
-        (_frame(12, b""), "type"),
+        (_frame(16, b""), "type"),
+        (_frame(12, b"\0"), "length"),
+        (_frame(13, b"\0\0\0\1\0\0\0\0"), "nblocks"),
+        (_frame(13, b"\0\0\0\1\0\1\0\0" + b"\0\0\0\0\0\0\0\0"), "npages"),
+        (_frame(13, b"\0\0\0\1\0\1\0\0" + b"\0\0\0\0\0\0\0\2" + bytes(8)), "length"),
+        (_frame(13, b"\0\0\0\1\0\1\0\0" + b"\0\0\0\0\0\0\0\1" + bytes(9)), "length"),
+        (_frame(13, b"\0\0\0\1\0\1\0\0" + b"\0\0\0\0\0\1\0\1" + bytes(8)), "npages"),
+        (_frame(14, b"\0\0\0\1\0\0\0\0\0\0\0\0"), "npages"),
+        (_frame(14, b"\0\0\0\1\0\0\0\0\0\0\0\1" + bytes(16)), "length"),
+        (_frame(14, b"\0\0\0\1\0\0\0\0\0\0\0\2" + bytes(32) + bytes(4097)), "length"),
+        (_frame(14, b"\0\0\0\1\0\0\0\1\0\0\0\1" + bytes(16) + bytes(8)), "reserved"),
+        (_frame(15, b"\0\0\0\1"), "length"),
         (_frame(1, b"not json"), "config"),
         (_frame(1, b"[1]"), "config"),
         (_frame(1, _config_json(page_size=4095)), "page_size"),
@@ -516,6 +539,42 @@ def test_control_binary_round_trips(rnd, counts, fps, block):
     assert decode_one(encode_control(Complete(rnd, tuple(counts)))) == Complete(rnd, tuple(counts))
     v = Verify(block, np.array(fps, dtype=np.uint64))
     assert decode_one(encode_control(v)) == v
+
+
+@given(
+    attempt=st.integers(0, 2**32 - 1),
+    blocks=st.dictionaries(
+        st.integers(0, MAX_BLOCKS - 1), st.lists(st.integers(0, 2**63 - 1), min_size=1, max_size=50, unique=True),
+        min_size=1, max_size=5,
+    ),
+    npages=st.integers(1, REPAIR_CHUNK_PAGES),
+    page=st.sampled_from([512, 4096]),
+    data=st.data(),
+)
+def test_repair_messages_round_trip(attempt, blocks, npages, page, data):
+    r = Repair(attempt, tuple((b, np.array(sorted(p), dtype=np.int64)) for b, p in sorted(blocks.items())))
+    assert decode_one(encode_control(r)) == r
+    pages = np.array(data.draw(st.lists(st.integers(0, 2**63 - 1), min_size=npages, max_size=npages)), dtype=np.int64)
+    prints = np.array(data.draw(st.lists(st.integers(0, 2**64 - 1), min_size=npages, max_size=npages)), dtype=np.uint64)
+    rp = RepairPages(attempt, data.draw(st.integers(0, 0xFFFF)), pages, prints, data.draw(st.binary(min_size=page, max_size=page)) * npages)
+    assert decode_one(encode_control(rp)) == rp
+    assert decode_one(encode_control(RepairDone(attempt, npages))) == RepairDone(attempt, npages)
+
+
+def test_repair_is_bounded_on_both_ends():
+    with pytest.raises(LocalProtocolError):
+        encode_control(Repair(1, ((0, np.arange(MAX_REPAIR_PAGES + 1)),)))
+    with pytest.raises(LocalProtocolError):
+        encode_control(RepairPages(1, 0, np.arange(REPAIR_CHUNK_PAGES + 1), np.zeros(REPAIR_CHUNK_PAGES + 1, np.uint64), bytes(512 * (REPAIR_CHUNK_PAGES + 1))))
+    # a hostile REPAIR that announces more pages than the limit, split over blocks
+    body = b"\0\0\0\1\0\2\0\0"
+    for b in range(2):
+        body += bytes([0, b, 0, 0]) + (MAX_REPAIR_PAGES // 2 + 1).to_bytes(4, "big") + bytes(8 * (MAX_REPAIR_PAGES // 2 + 1))
+    d = ControlDecoder()
+    d.feed(_frame(13, body))
+    with pytest.raises(RemoteProtocolError) as ei:
+        d.next_message()
+    assert ei.value.field == "npages"
 
 
 @given(

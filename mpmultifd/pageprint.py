@@ -1,0 +1,99 @@
+"""Keyed per-page fingerprints: the scanning tracker's and the switchover verification's.
+
+A page is read as 32-bit words ``x[i]`` and fingerprinted as
+``F = sum(K[i] * x[i]) mod 2**64`` with ``K`` a vector of odd 64-bit keys.
+
+- A change confined to one aligned 32-bit word always changes ``F``:
+  ``K[i] * d`` is never 0 mod ``2**64`` for odd ``K[i]`` and ``0 < |d| < 2**32``.
+- Any other fixed change is missed for at most one residue of one key modulo
+  ``2**(64 - t)``, where ``t <= 31`` is the lowest set bit of that word's
+  difference: with ``K`` secret and random, the miss probability is at most
+  ``2**-(63 - t) <= 2**-32``, and ``2**-63`` for the usual change.
+
+Reading 32-bit rather than 64-bit words is what bounds ``t``: with 64-bit words
+a change that only flips the sign bits of two doubles would be missed every
+time. An all-zero page (or a hole) fingerprints as 0.
+
+The key comes from a 32-byte seed through SHAKE-256, so both ends of a session
+derive the same key from a secret they share (:func:`session_seed`) without it
+ever crossing the wire.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+
+import numpy as np
+
+__all__ = [
+    "key_from_seed",
+    "random_key",
+    "session_seed",
+    "fingerprint_rows",
+    "fingerprint_extents",
+    "ROWS_PER_CALL",
+]
+
+# pages fingerprinted per numpy call: the uint64 temporary (8 KiB per 4 KiB page) stays in the cache
+ROWS_PER_CALL = 256
+_SEED_LABEL = b"mpmultifd page fingerprints v1\0"
+
+
+def key_from_seed(seed: bytes, page_size: int) -> np.ndarray:
+    """The odd 64-bit key vector (``page_size // 4`` words) that ``seed`` stands for."""
+    words = page_size // 4
+    raw = hashlib.shake_256(_SEED_LABEL + seed).digest(8 * words)
+    key = np.frombuffer(raw, dtype="<u8").astype(np.uint64)
+    key |= np.uint64(1)
+    key.setflags(write=False)
+    return key
+
+
+def random_key(page_size: int) -> np.ndarray:
+    """A key nobody else knows (the scanning tracker's when no session shares one)."""
+    return key_from_seed(os.urandom(32), page_size)
+
+
+def session_seed(auth_key: bytes | None, session_id: bytes, attempt: int) -> bytes:
+    """The seed both ends of a session derive for verification pass ``attempt``.
+
+    With an auth key it is a secret of the two ends (an HMAC under the key), so
+    a relay that sees every byte cannot predict the fingerprints; without one
+    it is public, and verification then guards against bugs, not attackers.
+    Each repair pass gets a fresh seed, so what one pass's VERIFY reveals about
+    its key is no use against the next.
+    """
+    msg = b"verify\0" + session_id + attempt.to_bytes(4, "big")
+    return hmac.new(auth_key or b"", msg, hashlib.sha256).digest()
+
+
+def fingerprint_rows(rows: np.ndarray, key: np.ndarray, out: np.ndarray, *, chunk: int = ROWS_PER_CALL) -> None:
+    """Fingerprint every row of the 2-D uint8 array ``rows`` (whole pages) into ``out`` (uint64)."""
+    n = rows.shape[0]
+    if n == 0:
+        return
+    words = rows.view(np.uint32)
+    tmp = np.empty((min(chunk, n), words.shape[1]), dtype=np.uint64)
+    for s in range(0, n, chunk):
+        e = min(s + chunk, n)
+        t = tmp[: e - s]
+        np.copyto(t, words[s:e])  # widen; the products wrap mod 2**64 as intended
+        np.matmul(t, key, out=out[s:e])
+
+
+def fingerprint_extents(
+    pages: np.ndarray, extents: list[tuple[int, int]] | np.ndarray, key: np.ndarray, out: np.ndarray
+) -> int:
+    """Fingerprint the page ranges ``[first, end)`` of the 2-D page array ``pages`` into ``out[first:end]``.
+
+    Returns the number of pages read. Pages outside the ranges are not touched
+    (neither read nor written in ``out``).
+    """
+    done = 0
+    for first, end in extents:
+        first, end = int(first), int(end)
+        fingerprint_rows(pages[first:end], key, out[first:end])
+        done += end - first
+    return done
