@@ -248,6 +248,7 @@ def _flag_words(message: str) -> str:
         return _FIELD_FLAGS[m.group(1)]
 
     names = "|".join(sorted(_FIELD_FLAGS, key=len, reverse=True))
+    message = re.sub(r"(?<![\w-])verify=False\b", "--no-verify", message)
     message = re.sub(rf"(?<![\w-])({names})=True\b", sub, message)
     snake = "|".join(n for n in _FIELD_FLAGS if "_" in n)
     message = re.sub(rf"(?<![\w-])({snake})\b", sub, message)

@@ -386,3 +386,13 @@ def test_readme_lists_every_subcommand():
         readme = f.read()
     for name in subs:
         assert f"mpmultifd {name}" in readme, name
+
+
+def test_library_messages_in_flag_words():
+    from mpmultifd.cli import _flag_words
+
+    assert _flag_words("downtime_limit: 0 is not a positive number") == "--downtime-limit: 0 is not a positive number"
+    assert _flag_words("opt out with allow_unauthenticated=True") == "opt out with --allow-unauthenticated"
+    assert _flag_words("(verify=False or a cheaper tracker can)") == "(--no-verify or a cheaper tracker can)"
+    assert _flag_words("3 channels on 2 CPUs") == "3 channels on 2 CPUs"  # plain words stay
+    assert _flag_words("zerocopy: 'on' needs compression='none'") == "--zerocopy: 'on' needs --compression='none'"
