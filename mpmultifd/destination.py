@@ -57,6 +57,7 @@ from .wire import (
     Complete,
     Config,
     ControlDecoder,
+    ControlMac,
     ErrorMessage,
     Repair,
     RepairDone,
@@ -73,6 +74,7 @@ from .wire import (
 from .worker import (
     COUNTERS,
     STATS_WORDS,
+    PageRecords,
     WorkerSpec,
     error_from_report,
     forward_log,
@@ -217,6 +219,8 @@ class Destination:
         self._receivers: dict[int, _Receiver] = {}
         self._control: socket.socket | None = None
         self._received: Segment | None = None
+        self._held: PageRecords | None = None  # fingerprints of what each page holds, written by the receivers
+        self._verify_key: np.ndarray | None = None
         self._stats: Segment | None = None
         self._t_start = time.monotonic()
         self._t_end: float | None = None
@@ -227,6 +231,7 @@ class Destination:
         self._broken: dict[int, float] = {}  # channel -> deadline for its reconnection
         self._connected: set[int] = set()
         self._control_bytes = 0
+        self._mac: ControlMac | None = None
         self._on_stream = on_stream
         self._streams: list[tuple[threading.Thread, socket.socket]] = []
         self._committed = False
@@ -478,7 +483,10 @@ class Destination:
             self._wait([], None)
             self._take_incoming(accept_data=False)
         ctrl = self._control
-        decoder = ControlDecoder()
+        key = cfg.auth_key
+        # with a key every control frame is authenticated, from CONFIG on (the hello's proof binds the session)
+        self._mac = ControlMac(key, self._control_hello.session_id, "destination") if key is not None else None
+        decoder = ControlDecoder(mac=self._mac)
         self._decoder = decoder  # a failing receiver may need to read why the source left
         ctrl.setblocking(False)
         deadline = time.monotonic() + cfg.timeout
@@ -612,6 +620,15 @@ class Destination:
                 _allocated_pages(b.path, b.npages, b.page_size, m)
             del m
         self._stats = Segment.create(unique_name("rst"), c.channels * STATS_WORDS * 8)
+        if c.verify:
+            key = key_from_seed(session_seed(self.config.auth_key, c.session_id, 0), ram.page_size)
+            npages = tuple(b.npages for b in ram.blocks)
+            self._held = PageRecords(Segment.create(unique_name("held"), PageRecords.size(npages)), npages)
+            self._verify_key = key
+            if c.base is not None:
+                # a top-up sends only what changed since the save: the rest is what the restore put here
+                for block, prints in enumerate(self._fingerprint_held(key, c.channels)):
+                    self._held.sent[block][:] = prints
 
     def _serve_session(self, c: Config, decoder: ControlDecoder) -> None:
         cfg = self.config
@@ -625,6 +642,8 @@ class Destination:
             options={},
             zero_page=c.zero_page,
             log_level=logging.getLogger("mpmultifd").getEffectiveLevel(),
+            print_key=self._verify_key,
+            prints_name=self._held.seg.name if self._held is not None else None,
         )
         round_ends: dict[int, tuple[int, ...]] = {}
         complete: Complete | None = None
@@ -784,6 +803,7 @@ class Destination:
         # from here on nothing undoes the migration: not a cancel, not a lost connection
         self._committed = True
         self._valid = True
+        self._status = "completed"
         self._t_end = time.monotonic()
         per = self._counters()
         self._result = MigrationResult(
@@ -813,8 +833,9 @@ class Destination:
         """Compare every page with the source's fingerprints; have differing pages resent and check them again."""
         ram = self.ram
         ps = ram.page_size
-        key = key_from_seed(session_seed(self.config.auth_key, c.session_id, 0), ps)
-        mine = self._fingerprint_held(key, c.channels)
+        assert self._held is not None
+        # the receivers fingerprinted every page as they put it in place: no read of the region now
+        mine = [self._held.sent[b.index] for b in ram.blocks]
         bad = {b.index: np.flatnonzero(mine[b.index] != verify[b.index]) for b in ram.blocks}
         bad = {i: p for i, p in bad.items() if len(p)}
         attempt = 0
@@ -1086,7 +1107,7 @@ class Destination:
             ):
                 # every receiver is attached: drop the names, so a crash of this
                 # process leaves nothing of ours in /dev/shm
-                for seg in (self._received, self._stats):
+                for seg in (self._received, self._stats, self._held.seg if self._held is not None else None):
                     if seg is not None:
                         seg.unlink()
         elif kind == "sync":
@@ -1120,7 +1141,7 @@ class Destination:
         ctrl.setblocking(True)
         ctrl.settimeout(self.config.timeout)
         try:
-            ctrl.sendall(encode_control(msg))
+            ctrl.sendall(encode_control(msg, self._mac))
         except OSError as e:
             raise ChannelBroken(f"control connection failed: {e}") from e
         finally:
@@ -1193,6 +1214,10 @@ class Destination:
                 seg.close()
                 seg.unlink()
         self._received = self._stats = None
+        held, self._held = self._held, None
+        if held is not None:
+            held.close()
+            held.seg.unlink()
         if self._t_end is None:
             self._t_end = time.monotonic()
         self._status = status

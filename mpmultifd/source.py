@@ -65,6 +65,7 @@ from .wire import (
     Config,
     ConfigAck,
     ControlDecoder,
+    ControlMac,
     ErrorMessage,
     Hello,
     Repair,
@@ -97,6 +98,8 @@ log = logging.getLogger("mpmultifd.source")
 _JOIN_GRACE = 2.0
 # round trips and wake-ups of a switchover (EOS, RESULT, COMMIT and its acknowledgement)
 _SWITCH_LATENCY = 0.01
+# the VERIFY message and the destination's comparison, per page of the region
+_COMPARE_SECONDS_PER_PAGE = 20e-9
 
 
 _START_LOCK = threading.Lock()
@@ -191,7 +194,7 @@ def _fingerprint_seconds_per_page(page_size: int) -> float:
 
 
 def verify_threads(channels: int) -> int:
-    """Threads a destination fingerprints its region with at switchover."""
+    """Threads a destination fingerprints its whole region with (a top-up's starting point)."""
     return max(1, min(channels, os.cpu_count() or 1))
 
 
@@ -337,6 +340,7 @@ class Source:
         self._control: socket.socket | None = None
         self._opening: socket.socket | None = None  # a connection in its handshake
         self._decoder = ControlDecoder()
+        self._mac: ControlMac | None = None  # authenticates control frames when there is a key
         self._early: list[Any] = []
         self._running = False
         self._closed = False
@@ -1017,6 +1021,9 @@ class Source:
         self._check_cancel()
         ctrl = self._open(address, Hello(KIND_CONTROL, session, CONTROL_CHANNEL, cfg.channels))
         self._control = ctrl
+        # with a key every control frame is authenticated: a relay cannot change VERIFY, RESULT or COMMIT
+        self._mac = ControlMac(cfg.auth_key, session, "source") if cfg.auth_key is not None else None
+        self._decoder = ControlDecoder(mac=self._mac)
         config_msg = Config(
             session_id=session,
             page_size=ram.page_size,
@@ -1030,7 +1037,7 @@ class Source:
             channel_retries=cfg.channel_retries,
             base=self._save_base if top_up else None,
         )
-        ctrl.sendall(encode_control(config_msg))
+        ctrl.sendall(encode_control(config_msg, self._mac))
         ctrl.setblocking(False)
         reply = self._next_control(time.monotonic() + cfg.timeout, "the destination's answer to the configuration")
         if not isinstance(reply, ConfigAck):
@@ -1310,20 +1317,19 @@ class Source:
         """Seconds the pause will spend fingerprinting pages, beyond the last dirty sync.
 
         A save fingerprints the paused guest here for its digests. A migration
-        with ``verify`` fingerprints it in the workers (no extra pass when the
-        scanning tracker's final scan serves), and the destination fingerprints
-        what it holds, in as many threads as it has channels and CPUs.
+        with ``verify`` fingerprints it in the workers, in parallel (nothing
+        extra when the scanning tracker's final scan serves); the destination
+        fingerprinted each page as it arrived and only compares arrays.
         """
         ram = self.ram
         pages = sum(e - f for b in ram.blocks for f, e in ram.data_extents(b.index))
         per_page = _fingerprint_seconds_per_page(ram.page_size)
         if save:
             return per_page * pages
-        cpus = os.cpu_count() or 1
-        cost = _SWITCH_LATENCY
+        cost = _SWITCH_LATENCY + _COMPARE_SECONDS_PER_PAGE * ram.total_pages
         if not isinstance(self._tracker, ScanningTracker):
-            cost += per_page * pages / max(1, min(self.config.channels, cpus))
-        return cost + per_page * pages / verify_threads(self.config.channels)
+            cost += per_page * pages / max(1, min(self.config.channels, os.cpu_count() or 1))
+        return cost
 
     def _precopy(
         self, top_up: bool = False, save: bool = False, tracker: DirtyTracker | None = None
@@ -1896,9 +1902,13 @@ class Source:
             if ch.proc.sentinel in ready and not ch.done and not ch.reconnecting:
                 # give its last report a moment to arrive, then blame the death
                 try:
-                    if ch.conn.poll(0.2):
+                    # its last reports (say "scanned", then "done") may all still be in the pipe
+                    wait = 0.2
+                    while not ch.done and ch.conn.poll(wait):
                         self._worker_message(ch)
-                    raise WorkerDied(f"worker process exited with code {ch.proc.exitcode}", channel=ch.index)
+                        wait = 0.0
+                    if not ch.done:
+                        raise WorkerDied(f"worker process exited with code {ch.proc.exitcode}", channel=ch.index)
                 except MigrationError as e:
                     if e.channel is None:
                         raise
@@ -1990,7 +2000,7 @@ class Source:
 
     def _control_send(self, msg: Any) -> None:
         assert self._control is not None
-        data = memoryview(encode_control(msg))
+        data = memoryview(encode_control(msg, self._mac))
         while data:
             try:
                 n = self._control.send(data)
@@ -2017,7 +2027,7 @@ class Source:
             try:
                 ctrl.setblocking(True)
                 ctrl.settimeout(0.5)
-                ctrl.sendall(encode_control(msg))
+                ctrl.sendall(encode_control(msg, self._mac))
             except OSError:
                 pass
         for ch in chans:
@@ -2037,6 +2047,7 @@ class Source:
         if ctrl is not None:
             ctrl.close()
         self._decoder = ControlDecoder()
+        self._mac = None
         self._early = []
 
     @staticmethod

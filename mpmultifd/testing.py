@@ -61,11 +61,91 @@ def same_contents(a: GuestRAM, b: GuestRAM) -> bool:
     return all(np.array_equal(a.view(x.index), b.view(x.index)) for x in a.blocks)
 
 
+def _aba_writer(ram: GuestRAM, stop: Any, started: Any, count: Any, rng: np.random.Generator, rate: float) -> None:
+    """Writes that undo themselves a moment later, as a running kernel's do.
+
+    Three kinds, each on a few random pages at a time: a lock word taken and
+    released (+1, later -1), a counter moved up and back down by a random
+    amount (sign bits included), and a page overwritten with random bytes and
+    later restored to its old bytes. Each is undone 0-5 ms later, so a page is
+    often read in its changed state and scanned again in its original one.
+    """
+    grids = [ram.pages(b.index) for b in ram.blocks]
+    words = [g.view(np.uint32) for g in grids]
+    held: list[tuple[float, int, int, np.ndarray, int, Any]] = []
+    n = 0
+    group = 8
+    t_next = time.monotonic()
+    while not stop.is_set():
+        now = time.monotonic()
+        keep = []
+        for entry in held:
+            due, kind, block, pages, word, undo = entry
+            if due > now:
+                keep.append(entry)
+                continue
+            if kind == 2:
+                grids[block][pages] = undo
+            else:
+                words[block][pages, word] -= np.uint32(undo)
+        held = keep
+        for _ in range(group):
+            block = int(rng.integers(0, len(grids)))
+            npages, nwords = words[block].shape
+            pages = np.unique(rng.integers(0, npages, int(rng.integers(1, 4))))
+            word = int(rng.integers(0, nwords))
+            kind = int(rng.integers(0, 3))
+            if kind == 0:
+                undo: Any = 1
+            elif kind == 1:
+                undo = int(rng.choice([1, 7, 1 << 16, 1 << 31, 0xFFFFFFFF]))
+            else:
+                undo = grids[block][pages].copy()
+            if kind == 2:
+                grids[block][pages] = rng.integers(0, 256, size=undo.shape, dtype=np.uint8)
+            else:
+                words[block][pages, word] += np.uint32(undo)
+            held.append((now + float(rng.uniform(0, 0.005)), kind, block, pages, word, undo))
+            n += 1
+        count.value = n
+        if n >= 64:
+            started.set()
+        t_next += group / rate if rate else 0.0
+        pause = t_next - time.monotonic()
+        if pause > 0:
+            time.sleep(pause)
+        else:
+            t_next = time.monotonic()
+    for _, kind, block, pages, word, undo in reversed(held):  # put everything back, newest first
+        if kind == 2:
+            grids[block][pages] = undo
+        else:
+            words[block][pages, word] -= np.uint32(undo)
+    del grids, words, held
+
+
 def _writer_main(
-    ram_name: str, stop: Any, stopped: Any, started: Any, count: Any, seed: int, rate: float, mark: bool, throttle: Any
+    ram_name: str,
+    stop: Any,
+    stopped: Any,
+    started: Any,
+    count: Any,
+    seed: int,
+    rate: float,
+    mark: bool,
+    throttle: Any,
+    pattern: str = "random",
 ) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the process running the migration
     ram = GuestRAM.attach(ram_name)
+    if pattern == "aba":
+        try:
+            _aba_writer(ram, stop, started, count, np.random.default_rng(seed), rate)
+        finally:
+            started.set()
+            stopped.set()
+            ram.close()
+        return
     rng = np.random.default_rng(seed)
     ps = ram.page_size
     blocks = [(b.index, b.npages) for b in ram.blocks]
@@ -117,11 +197,25 @@ class DirtyingWriter:
 
     Use :meth:`pause` as the migration's ``pause`` callback: it stops the
     writer and returns once it has stopped writing.
+
+    ``pattern="aba"`` writes what a running kernel writes: lock words taken and
+    released, counters moved and moved back, pages overwritten and restored,
+    each undone within a few milliseconds, without marking (``rate`` is then
+    operations per second).
     """
 
     def __init__(
-        self, ram_name: str, *, seed: int = 1, rate: float = 5000.0, start_method: str = "spawn", mark: bool = True
+        self,
+        ram_name: str,
+        *,
+        seed: int = 1,
+        rate: float = 5000.0,
+        start_method: str = "spawn",
+        mark: bool = True,
+        pattern: str = "random",
     ) -> None:
+        if pattern not in ("random", "aba"):
+            raise ValueError(f"pattern must be 'random' or 'aba', not {pattern!r}")
         # the library's context: a forkserver started here preloads numpy and the
         # worker module, so workers started later through it start in milliseconds
         ctx = mp_context(start_method)
@@ -131,7 +225,9 @@ class DirtyingWriter:
         self.throttles: list[int] = []
         self._proc = ctx.Process(
             target=_writer_main,
-            args=(ram_name, self._stop, self._stopped, self._started, self._count, seed, rate, mark, self._throttle),
+            args=(
+                ram_name, self._stop, self._stopped, self._started, self._count, seed, rate, mark, self._throttle, pattern
+            ),
             name="mpmultifd-writer",
             daemon=True,
         )

@@ -17,6 +17,8 @@ All integers are big-endian. Three kinds of bytes travel:
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import struct
 from dataclasses import dataclass, field
@@ -69,6 +71,7 @@ __all__ = [
     "MAX_REPAIR_PAGES",
     "REPAIR_CHUNK_PAGES",
     "ControlMessage",
+    "ControlMac",
     "encode_control",
     "ControlDecoder",
     "MAX_CONTROL_BODY",
@@ -647,8 +650,54 @@ def _frame(mtype: int, body: bytes) -> bytes:
     return _FRAME.pack(CONTROL_MAGIC, mtype, 0, 0, len(body)) + body
 
 
-def encode_control(msg: ControlMessage) -> bytes:
-    """Encode one control message with its frame header."""
+FRAME_FLAG_MAC = 0x01  # a 32-byte tag follows the body (sessions with a key)
+MAC_SIZE = 32
+
+
+class ControlMac:
+    """Authenticates the control frames of one session in one direction each way.
+
+    With a shared key, every control frame carries ``HMAC-SHA256`` under a key
+    derived from the auth key and the session id, over a per-direction frame
+    counter, the frame header and the body: a relay without the key can
+    neither change, drop, reorder nor replay a frame without the other end
+    noticing (a dropped frame shows at the next one). ``role`` is this end's,
+    ``"source"`` or ``"destination"``.
+    """
+
+    def __init__(self, key: bytes, session_id: bytes, role: str) -> None:
+        if role not in ("source", "destination"):
+            raise ValueError(f"role must be 'source' or 'destination', not {role!r}")
+        base = hmac.new(key, b"mpmultifd/1 control mac\0" + session_id, hashlib.sha256).digest()
+        down = hmac.new(base, b"source to destination", hashlib.sha256).digest()
+        up = hmac.new(base, b"destination to source", hashlib.sha256).digest()
+        self._send_key, self._recv_key = (down, up) if role == "source" else (up, down)
+        self._sent = 0
+        self._received = 0
+
+    def seal(self, frame: bytes) -> bytes:
+        """``frame`` (header with flags 0, then body) with the MAC flag set and its tag appended."""
+        header = bytearray(frame[:FRAME_SIZE])
+        header[5] |= FRAME_FLAG_MAC
+        tag = hmac.new(self._send_key, self._sent.to_bytes(8, "big") + header + frame[FRAME_SIZE:], hashlib.sha256)
+        self._sent += 1
+        return bytes(header) + frame[FRAME_SIZE:] + tag.digest()
+
+    def check(self, header: bytes, body: bytes, tag: bytes) -> None:
+        """Raise RemoteProtocolError (field ``mac``) unless ``tag`` is this frame's, in order."""
+        want = hmac.new(self._recv_key, self._received.to_bytes(8, "big") + header + body, hashlib.sha256).digest()
+        if not hmac.compare_digest(want, tag):
+            raise _fail("mac", f"control frame {self._received} fails authentication (changed, dropped or replayed)")
+        self._received += 1
+
+
+def encode_control(msg: ControlMessage, mac: ControlMac | None = None) -> bytes:
+    """Encode one control message with its frame header (sealed by ``mac`` when the session has a key)."""
+    frame = _encode_control(msg)
+    return mac.seal(frame) if mac is not None else frame
+
+
+def _encode_control(msg: ControlMessage) -> bytes:
     if isinstance(msg, Config):
         _validate_config(msg, LocalProtocolError)
         obj = {
@@ -982,9 +1031,10 @@ class ControlDecoder:
     without limit.
     """
 
-    def __init__(self, *, max_body: int = MAX_CONTROL_BODY) -> None:
+    def __init__(self, *, max_body: int = MAX_CONTROL_BODY, mac: ControlMac | None = None) -> None:
         self._buf = bytearray()
         self.max_body = max_body
+        self.mac = mac  # every frame must then carry a valid tag
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         self._buf += data
@@ -1000,14 +1050,25 @@ class ControlDecoder:
         magic, mtype, flags, reserved, length = _FRAME.unpack_from(self._buf)
         if magic != CONTROL_MAGIC:
             raise _fail("magic", f"0x{magic:08x} is not the control magic 0x{CONTROL_MAGIC:08x}")
-        if flags or reserved:
+        if reserved or flags & ~FRAME_FLAG_MAC:
             raise _fail("reserved", "frame flags and reserved bytes must be zero")
+        if bool(flags & FRAME_FLAG_MAC) != (self.mac is not None):
+            raise _fail(
+                "mac",
+                "an authenticated frame where none was expected"
+                if flags
+                else "a frame without its authentication tag in a session with a key",
+            )
         if not T_CONFIG <= mtype <= _LAST_TYPE:
             raise _fail("type", f"unknown control message type {mtype}")
         if length > self.max_body:
             raise _fail("length", f"body of {length} bytes exceeds the limit of {self.max_body}")
-        if len(self._buf) < FRAME_SIZE + length:
+        tag_size = MAC_SIZE if self.mac is not None else 0
+        if len(self._buf) < FRAME_SIZE + length + tag_size:
             return None
         body = bytes(self._buf[FRAME_SIZE : FRAME_SIZE + length])
-        del self._buf[: FRAME_SIZE + length]
+        if self.mac is not None:
+            end = FRAME_SIZE + length
+            self.mac.check(bytes(self._buf[:FRAME_SIZE]), body, bytes(self._buf[end : end + MAC_SIZE]))
+        del self._buf[: FRAME_SIZE + length + tag_size]
         return _decode_body(mtype, body)

@@ -414,9 +414,13 @@ def receiver_main(
     has populated the region's mapping, so pages are received straight into it.
     """
     _child_setup(spec, conn)
+    records: PageRecords | None = None
     try:
         received = Segment.attach(received_name)
         stats = Segment.attach(stats_name)
+        if spec.prints_name is not None and spec.print_key is not None:
+            npages = tuple(size // spec.page_size for size in spec.block_sizes)
+            records = PageRecords(Segment.attach(spec.prints_name), npages)
     except BaseException as exc:
         _report(conn, exc)
         ram.close()
@@ -431,13 +435,15 @@ def receiver_main(
             spec.method,
             ", into a populated mapping" if direct else "",
         )
-        _run_receiver(spec, ram, received, stats, sock, conn, direct)
+        _run_receiver(spec, ram, received, stats, sock, conn, direct, records)
     except _Stopped:
         pass
     except BaseException as exc:
         _report(conn, exc)
         raise SystemExit(1) from None
     finally:
+        if records is not None:
+            records.close()
         received.close()
         stats.close()
         ram.close()
@@ -519,6 +525,7 @@ def _run_receiver(
     sock: socket.socket,
     conn: Connection,
     direct: bool = False,
+    records: PageRecords | None = None,
 ) -> None:
     ps = spec.page_size
     ch = spec.channel
@@ -545,6 +552,9 @@ def _run_receiver(
     hbuf = bytearray(decoder.size)
     hview = memoryview(hbuf)
     watch = CoordinatorWatch(conn)
+    if records is not None:
+        # what this channel puts in place is fingerprinted as it lands: the switchover compares arrays
+        sink.prints, sink.key = list(records.sent), spec.print_key
     try:
         while True:
             watch.check()  # an orphaned receiver must not keep the source's connection open
@@ -585,6 +595,7 @@ def _run_receiver(
         receiver.cleanup()
         for fd in fds:
             os.close(fd)
+        sink.prints = None
         del grids, datas, rmaps, counters, sink
 
 

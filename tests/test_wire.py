@@ -32,6 +32,7 @@ from mpmultifd.wire import (
     Config,
     ConfigAck,
     ControlDecoder,
+    ControlMac,
     DataHeaderDecoder,
     DataHeaderEncoder,
     ErrorMessage,
@@ -456,7 +457,8 @@ def _config_json(**changes) -> bytes:
     "data, field",
     [
         (_frame(1, b"{}", magic=0x11223344), "magic"),
-        (_frame(1, b"{}", flags=1), "reserved"),
+        (_frame(1, b"{}", flags=2), "reserved"),
+        (_frame(1, b"{}", flags=1), "mac"),  # a tag where the session has no key
         (_frame(0, b""), "type"),
         (_frame(16, b""), "type"),
         (_frame(12, b"\0"), "length"),
@@ -591,3 +593,46 @@ def test_config_round_trip(names, ps_exp, channels, pp, verify, zp, data):
     blocks = tuple(BlockSpec(n, ps * data.draw(st.integers(1, 1 << 20))) for n in names)
     cfg = Config(SID, ps, channels, pp, blocks, "zstd", {"level": 3}, zp, verify)
     assert decode_one(encode_control(cfg)) == cfg
+
+
+@given(msgs=st.lists(st.sampled_from([ConfigAck(), RoundAck(7), Cancel(), Commit(), CommitAck(), RepairDone(1, 2)]), min_size=1, max_size=6), data=st.data())
+def test_authenticated_frames_round_trip_and_any_change_is_refused(msgs, data):
+    """With a key every frame carries a tag over its counter, header and body: a changed byte,
+    a dropped, reordered or replayed frame, or a missing tag is refused (field ``mac``)."""
+    sid, key = bytes(range(16)), b"q" * 32
+    src, dst = ControlMac(key, sid, "source"), ControlMac(key, sid, "destination")
+    frames = [encode_control(m, src) for m in msgs]
+    d = ControlDecoder(mac=dst)
+    for f in frames:
+        d.feed(f)
+    assert [d.next_message() for _ in msgs] == msgs
+    # tampering: flip one byte of one frame, or drop / repeat / swap frames
+    src2, dst2 = ControlMac(key, sid, "source"), ControlMac(key, sid, "destination")
+    frames = [bytearray(encode_control(m, src2)) for m in msgs]
+    how = data.draw(st.sampled_from(["flip", "drop", "repeat", "swap", "untagged", "other-direction"]))
+    i = data.draw(st.integers(0, len(frames) - 1))
+    if how == "flip":
+        j = data.draw(st.integers(0, len(frames[i]) - 1))
+        frames[i][j] ^= 1 << data.draw(st.integers(0, 7))
+    elif how == "drop":
+        if len(frames) < 2:
+            return
+        del frames[min(i, len(frames) - 2)]  # a dropped last frame shows as a missing message, not here
+    elif how == "repeat":
+        frames.insert(i, frames[i])
+    elif how == "swap":
+        if len(frames) < 2 or frames[0] == frames[1]:
+            return
+        frames[0], frames[1] = frames[1], frames[0]
+    elif how == "untagged":
+        frames[i] = bytearray(encode_control(msgs[i]))
+    else:
+        frames = [bytearray(encode_control(m, ControlMac(key, sid, "destination"))) for m in msgs]
+    d2 = ControlDecoder(mac=dst2)
+    for f in frames:
+        d2.feed(bytes(f))
+    with pytest.raises(RemoteProtocolError) as ei:
+        for _ in range(len(frames)):
+            if d2.next_message() is None:
+                raise RemoteProtocolError("truncated", field="length")
+    assert ei.value.field in ("mac", "length", "type", "reserved", "magic")

@@ -28,6 +28,7 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 
 from ..errors import ConfigError
+from ..pageprint import fingerprint_rows
 from ..transport import recv_exact_into, recv_exact_into_views
 from ..wire import DataHeader
 
@@ -120,6 +121,11 @@ class PageSink:
     ``direct=True`` is for a mapping whose pages this process has already
     populated (:meth:`mpmultifd.ram.GuestRAM.populate`): raw pages are then
     received straight into their places, with no copy in user space at all.
+
+    With ``prints`` (one uint64 array per block) and ``key``, every page put
+    in place gets its fingerprint (:mod:`mpmultifd.pageprint`) recorded there,
+    0 for a zero page: the destination then verifies the region at switchover
+    by comparing arrays, without reading it while the guest is paused.
     """
 
     def __init__(
@@ -130,12 +136,22 @@ class PageSink:
         fds: Sequence[int] | None = None,
         *,
         direct: bool = False,
+        prints: Sequence[np.ndarray] | None = None,
+        key: np.ndarray | None = None,
     ):
         self.grids = list(grids)
         self.datas = list(datas)
         self.received = list(received)
         self.fds = list(fds) if fds is not None else None
         self.direct = direct
+        self.prints = list(prints) if prints is not None and key is not None else None
+        self.key = key
+
+    def _record(self, block: int, pages: np.ndarray, rows: np.ndarray) -> None:
+        if self.prints is not None:
+            out = np.empty(len(pages), dtype=np.uint64)
+            fingerprint_rows(rows, self.key, out)
+            self.prints[block][pages] = out
 
     def recv_pages(self, block: int, pages: np.ndarray, sock: socket.socket, bounce: memoryview) -> None:
         """Receive ``len(pages)`` raw pages from ``sock`` into ``pages`` of the block.
@@ -156,12 +172,13 @@ class PageSink:
             sock, [data[s * ps : (s + n) * ps] for s, n in zip(starts, lengths)]
         )
         self.received[block][pages] = 1
+        self._record(block, pages, self.grids[block][pages])
 
     def store(self, block: int, pages: np.ndarray, src: memoryview) -> None:
         """Put ``src`` (``len(pages)`` whole pages, in order) at ``pages`` of the block."""
         ps = self.grids[block].shape[1]
         if self.fds is None:
-            self.grids[block][pages] = np.frombuffer(src, dtype=np.uint8).reshape(len(pages), ps)
+            self.grids[block][pages] = np.frombuffer(src, dtype=np.uint8, count=len(pages) * ps).reshape(len(pages), ps)
         else:
             fd = self.fds[block]
             starts, lengths = page_runs(pages)
@@ -173,6 +190,7 @@ class PageSink:
                     done += os.pwrite(fd, chunk[done:], start * ps + done)
                 pos += n * ps
         self.received[block][pages] = 1
+        self._record(block, pages, np.frombuffer(src, dtype=np.uint8, count=len(pages) * ps).reshape(len(pages), ps))
 
     def write_pages(self, block: int, pages: np.ndarray, src: np.ndarray) -> None:
         """Scatter ``src`` (``len(pages)`` rows of a page each) into the block."""
@@ -188,6 +206,8 @@ class PageSink:
         if len(dirty):
             self.grids[block][dirty] = 0
             rec[dirty] = 0
+        if self.prints is not None:
+            self.prints[block][pages] = 0
         return len(dirty)
 
 
