@@ -586,10 +586,11 @@ def _receiving_region(a: argparse.Namespace) -> Iterator[GuestRAM]:
 def _await_migration(a: argparse.Namespace, dst: Destination, ram: GuestRAM, doing: str) -> int:
     """Say where the destination listens, wait for the migration, report it; the exit code."""
     address = format_address(dst.address)
-    _emit(a, {"event": "listening", "address": address, "region": ram.name})
-    if not a.json:
-        print(f"listening on {address}; {doing}", flush=True)
+    # cancellable before anyone is told where to send: a signal right after "listening" cancels
     with _control.cancels(dst, getattr(a, "max_time", None)):
+        _emit(a, {"event": "listening", "address": address, "region": ram.name})
+        if not a.json:
+            print(f"listening on {address}; {doing}", flush=True)
         try:
             res = dst.wait()
         except MigrationError as e:

@@ -203,7 +203,21 @@ def _prepared_check(env: Env) -> None:
     assert env.ns["result"].status == "completed"
 
 
+def _commit_unknown_setup(env: Env) -> None:
+    cfg = MigrationConfig(channels=2)
+    env.ns["src"] = env.keep(Source(env.region({"pc.ram": 2 << 20}), cfg))
+    env.ns["addr"] = env.destination({"pc.ram": 2 << 20}, cfg).address
+    env.ns["ask_destination_host_if_valid"] = lambda: True
+    env.ns["discard_local_guest"] = lambda: env.calls.append("discard")
+
+
+def _commit_unknown_check(env: Env) -> None:
+    assert env.ns["res"].status == "completed"  # the happy path: no CommitUnknown here
+    assert env.calls == ["stop_guest"]
+
+
 RULES = [
+    Rule("except CommitUnknown:", setup=_commit_unknown_setup, check=_commit_unknown_check),
     Rule('ram = GuestRAM.create({"pc.ram": 1 << 30',
          subs=[("1 << 30", "1 << 22"), ('"/etc/mpmultifd/key"', "KEY_PATH"), ('("0.0.0.0", 4444)', '("127.0.0.1", 0)'),
                ('("dest-host", 4444)', "dst.address")],
