@@ -192,7 +192,14 @@ def _prepared_setup(env: Env) -> None:
 
     def announce(address: Any) -> None:
         src = env.keep(Source(src_ram, cfg))
-        t = threading.Thread(target=src.migrate, args=(address,))
+
+        def send() -> None:
+            try:
+                env.ns["sent"] = src.migrate(address)
+            except BaseException as exc:  # the check reports it, with the destination's side
+                env.ns["send_error"] = exc
+
+        t = threading.Thread(target=send)
         t.start()
         env.threads.append(t)
 
@@ -200,7 +207,10 @@ def _prepared_setup(env: Env) -> None:
 
 
 def _prepared_check(env: Env) -> None:
-    assert env.ns["result"].status == "completed"
+    for t in env.threads:
+        t.join(60)
+    assert "send_error" not in env.ns, env.ns.get("send_error")
+    assert env.ns["result"].status == "completed" and env.ns["sent"].status == "completed"
 
 
 def _commit_unknown_setup(env: Env) -> None:
