@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from . import auth
+from . import _mp, auth
 from .config import MigrationConfig
 from ._shm import Segment, unique_name
 from .digest import fingerprint_pages, fingerprint_some
@@ -103,27 +103,6 @@ _JOIN_GRACE = 2.0
 _SWITCH_LATENCY = 0.01
 # the VERIFY message and the destination's comparison, per page of the region
 _COMPARE_SECONDS_PER_PAGE = 20e-9
-
-
-def _forget_foreign_forkserver() -> None:
-    """Drop forkserver state that names a server this process did not start.
-
-    A process that was itself started through a forkserver can carry its
-    parent's server pid; ``ensure_running`` then fails with ChildProcessError
-    on ``waitpid``. That server is not ours to use: start our own.
-    """
-    from multiprocessing import forkserver
-
-    fs = forkserver._forkserver
-    pid = getattr(fs, "_forkserver_pid", None)
-    if pid is None:
-        return
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        fs._forkserver_pid = None
-        fs._forkserver_address = None
-        fs._forkserver_alive_fd = None
 
 
 _START_LOCK = threading.Lock()
@@ -298,12 +277,9 @@ def worker_start_method(config: MigrationConfig) -> str:
 
 
 def mp_context(method: str) -> multiprocessing.context.BaseContext:
-    """The multiprocessing context for workers; forkserver preloads numpy and the worker module."""
-    ctx = multiprocessing.get_context(method)
-    if method == "forkserver":
-        _forget_foreign_forkserver()
-        ctx.set_forkserver_preload(["numpy", "mpmultifd.worker", "mpmultifd.file_worker"])
-    return ctx
+    """The multiprocessing context for workers: their children never run the caller's ``__main__``,
+    and forkserver ones come from a server of ours that preloads numpy and the worker modules."""
+    return _mp.context(method)
 
 
 def _compression_stats(per_channel: list[dict[str, int]]) -> dict[str, Any]:
@@ -936,6 +912,9 @@ class Source:
         }
         if self._downtime is not None:
             info["downtime"] = int(self._downtime * 1000)
+        eta = self._expected_remaining(normal + duplicate, elapsed_active)
+        if eta is not None:
+            info["expected-remaining"] = int(eta * 1000)
         if self._error is not None:
             info["error-desc"] = str(self._error)
         return info
@@ -1004,6 +983,16 @@ class Source:
         self._scan_pending: dict[int, tuple[int, list[tuple[int, int]], _Channel, int]] = {}
         self._scan_job_seq = 0
         self._scan_seconds_per_page: float | None = None  # measured by the latest scan
+
+    def _expected_remaining(self, pages_sent: int, elapsed: float) -> float | None:
+        """Seconds until the end at the pace pages have gone so far: the pages still to send, then
+        the switchover's expected downtime; None before the first page or once it ended otherwise."""
+        if self._status == "completed":
+            return 0.0
+        if self._status not in ("active", "device") or pages_sent == 0:
+            return None
+        left = self._remaining_pages if self._round > 0 else max(self.ram.total_pages - pages_sent, 0)
+        return left * elapsed / pages_sent + self._expected_downtime
 
     def _progress(self, pages_sent: int) -> float:
         """Percent done that never runs backwards, even while the guest re-dirties pages.

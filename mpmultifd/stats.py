@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator
 
 __all__ = ["MigrationResult", "SaveResult", "RestoreResult", "DirtyRateEstimate", "EventHub", "STATUSES", "TERMINAL_STATUSES"]
 
-log = logging.getLogger("mpmultifd.events")
+log = logging.getLogger(__name__)
 
 # QEMU's MigrationStatus words, in the order a migration passes through them
 STATUSES = ("none", "setup", "active", "device", "completed", "failed", "cancelling", "cancelled")

@@ -109,7 +109,32 @@ def test_worker_log_records_reach_the_agent(caplog):
     assert any("receiver worker 0 started" in m for m in worker_lines)
     infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO and r.name == "mpmultifd.source"]
     assert any("-> active" in m for m in infos) and any(m.startswith("round 0") for m in infos)
-    assert not logging.getLogger("mpmultifd").handlers  # the library installs no handler
+    # the library installs no handler of its own: only a NullHandler, which keeps logging's
+    # last-resort handler from printing warnings the agent did not ask for
+    handlers = logging.getLogger("mpmultifd").handlers
+    assert [type(h) for h in handlers] == [logging.NullHandler]
+
+
+def test_no_logging_configured_prints_nothing(tmp_path):
+    """Without logging configured, a failed migration writes nothing to stderr (no last-resort handler)."""
+    import subprocess
+    import sys
+
+    code = (
+        "from mpmultifd import GuestRAM, MigrationConfig, MigrationError, Source\n"
+        "import socket\n"
+        "s = socket.socket(); s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]; s.close()\n"
+        "with GuestRAM.create({'a': 1 << 20}) as r, Source(r, MigrationConfig(channels=1)) as src:\n"
+        "    try:\n"
+        "        src.migrate(('127.0.0.1', port))\n"
+        "    except MigrationError:\n"
+        "        print('failed as expected')\n"
+    )
+    root = __file__.rsplit("/tests/", 1)[0]
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env={**__import__("os").environ, "PYTHONPATH": root})
+    assert proc.stdout.strip() == "failed as expected", proc.stderr
+    assert proc.stderr == ""
 
 
 def test_progress_display_plain_lines_when_not_a_terminal():
