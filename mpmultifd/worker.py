@@ -157,8 +157,10 @@ class _ForwardHandler(logging.Handler):
 
 
 def _child_setup(spec: WorkerSpec, conn: Connection) -> None:
-    # Ctrl-C belongs to the agent: the coordinator cancels and stops us in order
+    # Ctrl-C, and a hangup sent to the terminal's process group, belong to the agent: the
+    # coordinator cancels and stops us in order
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     # records go to the agent, whose logging configuration decides what to keep
     root = logging.getLogger("mpmultifd")
     for h in list(root.handlers):
