@@ -196,5 +196,5 @@ class EventStream:
 
 
 def events(job: Any, *, timeout: float | None = None) -> EventStream:
-    """Events of ``job`` (a Source) as an async iterator, subscribed now: ``async for ev in aio.events(src)``."""
+    """Events of ``job`` (a Source or a Destination) as an async iterator, subscribed now: ``async for ev in aio.events(src)``."""
     return EventStream(job, timeout)

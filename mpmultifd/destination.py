@@ -11,7 +11,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import wait as mp_wait
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -43,7 +43,7 @@ from .source import (
     verify_threads,
     worker_start_method,
 )
-from .stats import MigrationResult, RestoreResult
+from .stats import EventHub, MigrationResult, RestoreResult
 from . import auth
 from .transport import Address, format_address, is_loopback, recv_exact, tune_accepted
 from .transport import listen as tcp_listen
@@ -171,6 +171,11 @@ class Destination:
     handler owns the socket. While one runs, the destination keeps waiting for
     COMMIT. Without a handler, stream connections are refused.
 
+    Events, as the source's (``on_event=callback`` or :meth:`events`):
+    ``{"event": "MIGRATION", "status": ...}`` on every status change and
+    ``{"event": "MIGRATION_PASS", "pass": n, "round": r, ...}`` each time a
+    round passes the barrier.
+
     The region is the destination's from the moment COMMIT arrives: ``wait()``
     then returns the result and neither ``cancel()`` nor ``close()`` can undo
     it; COMMIT is acknowledged only after that, so a source that saw the
@@ -187,8 +192,10 @@ class Destination:
         prefault: bool = False,
         prepare_receivers: bool = False,
         on_stream: Callable[[socket.socket], Any] | None = None,
+        on_event: Callable[[dict[str, Any]], Any] | None = None,
     ) -> None:
         self.ram = ram
+        self._events = EventHub(on_event)
         self.config = config if config is not None else MigrationConfig()
         self._pool = pool if self.config.tls is None else None  # a TLS session cannot be handed over
         if prepare_receivers and (pool is None or not prefault or self.config.tls is not None):
@@ -296,6 +303,18 @@ class Destination:
         assert self._result is not None
         return self._result
 
+    def events(self, timeout: float | None = None) -> Iterator[dict[str, Any]]:
+        """Iterate over events as they happen (``MIGRATION`` on every status change,
+        ``MIGRATION_PASS`` each time a round passes the barrier); ends after a final
+        status, or when ``timeout`` seconds pass without one."""
+        return self._events.subscribe(timeout)
+
+    def _set_status(self, status: str) -> None:
+        if self._status != status:
+            log.info("migration status %s -> %s", self._status, status)
+            self._status = status
+            self._events.emit("MIGRATION", status=status)
+
     def wait_prepared(self, timeout: float | None = None) -> bool:
         """Wait until ``prefault``'s allocation (and, with a pool, the prepared receivers) is done.
 
@@ -313,7 +332,7 @@ class Destination:
             return  # the region is ours: nothing left to cancel
         self._cancel_requested = True
         if self._status in ("setup", "active", "device"):
-            self._status = "cancelling"
+            self._status = "cancelling"  # no event from here: this may run in a signal handler
         try:
             os.write(self._wake_w, b"c")
         except OSError:
@@ -557,7 +576,7 @@ class Destination:
         self._retries_left = msg.channel_retries
         self._make_segments(msg)
         self._send(ConfigAck())
-        self._status = "active"
+        self._set_status("active")
         log.info("session %s: %d channels, method %s", msg.session_id.hex(), msg.channels, msg.method)
         # 2. data channels, rounds and the final result
         self._serve_session(msg, decoder)
@@ -769,7 +788,7 @@ class Destination:
                     if msg.round < rnd or len(msg.packets) != c.channels or complete is not None:
                         raise RemoteProtocolError(f"COMPLETE for round {msg.round} during round {rnd}", field="round")
                     complete = msg
-                    self._status = "device"
+                    self._set_status("device")
                 elif isinstance(msg, Verify):
                     if not c.verify or complete is None:
                         raise RemoteProtocolError("VERIFY before COMPLETE or without verification", field="type")
@@ -799,6 +818,16 @@ class Destination:
                 self._send(RoundAck(rnd))
                 rnd += 1
                 self._rounds = rnd
+                per = self._counters()
+                self._events.emit(
+                    "MIGRATION_PASS",
+                    **{
+                        "pass": rnd,
+                        "round": rnd - 1,
+                        "packets": sum(expected),
+                        "transferred": sum(x["bytes"] for x in per),
+                    },
+                )
                 log.info("round %d passed the barrier", rnd - 1)
             # the end: every channel at end of stream, counts match, fingerprints compared
             if (
@@ -870,7 +899,7 @@ class Destination:
         # from here on nothing undoes the migration: not a cancel, not a lost connection
         self._committed = True
         self._valid = True
-        self._status = "completed"
+        self._set_status("completed")
         self._t_end = time.monotonic()
         per = self._counters()
         self._result = MigrationResult(
@@ -1288,7 +1317,7 @@ class Destination:
             held.seg.unlink()
         if self._t_end is None:
             self._t_end = time.monotonic()
-        self._status = status
+        self._set_status(status)
         self._done.set()
         self._settled.set()
         try:

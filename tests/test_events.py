@@ -158,3 +158,27 @@ def test_progress_display_plain_lines_when_not_a_terminal():
     lines = out.getvalue().splitlines()
     assert lines and all("round" in line and "expected downtime" in line for line in lines)
     assert len(lines) == len(set(lines))  # unchanged figures are not repeated
+
+
+def test_destination_events_follow_the_migration():
+    """The destination reports QEMU-style events too: its status changes and each round's barrier."""
+    cfg = MigrationConfig(channels=2, start_method="fork", downtime_limit=0.002, max_rounds=4, stall_downtime_limit=math.inf)
+    got: list[dict] = []
+    with GuestRAM.create(BLOCKS) as s, GuestRAM.create(BLOCKS) as d:
+        try:
+            fill(s, "random", 2)
+            with Destination(d, config=cfg, on_event=got.append) as dst:
+                stream = dst.events(timeout=30)
+                with DirtyingWriter(s.name, rate=5000, start_method="fork") as writer, Source(s, cfg) as src:
+                    res = src.migrate(dst.address, pause=writer.pause)
+                assert dst.wait(10).status == "completed"
+                streamed = list(stream)  # ends by itself after the terminal status
+        finally:
+            s.unlink()
+            d.unlink()
+    statuses = [e["status"] for e in got if e["event"] == "MIGRATION"]
+    assert statuses == ["active", "device", "completed"]
+    passes = [e for e in got if e["event"] == "MIGRATION_PASS"]
+    assert [e["round"] for e in passes] == list(range(res.rounds - 1))  # every precopy round, in order
+    assert all(b["transferred"] >= a["transferred"] for a, b in zip(passes, passes[1:]))
+    assert [e for e in streamed if e["event"] == "MIGRATION"][-1]["status"] == "completed"
