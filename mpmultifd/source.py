@@ -11,6 +11,7 @@ import os
 import secrets
 import socket
 import ssl
+import statistics
 import threading
 import time
 import warnings
@@ -103,6 +104,8 @@ _JOIN_GRACE = 2.0
 _SWITCH_LATENCY = 0.01
 # the VERIFY message and the destination's comparison, per page of the region
 _COMPARE_SECONDS_PER_PAGE = 20e-9
+# pages each worker fingerprints per round to price the pause's verification pass
+_CALIBRATION_PAGES = 1024
 
 
 _START_LOCK = threading.Lock()
@@ -223,6 +226,30 @@ def _split_extents(extents: list[tuple[int, int]], nparts: int) -> list[list[tup
             f += take
             room -= take
     return parts
+
+
+def _skip_pages(extents: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:
+    """``extents`` without their first ``n`` pages."""
+    out = []
+    for f, e in extents:
+        if n >= e - f:
+            n -= e - f
+            continue
+        out.append((f + n, e))
+        n = 0
+    return out
+
+
+def _take_pages(extents: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:
+    """The first ``n`` pages of ``extents``, as extents."""
+    out: list[tuple[int, int]] = []
+    for f, e in extents:
+        if n <= 0:
+            break
+        take = min(e - f, n)
+        out.append((f, f + take))
+        n -= take
+    return out
 
 
 def _block_fingerprints(ram: GuestRAM, block: int) -> np.ndarray:
@@ -987,6 +1014,7 @@ class Source:
         self._scan_pending: dict[int, tuple[int, list[tuple[int, int]], _Channel, int]] = {}
         self._scan_job_seq = 0
         self._scan_seconds_per_page: float | None = None  # measured by the latest scan
+        self._worker_spp: dict[int, list[float]] = {}  # channel -> seconds per page of its latest scan jobs
 
     def _expected_remaining(self, pages_sent: int, elapsed: float) -> float | None:
         """Seconds until the end at the pace pages have gone so far: the pages still to send, then
@@ -1417,8 +1445,33 @@ class Source:
             return per_page * pages
         cost = _SWITCH_LATENCY + _COMPARE_SECONDS_PER_PAGE * ram.total_pages
         if not isinstance(self._tracker, ScanningTracker):
-            cost += per_page * pages / max(1, min(self.config.channels, os.cpu_count() or 1))
+            workers = max(1, len(self._usable_for_scans()) or self.config.channels)
+            # the slowest worker's measured pace, when the workers have scanned (see _calibrate_scans)
+            measured = max(statistics.median(v) for v in self._worker_spp.values()) if self._worker_spp else None
+            if measured is not None:
+                cost += measured * -(-pages // workers)
+            else:
+                cost += per_page * pages / max(1, min(workers, os.cpu_count() or 1))
         return cost
+
+    def _calibrate_scans(self, rnd: int) -> None:
+        """Every idle worker fingerprints a slice of the region's data (a different one each round)
+        and reports how long it took: the pause's verification pass is priced from that."""
+        ram = self.ram
+        usable = self._usable_for_scans()
+        if not usable or self._records is None:
+            return
+        ids = []
+        for i, ch in enumerate(usable):
+            block = ram.blocks[(rnd + i) % len(ram.blocks)]
+            extents = ram.data_extents(block.index)
+            total = sum(e - f for f, e in extents)
+            if total == 0:
+                continue
+            n = min(_CALIBRATION_PAGES, total)
+            start = ((rnd * len(usable) + i) * n) % (total - n + 1)  # a different slice each time
+            ids += self._queue_scan(ch, block.index, _take_pages(_skip_pages(extents, start), n))
+        self._finish_scans(time.monotonic() + self.config.timeout, ids)
 
     def _precopy(
         self, top_up: bool = False, save: bool = False, tracker: DirtyTracker | None = None
@@ -1465,6 +1518,11 @@ class Source:
             t_sync = time.perf_counter()
             pending = tracker.collect_all()
             sync_time = time.perf_counter() - t_sync
+            if cfg.verify and not save and not isinstance(tracker, ScanningTracker):
+                # the pause will have the workers fingerprint the whole region: time a slice of
+                # it on them now, under the load they really have
+                self._calibrate_scans(rnd)
+                fingerprint_cost = self._fingerprint_cost(save)
             self._sync_seconds += sync_time
             self._dirty_syncs += 1
             remaining = sum(len(p) for p in pending)
@@ -2050,6 +2108,11 @@ class Source:
             ch.done = True
         elif kind == "scanned":
             self._scan_pending.pop(msg[1], None)
+            if len(msg) > 3 and msg[2] > 0:
+                # seconds per page as that worker ran it; its last three, so one preempted job does not count alone
+                samples = self._worker_spp.setdefault(ch.index, [])
+                samples.append(msg[3] / msg[2])
+                del samples[:-3]
         elif kind == "error":
             raise error_from_report(ch.index, msg)
 
