@@ -937,6 +937,8 @@ class Source:
                 "dirty-tracker": self.config.dirty_tracker,
             },
             "dirty-sync-time": round(self._sync_seconds, 6),
+            "repaired-pages": self._repaired_pages,
+            "repair-passes": self._repair_passes,
             "reconnected-channels": self._reconnects,
             "channels": per_channel,
             "config": self.config.to_dict(),
