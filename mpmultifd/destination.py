@@ -17,7 +17,7 @@ import numpy as np
 
 from ._shm import Segment, unique_name
 from .config import MigrationConfig
-from .pageprint import fingerprint_extents, fingerprint_rows, key_from_seed, session_seed
+from .pageprint import fingerprint_extents, fingerprint_rows, key_from_seed, session_seed, split_ranges
 from .errors import (
     AuthenticationError,
     ChannelBroken,
@@ -97,26 +97,6 @@ _MAX_PENDING_PER_PEER = 16
 _MAX_ROUNDS_AHEAD = 256  # ROUND_END markers kept for rounds the barrier has not reached
 _JOIN_GRACE = 2.0
 _MAX_MISMATCHES_REPORTED = 32
-
-
-def _split_runs(runs: list[tuple[int, int]], nparts: int) -> list[list[tuple[int, int]]]:
-    """Cut page ranges into at most ``nparts`` lists holding about as many pages each."""
-    total = sum(e - f for f, e in runs)
-    if total == 0:
-        return []
-    per = -(-total // max(nparts, 1))
-    parts: list[list[tuple[int, int]]] = [[]]
-    room = per
-    for f, e in runs:
-        while f < e:
-            if room == 0:
-                parts.append([])
-                room = per
-            take = min(e - f, room)
-            parts[-1].append((f, f + take))
-            f += take
-            room -= take
-    return parts
 
 
 def _allocated_pages(path: str, npages: int, page_size: int, out: np.ndarray) -> None:
@@ -1013,7 +993,7 @@ class Destination:
             # holes in the backing file are zero by the kernel's word; reading them
             # through the mapping would allocate them, so only data pages are read
             runs = file_data_extents(b.path, b.npages, b.page_size)
-            jobs += [(b.index, part) for part in _split_runs(runs, threads)]
+            jobs += [(b.index, part) for part in split_ranges(runs, threads)]
 
         def run(job: tuple[int, list[tuple[int, int]]]) -> None:
             block, part = job

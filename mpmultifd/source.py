@@ -43,7 +43,7 @@ from .errors import (
     WorkerDied,
 )
 from .methods import get_method
-from .pageprint import fingerprint_extents, fingerprint_rows, key_from_seed, session_seed
+from .pageprint import fingerprint_extents, fingerprint_rows, key_from_seed, session_seed, split_ranges
 from .pacing import AutoConverge, BandwidthWindow, StallDetector, TokenBucket, rounds_to_converge
 from .ram import GuestRAM
 from .ring import KIND_DATA, KIND_EOS, KIND_SCAN, KIND_STOP, KIND_SYNC, Ring
@@ -206,26 +206,6 @@ def _fingerprint_seconds_per_page(page_size: int) -> float:
 def verify_threads(channels: int) -> int:
     """Threads a destination fingerprints its whole region with (a top-up's starting point)."""
     return max(1, min(channels, os.cpu_count() or 1))
-
-
-def _split_extents(extents: list[tuple[int, int]], nparts: int) -> list[list[tuple[int, int]]]:
-    """Cut page ranges into at most ``nparts`` lists of ranges holding about as many pages each."""
-    total = sum(e - f for f, e in extents)
-    if total == 0 or nparts <= 0:
-        return []
-    per = -(-total // nparts)
-    parts: list[list[tuple[int, int]]] = [[]]
-    room = per
-    for f, e in extents:
-        while f < e:
-            if room == 0:
-                parts.append([])
-                room = per
-            take = min(e - f, room)
-            parts[-1].append((f, f + take))
-            f += take
-            room -= take
-    return parts
 
 
 def _skip_pages(extents: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:
@@ -1858,7 +1838,7 @@ class Source:
         npages = sum(e - f for f, e in extents)
         usable = self._usable_for_scans()
         local = len(usable) < (os.cpu_count() or 1) or not usable
-        parts = _split_extents(extents, len(usable) + (1 if local else 0))
+        parts = split_ranges(extents, len(usable) + (1 if local else 0))
         jobs = []
         for ch, part in zip(usable, parts):
             jobs += self._queue_scan(ch, block, part)
@@ -1874,7 +1854,7 @@ class Source:
         usable = self._usable_for_scans()
         for b in self.ram.blocks:
             self._records.scanned[b.index][:] = 0
-            parts = _split_extents(self.ram.data_extents(b.index), len(usable))
+            parts = split_ranges(self.ram.data_extents(b.index), len(usable))
             for ch, part in zip(usable, parts):
                 self._queue_scan(ch, b.index, part)
 
