@@ -105,7 +105,9 @@ _SWITCH_LATENCY = 0.01
 # the VERIFY message and the destination's comparison, per page of the region
 _COMPARE_SECONDS_PER_PAGE = 20e-9
 # pages each worker fingerprints per round to price the pause's verification pass
-_CALIBRATION_PAGES = 1024
+_CALIBRATION_PAGES = 4096
+# the pause's verification pass against its calibration (tools/bench_downtime.py, 1 GiB, map tracker)
+_PAUSE_CONTENTION = 1.25
 
 
 _START_LOCK = threading.Lock()
@@ -1431,7 +1433,9 @@ class Source:
             # the slowest worker's measured pace, when the workers have scanned (see _calibrate_scans)
             measured = max(statistics.median(v) for v in self._worker_spp.values()) if self._worker_spp else None
             if measured is not None:
-                cost += measured * -(-pages // workers)
+                # in the pause the pass shares the CPUs with the final round's receivers, and reads
+                # from memory what a calibration slice may find in cache: 1 GiB measured 10-25% above
+                cost += _PAUSE_CONTENTION * measured * -(-pages // workers)
             else:
                 cost += per_page * pages / max(1, min(workers, os.cpu_count() or 1))
         return cost
