@@ -67,6 +67,7 @@ from .wire import (
     RepairPages,
     Result,
     Resume,
+    ChannelLost,
     RoundAck,
     RoundEnd,
     Verify,
@@ -1092,6 +1093,10 @@ class Destination:
         self._retire(r, str(err))
         self._broken[r.index] = time.monotonic() + self.config.timeout
         log.warning("channel %d broke (%s); waiting for the source to reconnect it", r.index, err)
+        # say so: the source may never see this break itself (its worker has nothing to
+        # send, or already sent its end of stream, and never touches the socket), and
+        # then nothing would move until both ends time out
+        self._send(ChannelLost(r.index, self._rounds))
 
     def _raise_why_source_left(self, err: MigrationError, grace: float = 0.5) -> None:
         """A data channel closed: if the source said why on the control channel (a cancel, its own
