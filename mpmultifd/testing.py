@@ -19,7 +19,17 @@ from .errors import MigrationError
 from .ram import GuestRAM
 from .source import mp_context
 
-__all__ = ["CONTENTS", "fill", "same_contents", "DirtyingWriter", "RemoteDestination", "QMP", "QMPError"]
+__all__ = [
+    "CONTENTS",
+    "fill",
+    "same_contents",
+    "DirtyingWriter",
+    "WriterThread",
+    "ResetRelay",
+    "RemoteDestination",
+    "QMP",
+    "QMPError",
+]
 
 CONTENTS = ("random", "half-zero", "zero", "mixed")
 
@@ -457,17 +467,31 @@ class ResetRelay:
     ``nbytes`` bytes in all over every data connection since the previous reset
     (or since the start), the data connection carrying them is reset on both
     sides (``SO_LINGER`` 0), either at that very byte (``mode="now"``,
-    mid-packet as a rule) or once it next stays idle for ``idle`` seconds
-    (``mode="idle"``: a channel parked at a round's barrier, or a source
-    waiting for its next round). :attr:`resets` lists what was reset:
+    mid-packet as a rule), or once it next stays idle for ``idle`` seconds or
+    the source closes it (``mode="idle"``: a channel parked at a round's
+    barrier, a source waiting for its next round, a worker done), or like
+    ``idle`` but forwarding nothing more from that byte on (``mode="drop"``: a
+    path that swallows the tail, say a final round's, before it breaks). ``points`` may be appended to while the relay
+    runs (say, from ``pause`` to cut into the final round). :attr:`resets` lists what was reset:
     ``(accept index, data channel, bytes that connection moved, mode)``.
     """
 
-    def __init__(self, upstream: Any, points: list[tuple[int, str]] | None = None, *, idle: float = 0.03) -> None:
+    def __init__(
+        self,
+        upstream: Any,
+        points: list[tuple[int, str]] | None = None,
+        *,
+        idle: float = 0.03,
+        refuse_after_reset: bool = False,
+    ) -> None:
         import socket
         import threading
 
         self.upstream = upstream
+        # once a reset was done, close every new connection at once (a path that stays down)
+        self.refuse_after_reset = refuse_after_reset
+        self.refused = 0
+        self._down = False
         self.points = list(points or [])
         self.idle = idle
         self.resets: list[tuple[int, int, int, str]] = []
@@ -501,6 +525,10 @@ class ResetRelay:
                 continue
             index = self.connections
             self.connections += 1
+            if self._down:
+                self.refused += 1
+                client.close()
+                continue
             try:
                 up = socket.create_connection(self.upstream, timeout=5)
                 up.settimeout(None)
@@ -521,6 +549,7 @@ class ResetRelay:
             if conn["reset"]:
                 return
             conn["reset"] = True
+            self._down = self.refuse_after_reset  # before the reset: a reconnection may follow at once
             for s in (conn["client"], conn["up"]):
                 try:
                     s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -562,16 +591,21 @@ class ResetRelay:
             kind, channel = head[6], int.from_bytes(head[24:26], "big")
             data_conn = kind == KIND_DATA
             while not self._stop.is_set():
-                if armed == "idle":
+                if armed is not None:
                     a.settimeout(self.idle)
                 try:
                     data = a.recv(65536)
                 except socket.timeout:
-                    self._reset(conn, channel, moved, "idle")
+                    self._reset(conn, channel, moved, armed)
                     return
                 if not data:
+                    if armed is not None:  # the source is done with it: the reset comes now
+                        self._reset(conn, channel, moved, armed)
+                        return
                     b.shutdown(socket.SHUT_WR)
                     return
+                if armed == "drop":
+                    continue  # swallowed
                 cut = None
                 if data_conn and armed is None:
                     with self._lock:
@@ -585,6 +619,11 @@ class ResetRelay:
                     b.sendall(data[: cut[0]])
                     self._reset(conn, channel, moved + cut[0], "now")
                     return
+                if cut is not None and cut[1] == "drop":
+                    b.sendall(data[: cut[0]])
+                    moved += cut[0]
+                    armed = "drop"
+                    continue
                 if cut is not None:
                     armed = "idle"
                 b.sendall(data)
