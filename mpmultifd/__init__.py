@@ -6,6 +6,8 @@ sends a header plus IOVs that point straight into the shared RAM. A
 :class:`Destination` receives them straight into its own shared memory.
 """
 
+import logging
+
 from .config import MigrationConfig
 from .destination import Destination
 from .errors import (
@@ -34,6 +36,9 @@ from .stats import DirtyRateEstimate, MigrationResult
 from .tracking import DirtyTracker
 
 __version__ = "0.1.0"
+
+# the agent's logging configuration decides where records go; without one, nothing is printed
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
     "GuestRAM",

@@ -180,6 +180,14 @@ class Segment:
             self._tracked = False
             resource_tracker.unregister("/" + self.name, "shared_memory")
 
+    def keep(self) -> None:
+        """Let the segment outlive this process: the resource tracker forgets it and this
+        process no longer owns it (someone else removes the file later)."""
+        if self._tracked:
+            self._tracked = False
+            resource_tracker.unregister("/" + self.name, "shared_memory")
+        self.owned = False
+
     def __repr__(self) -> str:
         state = "closed" if self._mmap is None else "open"
         return f"<Segment {self.name!r} size={self.size} owned={self.owned} {state}>"

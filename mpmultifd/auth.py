@@ -78,7 +78,7 @@ _REASONS = {
     REFUSE_KEY_REQUIRED: "the destination requires an auth key and none was presented",
     REFUSE_NO_KEY_HERE: "a proof was presented but the destination has no key",
     REFUSE_PEER_USER: (
-        "without a key, this destination's Unix socket admits only processes of its own user "
+        "without a key, this destination admits only local processes of its own user "
         "(set an auth_key on both ends)"
     ),
 }

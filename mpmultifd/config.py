@@ -85,8 +85,10 @@ class MigrationConfig:
             numpy preloaded), ``"spawn"`` or ``"fork"``.
         timeout: seconds allowed for connecting, handshakes and a silent peer
             before the migration fails.
-        allow_unauthenticated: a destination refuses to listen on a non-loopback
-            address without ``auth_key`` unless this is True.
+        allow_unauthenticated: without ``auth_key``, a destination refuses to
+            listen on a non-loopback address and admits only local peers of its
+            own user, and a source sends pages only to a local destination of its
+            own user (or one whose TLS certificate it checks), unless this is True.
         channel_retries: how many times a broken data channel may be reconnected
             during one migration (0: a broken channel fails the migration). The
             source reconnects it and resends every packet that channel carried

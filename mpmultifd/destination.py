@@ -7,18 +7,17 @@ import os
 import queue
 import socket
 import ssl
-import struct
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import wait as mp_wait
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from ._shm import Segment, unique_name
 from .config import MigrationConfig
-from .pageprint import fingerprint_extents, fingerprint_rows, key_from_seed, session_seed
+from .pageprint import fingerprint_extents, fingerprint_rows, key_from_seed, session_seed, split_ranges
 from .errors import (
     AuthenticationError,
     ChannelBroken,
@@ -34,6 +33,7 @@ from .methods import get_method
 from .ram import GuestRAM, file_data_extents
 from .pool import WorkerPool
 from .admission import DropLog, PendingHandshakes
+from .peers import untrusted_peer
 from .source import (
     mp_context,
     nudge_worker,
@@ -43,7 +43,7 @@ from .source import (
     verify_threads,
     worker_start_method,
 )
-from .stats import MigrationResult, RestoreResult
+from .stats import EventHub, MigrationResult, RestoreResult
 from . import auth
 from .transport import Address, format_address, is_loopback, recv_exact, tune_accepted
 from .transport import listen as tcp_listen
@@ -100,26 +100,6 @@ _JOIN_GRACE = 2.0
 _MAX_MISMATCHES_REPORTED = 32
 
 
-def _split_runs(runs: list[tuple[int, int]], nparts: int) -> list[list[tuple[int, int]]]:
-    """Cut page ranges into at most ``nparts`` lists holding about as many pages each."""
-    total = sum(e - f for f, e in runs)
-    if total == 0:
-        return []
-    per = -(-total // max(nparts, 1))
-    parts: list[list[tuple[int, int]]] = [[]]
-    room = per
-    for f, e in runs:
-        while f < e:
-            if room == 0:
-                parts.append([])
-                room = per
-            take = min(e - f, room)
-            parts[-1].append((f, f + take))
-            f += take
-            room -= take
-    return parts
-
-
 def _allocated_pages(path: str, npages: int, page_size: int, out: np.ndarray) -> None:
     """Mark pages of ``path`` that hold data (not holes); holes read as zeros and need no zeroing."""
     out[:] = 0
@@ -172,6 +152,11 @@ class Destination:
     handler owns the socket. While one runs, the destination keeps waiting for
     COMMIT. Without a handler, stream connections are refused.
 
+    Events, as the source's (``on_event=callback`` or :meth:`events`):
+    ``{"event": "MIGRATION", "status": ...}`` on every status change and
+    ``{"event": "MIGRATION_PASS", "pass": n, "round": r, ...}`` each time a
+    round passes the barrier.
+
     The region is the destination's from the moment COMMIT arrives: ``wait()``
     then returns the result and neither ``cancel()`` nor ``close()`` can undo
     it; COMMIT is acknowledged only after that, so a source that saw the
@@ -188,8 +173,10 @@ class Destination:
         prefault: bool = False,
         prepare_receivers: bool = False,
         on_stream: Callable[[socket.socket], Any] | None = None,
+        on_event: Callable[[dict[str, Any]], Any] | None = None,
     ) -> None:
         self.ram = ram
+        self._events = EventHub(on_event)
         self.config = config if config is not None else MigrationConfig()
         self._pool = pool if self.config.tls is None else None  # a TLS session cannot be handed over
         if prepare_receivers and (pool is None or not prefault or self.config.tls is not None):
@@ -297,6 +284,18 @@ class Destination:
         assert self._result is not None
         return self._result
 
+    def events(self, timeout: float | None = None) -> Iterator[dict[str, Any]]:
+        """Iterate over events as they happen (``MIGRATION`` on every status change,
+        ``MIGRATION_PASS`` each time a round passes the barrier); ends after a final
+        status, or when ``timeout`` seconds pass without one."""
+        return self._events.subscribe(timeout)
+
+    def _set_status(self, status: str) -> None:
+        if self._status != status:
+            log.info("migration status %s -> %s", self._status, status)
+            self._status = status
+            self._events.emit("MIGRATION", status=status)
+
     def wait_prepared(self, timeout: float | None = None) -> bool:
         """Wait until ``prefault``'s allocation (and, with a pool, the prepared receivers) is done.
 
@@ -314,7 +313,7 @@ class Destination:
             return  # the region is ours: nothing left to cancel
         self._cancel_requested = True
         if self._status in ("setup", "active", "device"):
-            self._status = "cancelling"
+            self._status = "cancelling"  # no event from here: this may run in a signal handler
         try:
             os.write(self._wake_w, b"c")
         except OSError:
@@ -474,7 +473,7 @@ class Destination:
                     raise AuthenticationError("no proof of the key was presented")
                 if stranger is not None:
                     self._refuse(sock, auth.REFUSE_PEER_USER)
-                    raise AuthenticationError(f"a keyless peer of another user ({stranger}) on the Unix socket")
+                    raise AuthenticationError(f"a keyless local peer not of this user: {stranger}")
                 welcome = auth.encode_welcome()
             cut = self._pending.leave(token)  # admitted: no longer counted, never cut off from now on
             if cut is not None:
@@ -503,16 +502,13 @@ class Destination:
             self._pending.leave(token)
 
     def _stranger(self, sock: socket.socket) -> str | None:
-        """Without a key, a Unix socket peer of another user is not trusted (``SO_PEERCRED``):
-        returns who it is, or None for a peer of our own uid (or with ``allow_unauthenticated``)."""
-        if sock.family != socket.AF_UNIX or self.config.allow_unauthenticated or not hasattr(socket, "SO_PEERCRED"):
+        """Without a key, a local peer of another user is not trusted: ``SO_PEERCRED`` on a Unix
+        socket, the kernel's socket table on TCP loopback. Returns who it is (or why that is
+        unknown, which is refused too), or None for a peer of our own uid (or with
+        ``allow_unauthenticated``)."""
+        if self.config.allow_unauthenticated:
             return None
-        try:
-            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        except OSError as e:
-            return f"credentials unknown: {e}"
-        pid, uid, _ = struct.unpack("3i", creds)
-        return None if uid == os.geteuid() else f"uid {uid}, pid {pid}"
+        return untrusted_peer(sock)
 
     @staticmethod
     def _refuse(sock: socket.socket, reason: int) -> None:
@@ -561,7 +557,7 @@ class Destination:
         self._retries_left = msg.channel_retries
         self._make_segments(msg)
         self._send(ConfigAck())
-        self._status = "active"
+        self._set_status("active")
         log.info("session %s: %d channels, method %s", msg.session_id.hex(), msg.channels, msg.method)
         # 2. data channels, rounds and the final result
         self._serve_session(msg, decoder)
@@ -773,7 +769,7 @@ class Destination:
                     if msg.round < rnd or len(msg.packets) != c.channels or complete is not None:
                         raise RemoteProtocolError(f"COMPLETE for round {msg.round} during round {rnd}", field="round")
                     complete = msg
-                    self._status = "device"
+                    self._set_status("device")
                 elif isinstance(msg, Verify):
                     if not c.verify or complete is None:
                         raise RemoteProtocolError("VERIFY before COMPLETE or without verification", field="type")
@@ -803,6 +799,16 @@ class Destination:
                 self._send(RoundAck(rnd))
                 rnd += 1
                 self._rounds = rnd
+                per = self._counters()
+                self._events.emit(
+                    "MIGRATION_PASS",
+                    **{
+                        "pass": rnd,
+                        "round": rnd - 1,
+                        "packets": sum(expected),
+                        "transferred": sum(x["bytes"] for x in per),
+                    },
+                )
                 log.info("round %d passed the barrier", rnd - 1)
             # the end: every channel at end of stream, counts match, fingerprints compared
             if (
@@ -874,7 +880,7 @@ class Destination:
         # from here on nothing undoes the migration: not a cancel, not a lost connection
         self._committed = True
         self._valid = True
-        self._status = "completed"
+        self._set_status("completed")
         self._t_end = time.monotonic()
         per = self._counters()
         self._result = MigrationResult(
@@ -988,7 +994,7 @@ class Destination:
             # holes in the backing file are zero by the kernel's word; reading them
             # through the mapping would allocate them, so only data pages are read
             runs = file_data_extents(b.path, b.npages, b.page_size)
-            jobs += [(b.index, part) for part in _split_runs(runs, threads)]
+            jobs += [(b.index, part) for part in split_ranges(runs, threads)]
 
         def run(job: tuple[int, list[tuple[int, int]]]) -> None:
             block, part = job
@@ -1296,7 +1302,7 @@ class Destination:
             held.seg.unlink()
         if self._t_end is None:
             self._t_end = time.monotonic()
-        self._status = status
+        self._set_status(status)
         self._done.set()
         self._settled.set()
         try:

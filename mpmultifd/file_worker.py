@@ -60,7 +60,7 @@ __all__ = [
     "punch_hole",
 ]
 
-log = logging.getLogger("mpmultifd.file")
+log = logging.getLogger(__name__)
 
 _POLL = 0.25
 _FALLOC_FL_KEEP_SIZE = 0x01

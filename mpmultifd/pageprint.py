@@ -33,6 +33,7 @@ __all__ = [
     "session_seed",
     "fingerprint_rows",
     "fingerprint_extents",
+    "split_ranges",
     "ROWS_PER_CALL",
 ]
 
@@ -116,3 +117,24 @@ def fingerprint_extents(
 
 # ranges at least this long are read in place; shorter ones are gathered by index
 _LONG_RUN = 32
+
+
+def split_ranges(ranges: list[tuple[int, int]], nparts: int) -> list[list[tuple[int, int]]]:
+    """Cut page ranges ``[first, end)`` into at most ``nparts`` lists holding about as many pages each
+    (how a scan of a region is shared between workers or threads)."""
+    total = sum(e - f for f, e in ranges)
+    if total == 0 or nparts <= 0:
+        return []
+    per = -(-total // nparts)
+    parts: list[list[tuple[int, int]]] = [[]]
+    room = per
+    for f, e in ranges:
+        while f < e:
+            if room == 0:
+                parts.append([])
+                room = per
+            take = min(e - f, room)
+            parts[-1].append((f, f + take))
+            f += take
+            room -= take
+    return parts

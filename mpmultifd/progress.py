@@ -20,13 +20,23 @@ def _mib(n: float) -> str:
 
 
 def describe(q: dict[str, Any]) -> str:
-    """One line with the round, confirmed bytes, dirty backlog, rates and expected downtime."""
+    """One line with the round, confirmed bytes, dirty backlog, rates, expected downtime and time left."""
     ram = q["ram"]
-    return (
+    line = (
         f"round {q['rounds']} | confirmed {_mib(q['confirmed-bytes'])} | sent {_mib(ram['transferred'])} | "
         f"backlog {_mib(ram['remaining'])} | {ram['mbps']:.0f} Mbit/s | "
         f"dirty {ram['dirty-pages-rate']} pages/s | expected downtime {q['expected-downtime']} ms"
     )
+    if q.get("expected-remaining") is not None:
+        line += f" | about {_seconds(q['expected-remaining'] / 1000)} left"
+    return line
+
+
+def _seconds(t: float) -> str:
+    if t < 60:
+        return f"{t:.1f} s"
+    m, s = divmod(int(t), 60)
+    return f"{m}:{s:02d} min" if m < 60 else f"{m // 60}:{m % 60:02d} h"
 
 
 class ProgressDisplay:

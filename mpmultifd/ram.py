@@ -707,6 +707,20 @@ class GuestRAM:
             if seg.owned:
                 seg.unlink()
 
+    def keep(self) -> None:
+        """Leave the region in ``/dev/shm`` after this process exits (owner only).
+
+        The resource tracker forgets its segments, and this object stops being
+        the owner (leaving a ``with`` block no longer removes it). Another
+        process attaches by :attr:`name`; removing the files is then up to it.
+        """
+        if not self.owner:
+            raise PermissionError(f"guest RAM {self.name!r} is attached, not owned, in this process: nothing to keep")
+        self._meta.keep()
+        for seg in self._data:
+            seg.keep()
+        self._owner = False
+
     def __enter__(self) -> "GuestRAM":
         return self
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import logging
 import mmap
 import multiprocessing
@@ -10,6 +11,7 @@ import os
 import secrets
 import socket
 import ssl
+import statistics
 import threading
 import time
 import warnings
@@ -19,7 +21,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from . import auth
+from . import _mp, auth
 from .config import MigrationConfig
 from ._shm import Segment, unique_name
 from .digest import fingerprint_pages, fingerprint_some
@@ -41,7 +43,7 @@ from .errors import (
     WorkerDied,
 )
 from .methods import get_method
-from .pageprint import fingerprint_extents, fingerprint_rows, key_from_seed, session_seed
+from .pageprint import fingerprint_extents, fingerprint_rows, key_from_seed, session_seed, split_ranges
 from .pacing import AutoConverge, BandwidthWindow, StallDetector, TokenBucket, rounds_to_converge
 from .ram import GuestRAM
 from .ring import KIND_DATA, KIND_EOS, KIND_SCAN, KIND_STOP, KIND_SYNC, Ring
@@ -49,7 +51,8 @@ from .pool import WorkerPool
 from .savefile import STATE_OFFSET, SaveLayout, SaveState, encode_state, pack_bitmap, pack_digests
 from .stats import DirtyRateEstimate, EventHub, MigrationResult, SaveResult
 from .tracking import DirtyTracker, ScanningTracker, make_tracker
-from .transport import Address, connect, is_loopback, parse_address, recv_exact
+from .peers import untrusted_peer
+from .transport import Address, connect, format_address, is_loopback, parse_address, recv_exact
 from .wire import (
     CONTROL_CHANNEL,
     MAX_CONTROL_BODY,
@@ -102,27 +105,8 @@ _JOIN_GRACE = 2.0
 _SWITCH_LATENCY = 0.01
 # the VERIFY message and the destination's comparison, per page of the region
 _COMPARE_SECONDS_PER_PAGE = 20e-9
-
-
-def _forget_foreign_forkserver() -> None:
-    """Drop forkserver state that names a server this process did not start.
-
-    A process that was itself started through a forkserver can carry its
-    parent's server pid; ``ensure_running`` then fails with ChildProcessError
-    on ``waitpid``. That server is not ours to use: start our own.
-    """
-    from multiprocessing import forkserver
-
-    fs = forkserver._forkserver
-    pid = getattr(fs, "_forkserver_pid", None)
-    if pid is None:
-        return
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        fs._forkserver_pid = None
-        fs._forkserver_address = None
-        fs._forkserver_alive_fd = None
+# pages each worker fingerprints per round to price the pause's verification pass
+_CALIBRATION_PAGES = 1024
 
 
 _START_LOCK = threading.Lock()
@@ -205,14 +189,18 @@ def _fingerprint_seconds_per_page(page_size: int) -> float:
     """
     cost = _FINGERPRINT_COST.get(page_size)
     if cost is None:
-        n = max(1, (8 << 20) // page_size)
+        n = max(1, (2 << 20) // page_size)
         buf = np.ones((n, page_size), dtype=np.uint8)  # touched now, not inside the timing
         key = key_from_seed(b"timing", page_size)
         out = np.empty(n, dtype=np.uint64)
         fingerprint_rows(buf, key, out)
-        t0 = time.perf_counter()
-        fingerprint_rows(buf, key, out)
-        cost = _FINGERPRINT_COST[page_size] = (time.perf_counter() - t0) / n
+        # the best of several short passes: what the pass costs, not how often this process was preempted
+        best = float("inf")
+        for _ in range(7):
+            t0 = time.perf_counter()
+            fingerprint_rows(buf, key, out)
+            best = min(best, time.perf_counter() - t0)
+        cost = _FINGERPRINT_COST[page_size] = best / n
     return cost
 
 
@@ -221,24 +209,28 @@ def verify_threads(channels: int) -> int:
     return max(1, min(channels, os.cpu_count() or 1))
 
 
-def _split_extents(extents: list[tuple[int, int]], nparts: int) -> list[list[tuple[int, int]]]:
-    """Cut page ranges into at most ``nparts`` lists of ranges holding about as many pages each."""
-    total = sum(e - f for f, e in extents)
-    if total == 0 or nparts <= 0:
-        return []
-    per = -(-total // nparts)
-    parts: list[list[tuple[int, int]]] = [[]]
-    room = per
+def _skip_pages(extents: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:
+    """``extents`` without their first ``n`` pages."""
+    out = []
     for f, e in extents:
-        while f < e:
-            if room == 0:
-                parts.append([])
-                room = per
-            take = min(e - f, room)
-            parts[-1].append((f, f + take))
-            f += take
-            room -= take
-    return parts
+        if n >= e - f:
+            n -= e - f
+            continue
+        out.append((f + n, e))
+        n = 0
+    return out
+
+
+def _take_pages(extents: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:
+    """The first ``n`` pages of ``extents``, as extents."""
+    out: list[tuple[int, int]] = []
+    for f, e in extents:
+        if n <= 0:
+            break
+        take = min(e - f, n)
+        out.append((f, f + take))
+        n -= take
+    return out
 
 
 def _block_fingerprints(ram: GuestRAM, block: int) -> np.ndarray:
@@ -297,12 +289,9 @@ def worker_start_method(config: MigrationConfig) -> str:
 
 
 def mp_context(method: str) -> multiprocessing.context.BaseContext:
-    """The multiprocessing context for workers; forkserver preloads numpy and the worker module."""
-    ctx = multiprocessing.get_context(method)
-    if method == "forkserver":
-        _forget_foreign_forkserver()
-        ctx.set_forkserver_preload(["numpy", "mpmultifd.worker", "mpmultifd.file_worker"])
-    return ctx
+    """The multiprocessing context for workers: their children never run the caller's ``__main__``,
+    and forkserver ones come from a server of ours that preloads numpy and the worker modules."""
+    return _mp.context(method)
 
 
 def _compression_stats(per_channel: list[dict[str, int]]) -> dict[str, Any]:
@@ -934,12 +923,17 @@ class Source:
                 "dirty-tracker": self.config.dirty_tracker,
             },
             "dirty-sync-time": round(self._sync_seconds, 6),
+            "repaired-pages": self._repaired_pages,
+            "repair-passes": self._repair_passes,
             "reconnected-channels": self._reconnects,
             "channels": per_channel,
             "config": self.config.to_dict(),
         }
         if self._downtime is not None:
             info["downtime"] = int(self._downtime * 1000)
+        eta = self._expected_remaining(normal + duplicate, elapsed_active)
+        if eta is not None:
+            info["expected-remaining"] = int(eta * 1000)
         if self._error is not None:
             info["error-desc"] = str(self._error)
         return info
@@ -1008,6 +1002,17 @@ class Source:
         self._scan_pending: dict[int, tuple[int, list[tuple[int, int]], _Channel, int]] = {}
         self._scan_job_seq = 0
         self._scan_seconds_per_page: float | None = None  # measured by the latest scan
+        self._worker_spp: dict[int, list[float]] = {}  # channel -> seconds per page of its latest scan jobs
+
+    def _expected_remaining(self, pages_sent: int, elapsed: float) -> float | None:
+        """Seconds until the end at the pace pages have gone so far: the pages still to send, then
+        the switchover's expected downtime; None before the first page or once it ended otherwise."""
+        if self._status == "completed":
+            return 0.0
+        if self._status not in ("active", "device") or pages_sent == 0:
+            return None
+        left = self._remaining_pages if self._round > 0 else max(self.ram.total_pages - pages_sent, 0)
+        return left * elapsed / pages_sent + self._expected_downtime
 
     def _progress(self, pages_sent: int) -> float:
         """Percent done that never runs backwards, even while the guest re-dirties pages.
@@ -1198,6 +1203,9 @@ class Source:
         what = {KIND_CONTROL: "control connection", KIND_STREAM: "stream connection"}.get(
             hello.kind, f"data channel {hello.channel}"
         )
+        vouch = key is None and not cfg.allow_unauthenticated and not _tls_verifies(cfg.tls)
+        if vouch:
+            _keyless_address_check(address, what)  # before connecting: a remote address is refused outright
         sock = connect(address, cfg.timeout)
         self._opening = sock
         try:
@@ -1211,6 +1219,8 @@ class Source:
                 raise _AdmissionDropped(
                     ChannelClosed(f"{what}: the destination closed the connection before greeting")
                 ) from None
+            if vouch:
+                _keyless_peer_check(sock, address, what)  # nothing but the connection itself sent yet
             if greeting.auth_required and key is None:
                 raise AuthenticationError(
                     f"{what}: the destination requires an auth key; set MigrationConfig(auth_key=...)"
@@ -1440,8 +1450,33 @@ class Source:
             return per_page * pages
         cost = _SWITCH_LATENCY + _COMPARE_SECONDS_PER_PAGE * ram.total_pages
         if not isinstance(self._tracker, ScanningTracker):
-            cost += per_page * pages / max(1, min(self.config.channels, os.cpu_count() or 1))
+            workers = max(1, len(self._usable_for_scans()) or self.config.channels)
+            # the slowest worker's measured pace, when the workers have scanned (see _calibrate_scans)
+            measured = max(statistics.median(v) for v in self._worker_spp.values()) if self._worker_spp else None
+            if measured is not None:
+                cost += measured * -(-pages // workers)
+            else:
+                cost += per_page * pages / max(1, min(workers, os.cpu_count() or 1))
         return cost
+
+    def _calibrate_scans(self, rnd: int) -> None:
+        """Every idle worker fingerprints a slice of the region's data (a different one each round)
+        and reports how long it took: the pause's verification pass is priced from that."""
+        ram = self.ram
+        usable = self._usable_for_scans()
+        if not usable or self._records is None:
+            return
+        ids = []
+        for i, ch in enumerate(usable):
+            block = ram.blocks[(rnd + i) % len(ram.blocks)]
+            extents = ram.data_extents(block.index)
+            total = sum(e - f for f, e in extents)
+            if total == 0:
+                continue
+            n = min(_CALIBRATION_PAGES, total)
+            start = ((rnd * len(usable) + i) * n) % (total - n + 1)  # a different slice each time
+            ids += self._queue_scan(ch, block.index, _take_pages(_skip_pages(extents, start), n))
+        self._finish_scans(time.monotonic() + self.config.timeout, ids)
 
     def _precopy(
         self, top_up: bool = False, save: bool = False, tracker: DirtyTracker | None = None
@@ -1488,6 +1523,11 @@ class Source:
             t_sync = time.perf_counter()
             pending = tracker.collect_all()
             sync_time = time.perf_counter() - t_sync
+            if cfg.verify and not save and not isinstance(tracker, ScanningTracker):
+                # the pause will have the workers fingerprint the whole region: time a slice of
+                # it on them now, under the load they really have
+                self._calibrate_scans(rnd)
+                fingerprint_cost = self._fingerprint_cost(save)
             self._sync_seconds += sync_time
             self._dirty_syncs += 1
             remaining = sum(len(p) for p in pending)
@@ -1821,7 +1861,7 @@ class Source:
         npages = sum(e - f for f, e in extents)
         usable = self._usable_for_scans()
         local = len(usable) < (os.cpu_count() or 1) or not usable
-        parts = _split_extents(extents, len(usable) + (1 if local else 0))
+        parts = split_ranges(extents, len(usable) + (1 if local else 0))
         jobs = []
         for ch, part in zip(usable, parts):
             jobs += self._queue_scan(ch, block, part)
@@ -1837,7 +1877,7 @@ class Source:
         usable = self._usable_for_scans()
         for b in self.ram.blocks:
             self._records.scanned[b.index][:] = 0
-            parts = _split_extents(self.ram.data_extents(b.index), len(usable))
+            parts = split_ranges(self.ram.data_extents(b.index), len(usable))
             for ch, part in zip(usable, parts):
                 self._queue_scan(ch, b.index, part)
 
@@ -2073,6 +2113,11 @@ class Source:
             ch.done = True
         elif kind == "scanned":
             self._scan_pending.pop(msg[1], None)
+            if len(msg) > 3 and msg[2] > 0:
+                # seconds per page as that worker ran it; its last three, so one preempted job does not count alone
+                samples = self._worker_spp.setdefault(ch.index, [])
+                samples.append(msg[3] / msg[2])
+                del samples[:-3]
         elif kind == "error":
             raise error_from_report(ch.index, msg)
 
@@ -2199,3 +2244,48 @@ class Source:
             del c
         return out
 
+
+_KEYLESS_HINT = (
+    "set MigrationConfig(auth_key=...) on both ends, use TLS that checks the destination's certificate, "
+    "or opt out with allow_unauthenticated=True"
+)
+
+
+def _tls_verifies(ctx: Any) -> bool:
+    """A TLS context that checks the destination's certificate authenticates it without a key."""
+    return ctx is not None and ctx.verify_mode == ssl.CERT_REQUIRED
+
+
+def _keyless_address_check(address: Address, what: str) -> None:
+    """Without a key, pages go only to this host: a literal non-loopback IP is refused before connecting."""
+    family, addr = parse_address(address)
+    if family == socket.AF_UNIX or is_loopback(address):
+        return
+    try:
+        ipaddress.ip_address(addr[0].split("%", 1)[0])
+    except ValueError:
+        return  # a host name: the address it resolves to is checked once connected
+    raise AuthenticationError(
+        f"{what}: refusing to send pages without a key to {format_address(address)}, a destination that "
+        f"cannot be authenticated; {_KEYLESS_HINT}"
+    )
+
+
+def _keyless_peer_check(sock: socket.socket, address: Address, what: str) -> None:
+    """Without a key, the destination must be on this host (loopback or a Unix socket) and run as our user."""
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        host = sock.getpeername()[0]
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+        ip = getattr(ip, "ipv4_mapped", None) or ip
+        if not ip.is_loopback:
+            raise AuthenticationError(
+                f"{what}: refusing to send pages without a key to {format_address(address)} ({host}), "
+                f"a destination that cannot be authenticated; {_KEYLESS_HINT}"
+            )
+    stranger = untrusted_peer(sock)
+    if stranger is not None:
+        raise AuthenticationError(
+            f"{what}: the destination at {format_address(address)} is not run by this user "
+            f"(uid {os.geteuid()}): {stranger}; without a key, pages go only to a local destination of "
+            f"the same user; {_KEYLESS_HINT}"
+        )

@@ -12,11 +12,12 @@ from typing import Any, Callable, Iterator
 
 __all__ = ["MigrationResult", "SaveResult", "RestoreResult", "DirtyRateEstimate", "EventHub", "STATUSES", "TERMINAL_STATUSES"]
 
-log = logging.getLogger("mpmultifd.events")
+log = logging.getLogger(__name__)
 
 # QEMU's MigrationStatus words, in the order a migration passes through them
-STATUSES = ("none", "setup", "active", "device", "completed", "failed", "cancelling", "cancelled")
-TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
+STATUSES = ("none", "setup", "active", "device", "completed", "failed", "cancelling", "cancelled", "commit-unknown")
+# "commit-unknown" (not QEMU's): COMMIT went out and its acknowledgement never came back
+TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled", "commit-unknown"})
 
 
 @dataclass(frozen=True)

@@ -157,8 +157,10 @@ class _ForwardHandler(logging.Handler):
 
 
 def _child_setup(spec: WorkerSpec, conn: Connection) -> None:
-    # Ctrl-C belongs to the agent: the coordinator cancels and stops us in order
+    # Ctrl-C, and a hangup sent to the terminal's process group, belong to the agent: the
+    # coordinator cancels and stops us in order
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     # records go to the agent, whose logging configuration decides what to keep
     root = logging.getLogger("mpmultifd")
     for h in list(root.handlers):
@@ -378,8 +380,9 @@ def _run_sender(
                 if records is None or key is None:
                     raise MigrationError("scan job for a worker without page records", channel=spec.channel)
                 extents = batch.pages.reshape(-1, 2)
+                t_scan = time.perf_counter()
                 scanned = fingerprint_extents(grids[batch.block], extents, key, records.scanned[batch.block])
-                conn.send(("scanned", batch.round, scanned))
+                conn.send(("scanned", batch.round, scanned, time.perf_counter() - t_scan))
             elif batch.kind == KIND_STOP:
                 return
             counters[C_BUSY_NS] += time.perf_counter_ns() - t0

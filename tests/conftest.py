@@ -57,6 +57,11 @@ def _helper_pids() -> set[int]:
         pids.update(p for p in (fs_pid, rt_pid) if p)
     except Exception:  # pragma: no cover - private attributes moved
         pass
+    from mpmultifd import _mp
+
+    ours = _mp.forkserver_pid()  # the forkserver mpmultifd's workers come from
+    if ours:
+        pids.add(ours)
     return pids
 
 

@@ -109,7 +109,32 @@ def test_worker_log_records_reach_the_agent(caplog):
     assert any("receiver worker 0 started" in m for m in worker_lines)
     infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO and r.name == "mpmultifd.source"]
     assert any("-> active" in m for m in infos) and any(m.startswith("round 0") for m in infos)
-    assert not logging.getLogger("mpmultifd").handlers  # the library installs no handler
+    # the library installs no handler of its own: only a NullHandler, which keeps logging's
+    # last-resort handler from printing warnings the agent did not ask for
+    handlers = logging.getLogger("mpmultifd").handlers
+    assert [type(h) for h in handlers] == [logging.NullHandler]
+
+
+def test_no_logging_configured_prints_nothing(tmp_path):
+    """Without logging configured, a failed migration writes nothing to stderr (no last-resort handler)."""
+    import subprocess
+    import sys
+
+    code = (
+        "from mpmultifd import GuestRAM, MigrationConfig, MigrationError, Source\n"
+        "import socket\n"
+        "s = socket.socket(); s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]; s.close()\n"
+        "with GuestRAM.create({'a': 1 << 20}) as r, Source(r, MigrationConfig(channels=1)) as src:\n"
+        "    try:\n"
+        "        src.migrate(('127.0.0.1', port))\n"
+        "    except MigrationError:\n"
+        "        print('failed as expected')\n"
+    )
+    root = __file__.rsplit("/tests/", 1)[0]
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env={**__import__("os").environ, "PYTHONPATH": root})
+    assert proc.stdout.strip() == "failed as expected", proc.stderr
+    assert proc.stderr == ""
 
 
 def test_progress_display_plain_lines_when_not_a_terminal():
@@ -133,3 +158,27 @@ def test_progress_display_plain_lines_when_not_a_terminal():
     lines = out.getvalue().splitlines()
     assert lines and all("round" in line and "expected downtime" in line for line in lines)
     assert len(lines) == len(set(lines))  # unchanged figures are not repeated
+
+
+def test_destination_events_follow_the_migration():
+    """The destination reports QEMU-style events too: its status changes and each round's barrier."""
+    cfg = MigrationConfig(channels=2, start_method="fork", downtime_limit=0.002, max_rounds=4, stall_downtime_limit=math.inf)
+    got: list[dict] = []
+    with GuestRAM.create(BLOCKS) as s, GuestRAM.create(BLOCKS) as d:
+        try:
+            fill(s, "random", 2)
+            with Destination(d, config=cfg, on_event=got.append) as dst:
+                stream = dst.events(timeout=30)
+                with DirtyingWriter(s.name, rate=5000, start_method="fork") as writer, Source(s, cfg) as src:
+                    res = src.migrate(dst.address, pause=writer.pause)
+                assert dst.wait(10).status == "completed"
+                streamed = list(stream)  # ends by itself after the terminal status
+        finally:
+            s.unlink()
+            d.unlink()
+    statuses = [e["status"] for e in got if e["event"] == "MIGRATION"]
+    assert statuses == ["active", "device", "completed"]
+    passes = [e for e in got if e["event"] == "MIGRATION_PASS"]
+    assert [e["round"] for e in passes] == list(range(res.rounds - 1))  # every precopy round, in order
+    assert all(b["transferred"] >= a["transferred"] for a, b in zip(passes, passes[1:]))
+    assert [e for e in streamed if e["event"] == "MIGRATION"][-1]["status"] == "completed"

@@ -83,7 +83,7 @@ def test_live_writer_four_channels_two_blocks(start_method):
 
 
 def test_zero_page_none_sends_everything_as_data():
-    config = MigrationConfig(channels=2, zero_page="none", start_method="fork", downtime_limit=0.05)
+    config = MigrationConfig(channels=2, zero_page="none", start_method="fork", downtime_limit=0.05, stall_downtime_limit=math.inf)
     result, _, dest_report, same, _, _ = run_live_migration("fork", config, seed=5)
     assert dest_report[1] is True and all(same.values())
     assert result.duplicate == 0

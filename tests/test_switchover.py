@@ -373,6 +373,7 @@ def test_a_foreign_write_is_repaired_at_switchover():
 
             res = src.migrate(dst.address, pause=pause)
             assert (res.repaired_pages, res.repair_passes) == (3, 1)
+            assert (src.query()["repaired-pages"], src.query()["repair-passes"]) == (3, 1)
             d = dst.wait(10)
             assert (d.repaired_pages, d.verified) == (3, True)
             assert dst.query()["repaired-pages"] == 3
