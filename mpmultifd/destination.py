@@ -1095,6 +1095,11 @@ class Destination:
         if self._retries_left <= 0 or not isinstance(err, ChannelError):
             if isinstance(err, ChannelError):
                 self._raise_why_source_left(err)
+                budget = self._session.channel_retries if self._session is not None else 0
+                if budget:  # say why this break ends it, as the source does when it sees it first
+                    raise ChannelBroken(
+                        f"channel broke and the retry budget ({budget}) is spent: {err}", channel=r.index
+                    ) from err
             raise err
         self._retire(r, str(err))
         self._broken[r.index] = time.monotonic() + self.config.timeout
