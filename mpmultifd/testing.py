@@ -632,8 +632,14 @@ class ResetRelay:
             pass
 
     def close(self) -> None:
+        import socket
+
         self._stop.set()
         for s in self._socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in recv or sendall; close() does not
+            except OSError:
+                pass
             try:
                 s.close()
             except OSError:
