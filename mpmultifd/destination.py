@@ -67,6 +67,7 @@ from .wire import (
     RepairPages,
     Result,
     Resume,
+    ChannelLost,
     RoundAck,
     RoundEnd,
     Verify,
@@ -1094,10 +1095,19 @@ class Destination:
         if self._retries_left <= 0 or not isinstance(err, ChannelError):
             if isinstance(err, ChannelError):
                 self._raise_why_source_left(err)
+                budget = self._session.channel_retries if self._session is not None else 0
+                if budget:  # say why this break ends it, as the source does when it sees it first
+                    raise ChannelBroken(
+                        f"channel broke and the retry budget ({budget}) is spent: {err}", channel=r.index
+                    ) from err
             raise err
         self._retire(r, str(err))
         self._broken[r.index] = time.monotonic() + self.config.timeout
         log.warning("channel %d broke (%s); waiting for the source to reconnect it", r.index, err)
+        # say so: the source may never see this break itself (its worker has nothing to
+        # send, or already sent its end of stream, and never touches the socket), and
+        # then nothing would move until both ends time out
+        self._send(ChannelLost(r.index, self._rounds))
 
     def _raise_why_source_left(self, err: MigrationError, grace: float = 0.5) -> None:
         """A data channel closed: if the source said why on the control channel (a cancel, its own

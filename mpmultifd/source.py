@@ -77,6 +77,7 @@ from .wire import (
     RepairPages,
     Result,
     Resume,
+    ChannelLost,
     RoundAck,
     RoundEnd,
     Verify,
@@ -353,6 +354,8 @@ class _Channel:
         self.log: list[tuple[int, int, int, int, np.ndarray | None]] = []
         self.generation = 0  # bumped when a broken channel is replaced
         self.reconnecting = False
+        self.awaiting_resume = False  # reconnecting, and the destination has not admitted the new connection yet
+        self.lost = False  # the destination lost the new connection while it was being resent on
         self.counter_base: dict[str, int] = {}
         self.progress_bytes = -1  # wire bytes at the last check, and when they last moved
         self.progress_at = time.monotonic()
@@ -383,6 +386,9 @@ class Source:
         self._pool = pool if self.config.tls is None else None
         self._events = EventHub(on_event)
         self._lock = threading.Lock()
+        # held while channel counters are read and while a channel's ring is swapped or closed,
+        # so query() never meets a closed ring nor counts a retired worker twice
+        self._rings_lock = threading.Lock()
         self._progress_lock = threading.Lock()
         self._status = "none"
         self._cancel_requested = False
@@ -1357,36 +1363,46 @@ class Source:
 
     def _channel_failed(self, ch: _Channel, err: MigrationError) -> None:
         """A data channel broke: reconnect it while the retry budget lasts, else fail."""
-        if self._retries_left <= 0 or ch.reconnecting or not isinstance(err, ChannelError):
-            if self._retries_left <= 0 and self.config.channel_retries:
-                raise ChannelBroken(
-                    f"channel broke and the retry budget ({self.config.channel_retries}) is spent: {err}",
-                    channel=ch.index,
-                ) from err
-            raise err
-        self._retries_left -= 1
-        log.warning("channel %d broke (%s); reconnecting, %d retries left", ch.index, err, self._retries_left)
-        self._reconnects += 1
-        ch.reconnecting = True
-        try:
-            self._replace_channel(ch)
-        finally:
-            ch.reconnecting = False
+        while True:
+            if self._retries_left <= 0 or ch.reconnecting or not isinstance(err, ChannelError):
+                if self._retries_left <= 0 and self.config.channel_retries:
+                    raise ChannelBroken(
+                        f"channel broke and the retry budget ({self.config.channel_retries}) is spent: {err}",
+                        channel=ch.index,
+                    ) from err
+                raise err
+            self._retries_left -= 1
+            log.warning("channel %d broke (%s); reconnecting, %d retries left", ch.index, err, self._retries_left)
+            self._reconnects += 1
+            ch.reconnecting = True
+            ch.lost = False
+            try:
+                self._replace_channel(ch)
+            finally:
+                ch.reconnecting = ch.awaiting_resume = False
+            if not ch.lost:
+                return
+            # the destination lost the new connection while we resent on it: its CHANNEL_LOST
+            # came while this channel was left out of event handling, so act on it now
+            err = ChannelBroken("the destination lost the reconnected channel", channel=ch.index)
 
     def _replace_channel(self, ch: _Channel) -> None:
-        # retire the old worker, keeping its counters so totals never run backwards
-        old = self._channel_counters_of([ch])[0]
-        for name, value in old.items():
-            if name != "channel":
-                ch.counter_base[name] = value
+        # retire the old worker first: once it exited, its counters are final
         nudge_worker(ch.conn, ch.sock)
         ch.ring.close_producer()
         reap_workers([(ch.proc, ch.conn, ch.sock)])
-        ch.ring.close()
         self._resumes.pop(ch.index, None)
-        ring, sock, proc, conn = self._spawn_channel(ch.index)
-        ch.ring, ch.sock, ch.proc, ch.conn = ring, sock, proc, conn
+        ch.awaiting_resume = True
         ch.ready = False
+        # the old ring stays in place until the new one is there: if connecting fails,
+        # teardown and query() still find an open ring (a closed one raised ValueError)
+        ring, sock, proc, conn = self._spawn_channel(ch.index)
+        with self._rings_lock:  # keep its counters so totals never run backwards, nor count twice
+            old = self._channel_counters_of([ch], locked=True)[0]
+            ch.counter_base = {name: value for name, value in old.items() if name != "channel"}
+            old_ring, ch.ring = ch.ring, ring
+            ch.sock, ch.proc, ch.conn = sock, proc, conn
+            old_ring.close()
         ch.generation += 1
         # the destination names the round it stands at; everything from there is resent
         deadline = time.monotonic() + self.config.timeout
@@ -1397,6 +1413,8 @@ class Source:
                 self._worker_message(ch)  # "ready" (this channel is left out of _pump while it reconnects)
             self._pump(0.05)
         ring.unlink()
+        # a CHANNEL_LOST for this channel from here on is about the new connection
+        ch.awaiting_resume = False
         start = self._resumes.pop(ch.index)
         ch.log = [e for e in ch.log if e[2] >= start]
         ch.synced = min(ch.synced, start - 1)
@@ -1412,6 +1430,11 @@ class Source:
                     self._pump(0)
                     if ch.generation != gen:
                         return  # replaced again while resending: that replacement resent everything
+                except RingClosed:
+                    # the new worker stopped already (its connection broke too): its report, or
+                    # its exit, is handled once this replacement returns, and that resends all
+                    log.info("channel %d: the new worker stopped while packets were resent", ch.index)
+                    return
         log.info("channel %d reconnected; resent %d packets from round %d", ch.index, len(ch.log), start)
 
     def _fingerprint_cost(self, save: bool) -> float:
@@ -1819,7 +1842,7 @@ class Source:
                 ) from e
             if isinstance(msg, CommitAck):
                 return
-            if isinstance(msg, (RoundAck, Resume)):
+            if isinstance(msg, (RoundAck, Resume, ChannelLost)):
                 continue
             raise CommitUnknown(
                 f"the destination answered COMMIT with {type(msg).__name__}"
@@ -2120,6 +2143,22 @@ class Source:
                 raise RemoteProtocolError(f"RESUME for channel {msg.channel}", field="channel")
             self._resumes[msg.channel] = msg.round
             return
+        if isinstance(msg, ChannelLost):
+            if not 0 <= msg.channel < len(self._channels):
+                raise RemoteProtocolError(f"CHANNEL_LOST for channel {msg.channel}", field="channel")
+            ch = self._channels[msg.channel]
+            if ch.awaiting_resume:
+                return  # about the connection being replaced already (it comes before the RESUME)
+            if ch.reconnecting:
+                ch.lost = True  # about the new connection, while it is resent on: _channel_failed goes again
+                return
+            # a break this side may never see: the worker has nothing to send, or already sent
+            # its end of stream, and the relay or the network dropped what it sent last
+            self._channel_failed(
+                ch,
+                ChannelBroken(f"the destination lost the connection in round {msg.round}", channel=ch.index),
+            )
+            return
         self._early.append(msg)
 
     def _next_control(self, deadline: float, what: str) -> Any:
@@ -2180,7 +2219,8 @@ class Source:
         for ch in chans:
             if ch.proc.exitcode is not None:
                 ch.proc.close()
-            ch.ring.close()
+            with self._rings_lock:
+                ch.ring.close()
             ch.ring.unlink()
         if ctrl is not None:
             ctrl.close()
@@ -2188,15 +2228,24 @@ class Source:
         self._mac = None
         self._early = []
 
-    @staticmethod
-    def _channel_counters_of(chans: list[_Channel]) -> list[dict[str, int]]:
+    def _channel_counters_of(self, chans: list[_Channel], *, locked: bool = False) -> list[dict[str, int]]:
+        if not locked:
+            with self._rings_lock:
+                return self._channel_counters_of(chans, locked=True)
         out = []
         for ch in chans:
-            c = ch.ring.counters
             base = ch.counter_base
+            ring = ch.ring
+            # a ring is closed only at teardown (under this lock): its worker's counters are gone,
+            # and what is left is the base of the workers before it
+            c = None if ring.closed else ring.counters
             out.append(
-                {"channel": ch.index, **{name: int(c[i]) + base.get(name, 0) for name, i in COUNTERS.items()}}
+                {
+                    "channel": ch.index,
+                    **{name: (int(c[i]) if c is not None else 0) + base.get(name, 0) for name, i in COUNTERS.items()},
+                }
             )
+            del c
         return out
 
 

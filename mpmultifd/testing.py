@@ -19,7 +19,17 @@ from .errors import MigrationError
 from .ram import GuestRAM
 from .source import mp_context
 
-__all__ = ["CONTENTS", "fill", "same_contents", "DirtyingWriter", "RemoteDestination", "QMP", "QMPError"]
+__all__ = [
+    "CONTENTS",
+    "fill",
+    "same_contents",
+    "DirtyingWriter",
+    "WriterThread",
+    "ResetRelay",
+    "RemoteDestination",
+    "QMP",
+    "QMPError",
+]
 
 CONTENTS = ("random", "half-zero", "zero", "mixed")
 
@@ -379,3 +389,267 @@ class RemoteDestination:
 
 # the QMP client lives in mpmultifd.qemu (the VM handover uses it); tests and tools import it from here too
 from .qemu import QMP, QMPError, _log_tail  # noqa: E402,F401
+
+
+class WriterThread:
+    """A thread of this process that keeps writing random bytes into one block and marking them.
+
+    The in-process counterpart of :class:`DirtyingWriter` (an agent's own
+    writer thread). Each write covers 1 byte to ``max_bytes`` at a random
+    offset; ``interval`` seconds pass between writes. :meth:`pause` stops it
+    and returns once it stopped (use it as ``migrate(pause=...)``).
+    """
+
+    def __init__(self, ram: GuestRAM, block: str | int = 0, *, seed: int = 1, interval: float = 0.0002,
+                 max_bytes: int = 3 * 4096) -> None:
+        import threading
+
+        self.ram, self.block = ram, block
+        self.writes = 0
+        self._rng = np.random.default_rng(seed)
+        self._interval, self._max = interval, max_bytes
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="mpmultifd-writer-thread", daemon=True)
+
+    def start(self) -> "WriterThread":
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        arr = self.ram.view(self.block)
+        size = len(arr)
+        rng = self._rng
+        while not self._stop.is_set():
+            n = int(rng.integers(1, self._max + 1))
+            off = int(rng.integers(0, size - n + 1))
+            arr[off : off + n] = rng.integers(0, 256, n, dtype=np.uint8)  # write first, mark second
+            self.ram.mark_dirty(self.block, off, n)
+            self.writes += 1
+            if self._interval:
+                time.sleep(self._interval)
+
+    def pause(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    stop = pause
+
+    def __enter__(self) -> "WriterThread":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.pause()
+
+
+def _disconnect(sock: Any) -> None:
+    """Reset a TCP connection now, whoever else holds its descriptor.
+
+    ``close()`` with ``SO_LINGER`` 0 sends a reset only when the last descriptor
+    goes, and a worker process forked meanwhile holds copies of this process's
+    descriptors; ``connect()`` to an ``AF_UNSPEC`` address disconnects the
+    socket itself (Linux sends the reset at once).
+    """
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    addr = ctypes.create_string_buffer(16)  # sa_family = AF_UNSPEC (0), the rest zero
+    libc.connect(sock.fileno(), addr, 16)
+
+
+class ResetRelay:
+    """A loopback TCP relay that resets data connections at chosen points, as a broken path would.
+
+    Every connection to :attr:`address` is forwarded to ``upstream``. The relay
+    reads each connection's hello to tell data connections from the control
+    connection (and streams), which it never touches. ``points`` are reset
+    points ``(nbytes, mode)``, taken in order: once the source has sent
+    ``nbytes`` bytes in all over every data connection since the previous reset
+    (or since the start), the data connection carrying them is reset on both
+    sides (``SO_LINGER`` 0), either at that very byte (``mode="now"``,
+    mid-packet as a rule), or once it next stays idle for ``idle`` seconds or
+    the source closes it (``mode="idle"``: a channel parked at a round's
+    barrier, a source waiting for its next round, a worker done), or like
+    ``idle`` but forwarding nothing more from that byte on (``mode="drop"``: a
+    path that swallows the tail, say a final round's, before it breaks). ``points`` may be appended to while the relay
+    runs (say, from ``pause`` to cut into the final round). :attr:`resets` lists what was reset:
+    ``(accept index, data channel, bytes that connection moved, mode)``.
+    """
+
+    def __init__(
+        self,
+        upstream: Any,
+        points: list[tuple[int, str]] | None = None,
+        *,
+        idle: float = 0.03,
+        refuse_after_reset: bool = False,
+    ) -> None:
+        import socket
+        import threading
+
+        self.upstream = upstream
+        # once a reset was done, close every new connection at once (a path that stays down)
+        self.refuse_after_reset = refuse_after_reset
+        self.refused = 0
+        self._down = False
+        self.points = list(points or [])
+        self.idle = idle
+        self.resets: list[tuple[int, int, int, str]] = []
+        self.connections = 0
+        self._lock = threading.Lock()
+        self._since = 0  # data bytes since the previous reset point was taken
+        self._stop = threading.Event()
+        self._socks: list[Any] = []
+        self._threads: list[threading.Thread] = []
+        self._lsock = socket.socket()
+        self._lsock.bind(("127.0.0.1", 0))
+        self._lsock.listen(64)
+        self._lsock.settimeout(0.1)
+        self.address = self._lsock.getsockname()
+        self._spawn(self._accept)
+
+    def _spawn(self, fn: Any, *args: Any) -> None:
+        import threading
+
+        t = threading.Thread(target=fn, args=args, name="mpmultifd-relay", daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def _accept(self) -> None:
+        import socket
+
+        while not self._stop.is_set():
+            try:
+                client, _ = self._lsock.accept()
+            except OSError:
+                continue
+            index = self.connections
+            self.connections += 1
+            if self._down:
+                self.refused += 1
+                client.close()
+                continue
+            try:
+                up = socket.create_connection(self.upstream, timeout=5)
+                up.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            client.settimeout(None)
+            self._socks += [client, up]
+            conn = {"client": client, "up": up, "index": index, "reset": False, "lock": __import__("threading").Lock()}
+            self._spawn(self._forward, conn)
+            self._spawn(self._backward, conn)
+
+    def _reset(self, conn: dict, channel: int, moved: int, mode: str) -> None:
+        import socket
+        import struct
+
+        with conn["lock"]:
+            if conn["reset"]:
+                return
+            conn["reset"] = True
+            self._down = self.refuse_after_reset  # before the reset: a reconnection may follow at once
+            for s in (conn["client"], conn["up"]):
+                try:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    _disconnect(s)
+                    s.close()
+                except OSError:
+                    pass
+        self.resets.append((conn["index"], channel, moved, mode))
+
+    def _backward(self, conn: dict) -> None:
+        a, b = conn["up"], conn["client"]
+        try:
+            while not self._stop.is_set():
+                data = a.recv(65536)
+                if not data:
+                    b.shutdown(2)
+                    return
+                b.sendall(data)
+        except OSError:
+            pass
+
+    def _forward(self, conn: dict) -> None:
+        import socket
+
+        from .wire import HELLO_SIZE, KIND_DATA
+
+        a, b = conn["client"], conn["up"]
+        moved = 0
+        armed: str | None = None
+        try:
+            head = b""
+            while len(head) < HELLO_SIZE:
+                more = a.recv(HELLO_SIZE - len(head))
+                if not more:
+                    b.shutdown(socket.SHUT_WR)
+                    return
+                head += more
+            b.sendall(head)
+            kind, channel = head[6], int.from_bytes(head[24:26], "big")
+            data_conn = kind == KIND_DATA
+            while not self._stop.is_set():
+                if armed is not None:
+                    a.settimeout(self.idle)
+                try:
+                    data = a.recv(65536)
+                except socket.timeout:
+                    self._reset(conn, channel, moved, armed)
+                    return
+                if not data:
+                    if armed is not None:  # the source is done with it: the reset comes now
+                        self._reset(conn, channel, moved, armed)
+                        return
+                    b.shutdown(socket.SHUT_WR)
+                    return
+                if armed == "drop":
+                    continue  # swallowed
+                cut = None
+                if data_conn and armed is None:
+                    with self._lock:
+                        if self.points and self._since + len(data) >= self.points[0][0]:
+                            at, mode = self.points.pop(0)
+                            cut = (max(0, at - self._since), mode)
+                            self._since = 0
+                        else:
+                            self._since += len(data)
+                if cut is not None and cut[1] == "now":
+                    b.sendall(data[: cut[0]])
+                    self._reset(conn, channel, moved + cut[0], "now")
+                    return
+                if cut is not None and cut[1] == "drop":
+                    b.sendall(data[: cut[0]])
+                    moved += cut[0]
+                    armed = "drop"
+                    continue
+                if cut is not None:
+                    armed = "idle"
+                b.sendall(data)
+                moved += len(data)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        import socket
+
+        self._stop.set()
+        for s in self._socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in recv or sendall; close() does not
+            except OSError:
+                pass
+            try:
+                s.close()
+            except OSError:
+                pass
+        self._lsock.close()
+        for t in self._threads:
+            t.join(5)
+
+    def __enter__(self) -> "ResetRelay":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -64,6 +64,7 @@ __all__ = [
     "Cancel",
     "Commit",
     "Resume",
+    "ChannelLost",
     "CommitAck",
     "Repair",
     "RepairPages",
@@ -479,7 +480,8 @@ T_COMMIT_ACK = 12
 T_REPAIR = 13
 T_REPAIR_PAGES = 14
 T_REPAIR_DONE = 15
-_LAST_TYPE = T_REPAIR_DONE
+T_CHANNEL_LOST = 16
+_LAST_TYPE = T_CHANNEL_LOST
 
 _ZERO_PAGE_MODES = ("multifd", "none")
 
@@ -582,6 +584,19 @@ class Resume:
 
 
 @dataclass(frozen=True)
+class ChannelLost:
+    """Destination → source: the connection of ``channel`` broke here while ``round`` was current.
+
+    The source may not see it (a worker with nothing to send, or one that
+    already sent its end of stream, never touches its socket): it reconnects
+    the channel as for a break it saw itself. Sent only while retries remain.
+    """
+
+    channel: int
+    round: int
+
+
+@dataclass(frozen=True)
 class Commit:
     """Source → destination, after a successful RESULT: the source will not resume; the region is yours."""
 
@@ -652,6 +667,7 @@ ControlMessage = Union[
     Repair,
     RepairPages,
     RepairDone,
+    ChannelLost,
 ]
 
 # a REPAIR names at most this many pages: more than that is a tracker that
@@ -771,6 +787,10 @@ def _encode_control(msg: ControlMessage) -> bytes:
         if not 0 <= msg.channel < MAX_CHANNELS or not 0 <= msg.round <= 0xFFFFFFFF:
             raise LocalProtocolError("resume: channel or round out of range", field="channel")
         return _frame(T_RESUME, _RESUME.pack(msg.channel, 0, msg.round))
+    if isinstance(msg, ChannelLost):
+        if not 0 <= msg.channel < MAX_CHANNELS or not 0 <= msg.round <= 0xFFFFFFFF:
+            raise LocalProtocolError("channel-lost: channel or round out of range", field="channel")
+        return _frame(T_CHANNEL_LOST, _RESUME.pack(msg.channel, 0, msg.round))
     if isinstance(msg, CommitAck):
         return _frame(T_COMMIT_ACK, b"")
     if isinstance(msg, Repair):
@@ -1018,6 +1038,15 @@ def _decode_body(mtype: int, body: bytes) -> ControlMessage:
         if channel >= MAX_CHANNELS:
             raise _fail("channel", f"{channel} is not a channel index")
         return Resume(channel, rnd)
+    if mtype == T_CHANNEL_LOST:
+        if len(body) != _RESUME.size:
+            raise _fail("length", f"CHANNEL_LOST body must be {_RESUME.size} bytes")
+        channel, reserved, rnd = _RESUME.unpack(body)
+        if reserved:
+            raise _fail("reserved", "must be zero")
+        if channel >= MAX_CHANNELS:
+            raise _fail("channel", f"{channel} is not a channel index")
+        return ChannelLost(channel, rnd)
     if mtype == T_COMMIT_ACK:
         if body:
             raise _fail("length", "COMMIT_ACK carries no body")

@@ -40,6 +40,7 @@ from mpmultifd.wire import (
     Hello,
     Repair,
     RepairDone,
+    ChannelLost,
     RepairPages,
     Result,
     RoundAck,
@@ -419,6 +420,7 @@ def test_channel_state_orders_rounds_and_packets():
         Repair(1, ((0, np.array([1, 5, 9])), (2, np.array([3])))),
         RepairPages(2, 1, np.array([4, 5]), np.array([7, 2**64 - 1], dtype=np.uint64), bytes(range(256)) * 32),
         RepairDone(3, 17),
+        ChannelLost(5, 9),
     ],
 )
 def test_control_round_trip(msg):
@@ -461,7 +463,9 @@ def _config_json(**changes) -> bytes:
         (_frame(1, b"{}", flags=2), "reserved"),
         (_frame(1, b"{}", flags=1), "mac"),  # a tag where the session has no key
         (_frame(0, b""), "type"),
-        (_frame(16, b""), "type"),
+        (_frame(17, b""), "type"),
+        (_frame(16, b"\0"), "length"),  # CHANNEL_LOST is 8 bytes
+        (_frame(16, b"\0\1\0\1\0\0\0\2"), "reserved"),
         (_frame(12, b"\0"), "length"),
         (_frame(13, b"\0\0\0\1\0\0\0\0"), "nblocks"),
         (_frame(13, b"\0\0\0\1\0\1\0\0" + b"\0\0\0\0\0\0\0\0"), "npages"),
