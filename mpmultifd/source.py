@@ -994,6 +994,7 @@ class Source:
         self._throttle_cb: Callable[[int], Any] | None = None
         self._sync_seconds = 0.0
         self._pages_pushed = 0
+        self._next_channel = 0  # where the next tie between equally empty rings starts
         self._stall_reason: str | None = None
         self._before_commit: Callable[[Callable[[], socket.socket]], Any] | None = None
         self._commit_sent = False
@@ -1943,7 +1944,11 @@ class Source:
                 batch = pages[start : start + n]
                 if paced and self._max_bandwidth is not None:
                     self._wait_for_budget(len(batch) * ps)
-                ch = min(chans, key=lambda c: len(c.ring))
+                # the emptiest ring; ties go round the channels, not always to channel 0 (a paced
+                # round would otherwise leave the others idle)
+                start = self._next_channel % len(chans)
+                ch = min(chans[start:] + chans[:start], key=lambda c: len(c.ring))
+                self._next_channel = ch.index + 1
                 self._push(ch, KIND_DATA, block, rnd, batch)
                 self._pages_pushed += len(batch)
                 ch.packets_in_round += 1
