@@ -377,6 +377,11 @@ class Destination:
             self.cancel()
         self._coordinator.join(self.config.timeout + 2 * _JOIN_GRACE)
         try:
+            # wakes the accept loop out of its poll at once (a close alone would leave it to its timeout)
+            self._lsock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        try:
             self._lsock.close()
         except OSError:
             pass
@@ -1310,6 +1315,10 @@ class Destination:
         self._set_status(status)
         self._done.set()
         self._settled.set()
+        try:
+            self._lsock.shutdown(socket.SHUT_RDWR)  # wakes the accept loop now, not at its next poll
+        except OSError:
+            pass
         try:
             self._lsock.close()
         except OSError:
