@@ -3,7 +3,7 @@
 Nothing here touches a socket, a process or a clock. Workers and coordinators
 drive it; tests feed it bytes. Every field that arrives from the network is
 checked before use, and a violation raises :class:`RemoteProtocolError` whose
-``field`` names what was wrong (DESIGN.md invariant 5). ``docs/protocol.md`` is
+``field`` names what was wrong. ``docs/protocol.md`` is
 the specification, with byte-level test vectors that the tests check.
 
 All integers are big-endian. Three kinds of bytes travel:

@@ -39,7 +39,7 @@ sample: for a worker, at most one interval before it exited) of:
   top would count them twice; what ``max`` adds is the anonymous memory a forked
   worker still shares copy-on-write with its forkserver (the preloaded
   interpreter and numpy heap), which ``Private_*`` leave out. This is the figure
-  checked against the DESIGN target "per-worker resident memory beyond the
+  checked against the target "per-worker resident memory beyond the
   shared region <= 48 MiB";
 - **private**: ``Private_Clean + Private_Dirty`` of the same mappings: what the
   process alone holds (what its exit would give back);
@@ -94,7 +94,7 @@ from toolkit import (  # noqa: E402
     wall_time_line,
 )
 
-TARGET_MIB = 48.0  # DESIGN: per-worker resident memory beyond the shared region
+TARGET_MIB = 48.0  # target: per-worker resident memory beyond the shared region
 ROLES = ("coordinator", "send worker", "destination", "recv worker")
 WORKER_ROLES = ("send worker", "recv worker")
 
