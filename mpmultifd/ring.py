@@ -58,6 +58,7 @@ __all__ = [
     "KIND_EOS",
     "KIND_STOP",
     "KIND_SCAN",
+    "KIND_ZERO",
     "MODES",
     "Batch",
     "Ring",
@@ -68,7 +69,8 @@ KIND_SYNC = 1  # end of a round: send a SYNC packet
 KIND_EOS = 2  # end of stream: send the final SYNC+EOS packet and exit
 KIND_STOP = 3  # stop now without sending anything (cancel)
 KIND_SCAN = 4  # fingerprint page ranges (pairs first, end in the page words) into shared memory
-_LAST_KIND = KIND_SCAN
+KIND_ZERO = 5  # pages known to be zero (holes of the source's file): sent as zero pages without reading them
+_LAST_KIND = KIND_ZERO
 
 MODES = ("auto", "eventidx", "credit")
 

@@ -46,7 +46,7 @@ from .methods import get_method
 from .pageprint import fingerprint_extents, fingerprint_rows, key_from_seed, session_seed, split_ranges
 from .pacing import AutoConverge, BandwidthWindow, StallDetector, TokenBucket, rounds_to_converge
 from .ram import GuestRAM
-from .ring import KIND_DATA, KIND_EOS, KIND_SCAN, KIND_STOP, KIND_SYNC, Ring
+from .ring import KIND_DATA, KIND_EOS, KIND_SCAN, KIND_STOP, KIND_SYNC, KIND_ZERO, Ring
 from .pool import WorkerPool
 from .savefile import STATE_OFFSET, SaveLayout, SaveState, encode_state, pack_bitmap, pack_digests
 from .stats import DirtyRateEstimate, EventHub, MigrationResult, SaveResult
@@ -1492,6 +1492,7 @@ class Source:
         ps = ram.page_size
         self._packet_num = 0
         t_sync = time.perf_counter()
+        holes: list[np.ndarray] | None = None  # round 0's pages known to be zero
         if top_up:
             # the tracker has run since the save: round 0 sends only what changed since
             assert self._tracker is not None and self._tracker.started
@@ -1504,6 +1505,10 @@ class Source:
             # round 0 sends everything; tracking starts first, so writes made from now on are seen again
             tracker.start()
             pending = [np.arange(b.npages, dtype=np.int64) for b in ram.blocks]
+            if not save:
+                # holes of the source's files (found after tracking started, so a page written since
+                # is seen again) go as zero pages without being read: a read would allocate them
+                pending, holes = self._split_holes()
         self._sync_seconds += time.perf_counter() - t_sync
         rnd = 0
         fingerprint_cost = self._fingerprint_cost(save) if (cfg.verify or save) else 0.0
@@ -1517,7 +1522,7 @@ class Source:
             t_round = time.monotonic()
             before = self._wire_bytes()
             self._round = rnd
-            self._send_round(rnd, pending, final=False)
+            self._send_round(rnd, pending, final=False, known_zero=holes if rnd == 0 else None)
             self._wait_synced(rnd)
             elapsed = time.monotonic() - t_round
             sent = self._wire_bytes() - before
@@ -1929,8 +1934,25 @@ class Source:
     def _wire_bytes(self) -> int:
         return sum(c["bytes"] for c in self._channel_counters_of(self._channels))
 
+    def _split_holes(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Every page of every block, as (pages with data, holes) per block."""
+        data, holes = [], []
+        for b in self.ram.blocks:
+            mask = np.zeros(b.npages, dtype=bool)
+            for first, end in self.ram.data_extents(b.index):
+                mask[first:end] = True
+            data.append(np.flatnonzero(mask).astype(np.int64, copy=False))
+            holes.append(np.flatnonzero(~mask).astype(np.int64, copy=False))
+        return data, holes
+
     def _send_round(
-        self, rnd: int, pending: list[np.ndarray], *, final: bool, before_end: Callable[[], None] | None = None
+        self,
+        rnd: int,
+        pending: list[np.ndarray],
+        *,
+        final: bool,
+        before_end: Callable[[], None] | None = None,
+        known_zero: list[np.ndarray] | None = None,
     ) -> None:
         """Cut the round's pages into batches and hand them to the emptiest rings, then SYNC (or EOS)."""
         chans = self._channels
@@ -1939,17 +1961,20 @@ class Source:
             ch.packets_in_round = 0
         ps = self.ram.page_size
         paced = not final  # the final round runs with the guest paused: no cap (as QEMU)
-        for block, pages in enumerate(pending):
-            for start in range(0, len(pages), n):
-                batch = pages[start : start + n]
+        batches = [(KIND_DATA, block, pages) for block, pages in enumerate(pending)]
+        if known_zero is not None:
+            batches += [(KIND_ZERO, block, pages) for block, pages in enumerate(known_zero)]
+        for kind, block, pages in batches:
+            for first in range(0, len(pages), n):
+                batch = pages[first : first + n]
                 if paced and self._max_bandwidth is not None:
-                    self._wait_for_budget(len(batch) * ps)
+                    self._wait_for_budget(len(batch) * ps if kind == KIND_DATA else 8 * len(batch))
                 # the emptiest ring; ties go round the channels, not always to channel 0 (a paced
                 # round would otherwise leave the others idle)
-                start = self._next_channel % len(chans)
-                ch = min(chans[start:] + chans[:start], key=lambda c: len(c.ring))
+                turn = self._next_channel % len(chans)
+                ch = min(chans[turn:] + chans[:turn], key=lambda c: len(c.ring))
                 self._next_channel = ch.index + 1
-                self._push(ch, KIND_DATA, block, rnd, batch)
+                self._push(ch, kind, block, rnd, batch)
                 self._pages_pushed += len(batch)
                 ch.packets_in_round += 1
         if before_end is not None:

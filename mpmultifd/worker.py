@@ -31,7 +31,7 @@ from .errors import ChannelBroken, ChannelClosed, MigrationError
 from .methods import PageBatch, PageSink, Prepared, get_method
 from .ram import GuestRAM
 from .pageprint import fingerprint_extents, fingerprint_rows
-from .ring import KIND_DATA, KIND_EOS, KIND_SCAN, KIND_STOP, KIND_SYNC, Ring
+from .ring import KIND_DATA, KIND_EOS, KIND_SCAN, KIND_STOP, KIND_SYNC, KIND_ZERO, Ring
 from .transport import recv_exact_into, send_buffers
 from .zerocopy import ZeroCopySender
 from .zeropage import nonzero_pages
@@ -376,6 +376,19 @@ def _run_sender(
                     conn.send(("done", batch.round))
                     return
                 conn.send(("synced", batch.round))
+            elif batch.kind == KIND_ZERO:
+                # holes of the source's file: zero without reading them (a read would allocate them)
+                blk = batch.block
+                zero = batch.pages.astype(np.intp, copy=False)
+                if records is not None:
+                    records.sent[blk][zero] = 0
+                header = encoder.encode(
+                    block=blk, round=batch.round, packet_num=batch.packet_num, normal_offsets=no_pages, zero_offsets=zero * ps
+                )
+                counters[C_SYSCALLS] += send_buffers(sock, [header])
+                counters[C_PACKETS] += 1
+                counters[C_ZERO] += len(zero)
+                counters[C_WIRE_BYTES] += encoder.size
             elif batch.kind == KIND_SCAN:
                 if records is None or key is None:
                     raise MigrationError("scan job for a worker without page records", channel=spec.channel)

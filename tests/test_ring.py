@@ -240,7 +240,7 @@ def test_capacity_and_argument_limits(mode: str) -> None:
             dict(pages=np.array([1.0, 2.0])),  # not integers
             dict(pages=np.array([True])),
             dict(pages=np.zeros((2, 2), dtype=np.uint64)),  # not 1-D
-            dict(kind=5),
+            dict(kind=6),
             dict(kind=-1),
             dict(block=-1),
             dict(packet_num=2**64),

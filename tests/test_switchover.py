@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import socket
 import struct
 import threading
@@ -529,5 +530,25 @@ def test_a_relay_without_the_key_cannot_change_what_lands(patch_verify):
                 assert flipped
             finally:
                 relay.close()
+    finally:
+        _cleanup(src_ram, dst_ram)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("tracker", ["map", "scan"])
+def test_the_source_regions_holes_are_never_read(tracker):
+    """Pages a guest never wrote (holes of its file) travel as zero pages without being read:
+    reading them would allocate them, and a scanning tracker would then scan them every round."""
+    layout = {"pc.ram": 64 << 20}
+    src_ram, dst_ram = GuestRAM.create(layout), GuestRAM.create(layout)
+    try:
+        src_ram.pages(0)[::64] = 5  # one page in 64 holds data
+        before = os.stat(src_ram.blocks[0].path).st_blocks
+        cfg = MigrationConfig(channels=2, start_method="fork", dirty_tracker=tracker)
+        with Destination(dst_ram, config=cfg) as dst, Source(src_ram, cfg) as src:
+            res = src.migrate(dst.address)
+            assert dst.wait(10).verified and res.duplicate >= (64 << 20) // PS * 63 // 64
+        assert os.stat(src_ram.blocks[0].path).st_blocks == before  # not one hole was allocated
+        assert np.array_equal(src_ram.view(0), dst_ram.view(0))
     finally:
         _cleanup(src_ram, dst_ram)
