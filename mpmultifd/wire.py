@@ -971,12 +971,14 @@ def _decode_counts(body: bytes, what: str) -> tuple[int, tuple[int, ...]]:
 
 
 def _decode_body(mtype: int, body: bytes) -> ControlMessage:
+    empty = _EMPTY_MESSAGES.get(mtype)
+    if empty is not None:
+        name, cls = empty
+        if body:
+            raise _fail("length", f"{name} carries no body")
+        return cls()
     if mtype == T_CONFIG:
         return _decode_config(body)
-    if mtype == T_CONFIG_ACK:
-        if body:
-            raise _fail("length", "CONFIG_ACK carries no body")
-        return ConfigAck()
     if mtype in (T_ROUND_END, T_COMPLETE):
         rnd, counts = _decode_counts(body, "round_end" if mtype == T_ROUND_END else "complete")
         return RoundEnd(rnd, counts) if mtype == T_ROUND_END else Complete(rnd, counts)
@@ -1021,36 +1023,10 @@ def _decode_body(mtype: int, body: bytes) -> ControlMessage:
         if len(body) != _ACK.size:
             raise _fail("length", f"ROUND_ACK body must be {_ACK.size} bytes")
         return RoundAck(_ACK.unpack(body)[0])
-    if mtype == T_CANCEL:
-        if body:
-            raise _fail("length", "CANCEL carries no body")
-        return Cancel()
-    if mtype == T_COMMIT:
-        if body:
-            raise _fail("length", "COMMIT carries no body")
-        return Commit()
     if mtype == T_RESUME:
-        if len(body) != _RESUME.size:
-            raise _fail("length", f"RESUME body must be {_RESUME.size} bytes")
-        channel, reserved, rnd = _RESUME.unpack(body)
-        if reserved:
-            raise _fail("reserved", "must be zero")
-        if channel >= MAX_CHANNELS:
-            raise _fail("channel", f"{channel} is not a channel index")
-        return Resume(channel, rnd)
+        return Resume(*_decode_channel_round(body, "RESUME"))
     if mtype == T_CHANNEL_LOST:
-        if len(body) != _RESUME.size:
-            raise _fail("length", f"CHANNEL_LOST body must be {_RESUME.size} bytes")
-        channel, reserved, rnd = _RESUME.unpack(body)
-        if reserved:
-            raise _fail("reserved", "must be zero")
-        if channel >= MAX_CHANNELS:
-            raise _fail("channel", f"{channel} is not a channel index")
-        return ChannelLost(channel, rnd)
-    if mtype == T_COMMIT_ACK:
-        if body:
-            raise _fail("length", "COMMIT_ACK carries no body")
-        return CommitAck()
+        return ChannelLost(*_decode_channel_round(body, "CHANNEL_LOST"))
     if mtype == T_REPAIR:
         return _decode_repair(body)
     if mtype == T_REPAIR_PAGES:
@@ -1073,6 +1049,27 @@ def _decode_body(mtype: int, body: bytes) -> ControlMessage:
             raise _fail("length", f"REPAIR_DONE body must be {_REPAIR_DONE.size} bytes")
         return RepairDone(*_REPAIR_DONE.unpack(body))
     raise _fail("type", f"unknown control message type {mtype}")
+
+
+# messages whose body is empty: type -> (name, class)
+_EMPTY_MESSAGES: dict[int, tuple[str, Any]] = {
+    T_CONFIG_ACK: ("CONFIG_ACK", ConfigAck),
+    T_CANCEL: ("CANCEL", Cancel),
+    T_COMMIT: ("COMMIT", Commit),
+    T_COMMIT_ACK: ("COMMIT_ACK", CommitAck),
+}
+
+
+def _decode_channel_round(body: bytes, name: str) -> tuple[int, int]:
+    """The (channel, round) body that RESUME and CHANNEL_LOST share."""
+    if len(body) != _RESUME.size:
+        raise _fail("length", f"{name} body must be {_RESUME.size} bytes")
+    channel, reserved, rnd = _RESUME.unpack(body)
+    if reserved:
+        raise _fail("reserved", "must be zero")
+    if channel >= MAX_CHANNELS:
+        raise _fail("channel", f"{channel} is not a channel index")
+    return channel, rnd
 
 
 def _decode_repair(body: bytes) -> Repair:
