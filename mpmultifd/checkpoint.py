@@ -27,9 +27,10 @@ from .methods import page_runs
 from .ram import GuestRAM
 from .ring import KIND_DATA, KIND_EOS, KIND_STOP, Ring
 from .savefile import SaveLayout, read_layout, unpack_bitmap, unpack_digests
-from .source import mp_context, nudge_worker, reap_workers, start_worker
+from .messages import Failed, Log, Ready, StreamEnded
+from .processes import mp_context, nudge_worker, reap_workers, start_worker
 from .stats import RestoreResult
-from .worker import C_WIRE_BYTES, error_from_report, forward_log
+from .worker import C_WIRE_BYTES
 
 __all__ = ["restore", "read_save_tables"]
 
@@ -269,11 +270,11 @@ def _message(ch: _Loader) -> None:
     except (EOFError, OSError):
         ch.proc.join(0.5)
         raise WorkerDied(f"restore worker exited with code {ch.proc.exitcode}", channel=ch.index) from None
-    if msg[0] == "log":
-        forward_log(msg)
-    elif msg[0] == "ready":
+    if isinstance(msg, Log):
+        msg.emit()
+    elif isinstance(msg, Ready):
         ch.ready = True
-    elif msg[0] == "done":
+    elif isinstance(msg, StreamEnded):
         ch.done = True
-    elif msg[0] == "error":
-        raise error_from_report(ch.index, msg)
+    elif isinstance(msg, Failed):
+        raise msg.error(ch.index)

@@ -29,23 +29,16 @@ from .errors import (
     VerificationError,
     WorkerDied,
 )
+from .messages import AtBarrier, Failed, Go, Log, Ready, Receive, StreamEnded, Warm
 from .methods import get_method
 from .ram import GuestRAM, file_data_extents
 from .pool import WorkerPool
 from .admission import DropLog, PendingHandshakes
 from .peers import untrusted_peer
-from .source import (
-    mp_context,
-    nudge_worker,
-    read_available,
-    reap_workers,
-    start_worker,
-    verify_threads,
-    worker_start_method,
-)
+from .processes import JOIN_GRACE, mp_context, nudge_worker, reap_workers, start_worker, worker_start_method
 from .stats import EventHub, MigrationResult, RestoreResult
 from . import auth
-from .transport import Address, format_address, is_loopback, recv_exact, tune_accepted
+from .transport import Address, format_address, is_loopback, read_available, recv_exact, tune_accepted
 from .transport import listen as tcp_listen
 from .wire import (
     MAX_CONTROL_BODY,
@@ -82,8 +75,6 @@ from .worker import (
     STATS_WORDS,
     PageRecords,
     WorkerSpec,
-    error_from_report,
-    forward_log,
     receiver_main,
     received_offsets,
     warm_receiver_main,
@@ -96,8 +87,12 @@ log = logging.getLogger("mpmultifd.destination")
 _MAX_PENDING_HANDSHAKES = 64
 _MAX_PENDING_PER_PEER = 16
 _MAX_ROUNDS_AHEAD = 256  # ROUND_END markers kept for rounds the barrier has not reached
-_JOIN_GRACE = 2.0
 _MAX_MISMATCHES_REPORTED = 32
+
+
+def verify_threads(channels: int) -> int:
+    """Threads a destination fingerprints its whole region with (a top-up's starting point)."""
+    return max(1, min(channels, os.cpu_count() or 1))
 
 
 def _allocated_pages(path: str, npages: int, page_size: int, out: np.ndarray) -> None:
@@ -375,7 +370,7 @@ class Destination:
             self._prefaulter.join()
         if not self._done.is_set():
             self.cancel()
-        self._coordinator.join(self.config.timeout + 2 * _JOIN_GRACE)
+        self._coordinator.join(self.config.timeout + 2 * JOIN_GRACE)
         try:
             # wakes the accept loop out of its poll at once (a close alone would leave it to its timeout)
             self._lsock.shutdown(socket.SHUT_RDWR)
@@ -393,7 +388,7 @@ class Destination:
         self._acceptor.join(2.0)
         self._drop_unclaimed()
         for thread, _ in self._streams:
-            thread.join(_JOIN_GRACE)
+            thread.join(JOIN_GRACE)
         for fd in (self._wake_r, self._wake_w):
             try:
                 os.close(fd)
@@ -648,9 +643,9 @@ class Destination:
                 except (EOFError, OSError):
                     reap_workers([(proc, conn, None)])
                     break
-                if msg[0] == "log":
-                    forward_log(msg)
-                elif msg[0] == "warm":
+                if isinstance(msg, Log):
+                    msg.emit()
+                elif isinstance(msg, Warm):
                     ready.append((proc, conn))
                     break
         with self._warm_lock:
@@ -800,7 +795,7 @@ class Destination:
                     )
                 for r in recv.values():
                     r.at_sync = None
-                    r.conn.send(("go",))
+                    r.conn.send(Go())
                 self._send(RoundAck(rnd))
                 rnd += 1
                 self._rounds = rnd
@@ -842,7 +837,7 @@ class Destination:
                 return None
             proc, conn = warm
             try:
-                conn.send(("receive", spec, self._received.name, self._stats.name, sock.family, sock.type, sock.proto))
+                conn.send(Receive(spec, self._received.name, self._stats.name, sock.family, sock.type, sock.proto))
                 conn.send_handle(sock.fileno())
             except (OSError, ValueError) as e:  # it died while waiting: try the next one
                 log.debug("prepared receiver gone (%s)", e)
@@ -1187,10 +1182,9 @@ class Destination:
                 return
             r.proc.join(0.5)
             raise WorkerDied(f"receiver exited with code {r.proc.exitcode}", channel=r.index) from None
-        kind = msg[0]
-        if kind == "log":
-            forward_log(msg)
-        elif kind == "ready":
+        if isinstance(msg, Log):
+            msg.emit()
+        elif isinstance(msg, Ready):
             r.ready = True
             if (
                 not self._session.channel_retries  # a replacement receiver would attach by name
@@ -1202,12 +1196,12 @@ class Destination:
                 for seg in (self._received, self._stats, self._held.seg if self._held is not None else None):
                     if seg is not None:
                         seg.unlink()
-        elif kind == "sync":
-            r.at_sync, r.sync_count = msg[1], msg[2]
-        elif kind == "eos":
-            r.eos = (msg[1], msg[2])
-        elif kind == "error":
-            raise error_from_report(r.index, msg)
+        elif isinstance(msg, AtBarrier):
+            r.at_sync, r.sync_count = msg.round, msg.packets
+        elif isinstance(msg, StreamEnded):
+            r.eos = (msg.round, msg.packets)
+        elif isinstance(msg, Failed):
+            raise msg.error(r.index)
 
     def _read(self, ctrl: socket.socket, decoder: ControlDecoder) -> None:
         data = read_available(ctrl, "the source")

@@ -6,7 +6,6 @@ import hmac
 import ipaddress
 import logging
 import mmap
-import multiprocessing
 import os
 import secrets
 import socket
@@ -14,14 +13,13 @@ import ssl
 import statistics
 import threading
 import time
-import warnings
 from dataclasses import replace
 from multiprocessing.connection import wait as mp_wait
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from . import _mp, auth
+from . import auth
 from .config import MigrationConfig
 from ._shm import Segment, unique_name
 from .digest import fingerprint_pages, fingerprint_some
@@ -42,17 +40,19 @@ from .errors import (
     VerificationError,
     WorkerDied,
 )
+from .messages import AtBarrier, Failed, Log, Ready, Scanned, StreamEnded
 from .methods import get_method
 from .pageprint import fingerprint_extents, fingerprint_rows, key_from_seed, session_seed, split_ranges
 from .pacing import AutoConverge, BandwidthWindow, StallDetector, TokenBucket, rounds_to_converge
 from .ram import GuestRAM
 from .ring import KIND_DATA, KIND_EOS, KIND_SCAN, KIND_STOP, KIND_SYNC, KIND_ZERO, Ring
 from .pool import WorkerPool
+from .processes import JOIN_GRACE, mp_context, nudge_worker, reap_workers, start_worker, worker_start_method
 from .savefile import STATE_OFFSET, SaveLayout, SaveState, encode_state, pack_bitmap, pack_digests
 from .stats import DirtyRateEstimate, EventHub, MigrationResult, SaveResult
 from .tracking import DirtyTracker, ScanningTracker, make_tracker
 from .peers import untrusted_peer
-from .transport import Address, connect, format_address, is_loopback, parse_address, recv_exact
+from .transport import Address, connect, format_address, is_loopback, parse_address, read_available, recv_exact
 from .wire import (
     CONTROL_CHANNEL,
     MAX_CONTROL_BODY,
@@ -91,8 +91,6 @@ from .worker import (
     COUNTERS,
     PageRecords,
     WorkerSpec,
-    error_from_report,
-    forward_log,
     sender_main,
 )
 
@@ -100,7 +98,6 @@ __all__ = ["Source"]
 
 log = logging.getLogger("mpmultifd.source")
 
-_JOIN_GRACE = 2.0
 # round trips and wake-ups of a switchover (EOS, RESULT, COMMIT and its acknowledgement)
 _SWITCH_LATENCY = 0.01
 # the VERIFY message and the destination's comparison, per page of the region
@@ -109,75 +106,6 @@ _COMPARE_SECONDS_PER_PAGE = 20e-9
 _CALIBRATION_PAGES = 4096
 # the pause's verification pass against its calibration (tools/bench_downtime.py, 1 GiB, map tracker)
 _PAUSE_CONTENTION = 1.25
-
-
-_START_LOCK = threading.Lock()
-
-
-def start_worker(
-    ctx: Any, target: Callable[..., Any], args: tuple, name: str, pool: Any = None
-) -> tuple[Any, Any]:
-    """Start a worker process with a connection to it; returns (process, our end of the connection).
-
-    With a :class:`~mpmultifd.pool.WorkerPool`, an idle pool worker runs the job
-    instead, and the handles returned give it back to the pool when joined and
-    closed.
-
-    One lock serialises every worker start in this process: a fork in one
-    thread must not copy the half-made pipes of a start in another thread (a
-    Source and a Destination in one process), or the copy would keep a dead
-    worker's pipes open and hide its death.
-
-    TLS workers are forked (their TLS session lives in this process's memory);
-    Python 3.12+ warns about forking a process that has threads. The child runs
-    only mpmultifd's worker code, which takes none of the parent threads' locks.
-    """
-    if pool is not None:
-        return pool.run(target, args)
-    with _START_LOCK:
-        parent_conn, child_conn = ctx.Pipe()
-        proc = ctx.Process(target=target, args=(*args, child_conn), name=name, daemon=True)
-        try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings(
-                    "ignore", message=".*use of fork\\(\\) may lead to deadlocks", category=DeprecationWarning
-                )
-                proc.start()
-        except BaseException:
-            parent_conn.close()
-            raise
-        finally:
-            child_conn.close()
-    return proc, parent_conn
-
-
-def nudge_worker(conn: Any, sock: socket.socket | None) -> None:
-    """Ask a worker to stop, and wake it if it is blocked on its socket (file workers have none)."""
-    try:
-        conn.send(("stop",))
-    except (OSError, ValueError):
-        pass  # it already left
-    if sock is None:
-        return
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-
-
-def reap_workers(workers: list[tuple[Any, Any, socket.socket | None]]) -> None:
-    """Join ``(process, connection, socket)`` workers within one grace period, kill the
-    ones still running, and close this side's connection and socket of each."""
-    deadline = time.monotonic() + _JOIN_GRACE
-    for proc, _, _ in workers:
-        proc.join(max(0.0, deadline - time.monotonic()))
-    for proc, conn, sock in workers:
-        if proc.is_alive():
-            proc.kill()
-            proc.join(5.0)
-        conn.close()
-        if sock is not None:
-            sock.close()
 
 
 _FINGERPRINT_COST: dict[int, float] = {}
@@ -204,11 +132,6 @@ def _fingerprint_seconds_per_page(page_size: int) -> float:
             best = min(best, time.perf_counter() - t0)
         cost = _FINGERPRINT_COST[page_size] = best / n
     return cost
-
-
-def verify_threads(channels: int) -> int:
-    """Threads a destination fingerprints its whole region with (a top-up's starting point)."""
-    return max(1, min(channels, os.cpu_count() or 1))
 
 
 def _skip_pages(extents: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:
@@ -286,16 +209,6 @@ def _fsync_dir(path: str) -> None:
         os.close(dfd)
 
 
-def worker_start_method(config: MigrationConfig) -> str:
-    return "fork" if config.tls is not None else config.start_method
-
-
-def mp_context(method: str) -> multiprocessing.context.BaseContext:
-    """The multiprocessing context for workers: their children never run the caller's ``__main__``,
-    and forkserver ones come from a server of ours that preloads numpy and the worker modules."""
-    return _mp.context(method)
-
-
 def _compression_stats(per_channel: list[dict[str, int]]) -> dict[str, Any]:
     """How many data packets went compressed and how many raw, and the ratio achieved."""
     encoded = sum(c["compressed-packets"] for c in per_channel)
@@ -307,26 +220,6 @@ def _compression_stats(per_channel: list[dict[str, int]]) -> dict[str, Any]:
 
 def _host_of(address: Any) -> str | None:
     return address[0] if isinstance(address, tuple) else None
-
-
-def read_available(sock: socket.socket, peer: str) -> bytes:
-    """Whatever the non-blocking control socket has now (TLS: every decrypted byte)."""
-    chunks = []
-    while True:
-        try:
-            data = sock.recv(1 << 20)
-        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
-            break
-        except OSError as e:
-            raise ChannelBroken(f"control connection failed: {e}") from e
-        if not data:
-            if chunks:
-                break  # report the EOF on the next read, after these bytes are decoded
-            raise ChannelClosed(f"{peer} closed the control connection")
-        chunks.append(data)
-        if not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
-            break
-    return b"".join(chunks)
 
 
 class _AdmissionDropped(Exception):
@@ -944,7 +837,7 @@ class Source:
         """Release workers and shared memory; idempotent. Cancels a running migration first."""
         if self._running:
             self.cancel()
-            deadline = time.monotonic() + self.config.timeout + _JOIN_GRACE
+            deadline = time.monotonic() + self.config.timeout + JOIN_GRACE
             while self._running and time.monotonic() < deadline:
                 time.sleep(0.01)
         with self._lock:
@@ -2135,25 +2028,24 @@ class Source:
                 return
             ch.proc.join(0.5)
             raise WorkerDied(f"worker process exited with code {ch.proc.exitcode}", channel=ch.index) from None
-        kind = msg[0]
-        if kind == "log":
-            forward_log(msg)
-        elif kind == "ready":
+        if isinstance(msg, Log):
+            msg.emit()
+        elif isinstance(msg, Ready):
             ch.ready = True
-        elif kind == "synced":
-            ch.synced = msg[1]
-        elif kind == "done":
-            ch.synced = msg[1]
+        elif isinstance(msg, AtBarrier):
+            ch.synced = msg.round
+        elif isinstance(msg, StreamEnded):
+            ch.synced = msg.round
             ch.done = True
-        elif kind == "scanned":
-            self._scan_pending.pop(msg[1], None)
-            if len(msg) > 3 and msg[2] > 0:
+        elif isinstance(msg, Scanned):
+            self._scan_pending.pop(msg.job, None)
+            if msg.pages > 0:
                 # seconds per page as that worker ran it; its last three, so one preempted job does not count alone
                 samples = self._worker_spp.setdefault(ch.index, [])
-                samples.append(msg[3] / msg[2])
+                samples.append(msg.seconds / msg.pages)
                 del samples[:-3]
-        elif kind == "error":
-            raise error_from_report(ch.index, msg)
+        elif isinstance(msg, Failed):
+            raise msg.error(ch.index)
 
     def _read_control(self) -> None:
         assert self._control is not None
