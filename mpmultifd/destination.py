@@ -24,10 +24,12 @@ from .errors import (
     ConfigError,
     MigrationCancelled,
     MigrationError,
+    PeerFailed,
     RemoteProtocolError,
     VerificationError,
 )
 from .channels import Channel, ChannelGroup
+from .session import DestinationPhase, DestinationSession, classify_failure, tell_peer
 from .messages import Log, Receive, Warm
 from .methods import get_method
 from .ram import GuestRAM, file_data_extents
@@ -47,7 +49,6 @@ from .wire import (
     KIND_STREAM,
     MAX_REPAIR_PAGES,
     Cancel,
-    Commit,
     CommitAck,
     Complete,
     Config,
@@ -61,8 +62,6 @@ from .wire import (
     Resume,
     ChannelLost,
     RoundAck,
-    RoundEnd,
-    Verify,
     decode_hello,
     encode_control,
     verify_body_limit,
@@ -85,7 +84,6 @@ log = logging.getLogger("mpmultifd.destination")
 
 _MAX_PENDING_HANDSHAKES = 64
 _MAX_PENDING_PER_PEER = 16
-_MAX_ROUNDS_AHEAD = 256  # ROUND_END markers kept for rounds the barrier has not reached
 _MAX_MISMATCHES_REPORTED = 32
 
 
@@ -205,6 +203,7 @@ class Destination:
         self._names_dropped = False  # every receiver attached and the segments' names unlinked
         self._final_counters: list[dict[str, int]] = []
         self._decoder: ControlDecoder | None = None  # the control connection's, once it is there
+        self._dsession: DestinationSession | None = None  # the session's rules, from its CONFIG on
         self._control: socket.socket | None = None
         self._received: Segment | None = None
         self._held: PageRecords | None = None  # fingerprints of what each page holds, written by the receivers
@@ -533,8 +532,10 @@ class Destination:
         ctrl.setblocking(False)
         deadline = time.monotonic() + cfg.timeout
         msg = self._next_message(decoder, deadline)
-        if not isinstance(msg, Config):
-            raise RemoteProtocolError(f"expected CONFIG first, got {type(msg).__name__}", field="type")
+        # the session's rules: CONFIG first, then rounds, COMPLETE, VERIFY, repairs, COMMIT
+        self._dsession = DestinationSession(tuple(b.npages for b in self.ram.blocks))
+        self._dsession.receive(msg)
+        assert isinstance(msg, Config)
         with self._restore_lock:  # a restore still running finishes first
             try:
                 self._check_config(msg)
@@ -695,10 +696,8 @@ class Destination:
             print_key=self._verify_key,
             prints_name=self._held.seg.name if self._held is not None else None,
         )
-        round_ends: dict[int, tuple[int, ...]] = {}
-        complete: Complete | None = None
-        verify: dict[int, np.ndarray] = {}
-        rnd = 0
+        session = self._dsession
+        assert session is not None
         setup_deadline = time.monotonic() + cfg.timeout
         last_seen = (-1, -1)
         last_progress = time.monotonic()
@@ -715,7 +714,7 @@ class Destination:
             for sock, hello in self._take_incoming(accept_data=True):
                 resumed = hello.channel in self._connected
                 self._connected.add(hello.channel)
-                spec = WorkerSpec(channel=hello.channel, start_round=rnd if resumed else 0, **spec_base)
+                spec = WorkerSpec(channel=hello.channel, start_round=session.round if resumed else 0, **spec_base)
                 handles = self._hand_to_warm(spec, sock)
                 proc, parent_conn = handles if handles is not None else start_worker(
                     ctx,
@@ -726,7 +725,7 @@ class Destination:
                 )
                 if resumed:
                     # the source resends this channel's packets from our current round on
-                    self._send(Resume(hello.channel, rnd))
+                    self._send(Resume(hello.channel, session.round))
                 self._group.add(Channel(hello.channel, proc, parent_conn, sock))
             now = time.monotonic()
             if len(self._group) < c.channels and now > setup_deadline:
@@ -736,82 +735,33 @@ class Destination:
             for ch, deadline in self._broken.items():
                 if now > deadline:
                     raise ChannelBroken(f"the source did not reconnect within {cfg.timeout:g} s", channel=ch)
-            # control messages
-            while True:
-                msg = decoder.next_message()
-                if msg is None:
-                    break
-                if isinstance(msg, RoundEnd):
-                    # the source does not wait for our barrier, so markers may run ahead of it
-                    if msg.round < rnd or msg.round in round_ends or complete is not None:
-                        raise RemoteProtocolError(f"ROUND_END for round {msg.round} during round {rnd}", field="round")
-                    if msg.round >= rnd + _MAX_ROUNDS_AHEAD:
-                        # a source runs ahead of our barrier only as far as socket buffers let it
-                        raise RemoteProtocolError(
-                            f"ROUND_END for round {msg.round} is {msg.round - rnd} rounds ahead of the barrier "
-                            f"(round {rnd}; at most {_MAX_ROUNDS_AHEAD})",
-                            field="round",
-                        )
-                    if len(msg.packets) != c.channels:
-                        raise RemoteProtocolError("ROUND_END counts do not match the channels", field="packets")
-                    round_ends[msg.round] = msg.packets
-                elif isinstance(msg, Complete):
-                    if msg.round < rnd or len(msg.packets) != c.channels or complete is not None:
-                        raise RemoteProtocolError(f"COMPLETE for round {msg.round} during round {rnd}", field="round")
-                    complete = msg
+            # control messages: the session checks each is legal now (CANCEL and ERROR end it)
+            while (msg := decoder.next_message()) is not None:
+                if session.receive(msg) is DestinationPhase.FINAL and isinstance(msg, Complete):
                     self._set_status("device")
-                elif isinstance(msg, Verify):
-                    if not c.verify or complete is None:
-                        raise RemoteProtocolError("VERIFY before COMPLETE or without verification", field="type")
-                    if msg.block >= len(self.ram.blocks) or msg.block in verify:
-                        raise RemoteProtocolError(f"VERIFY for block {msg.block}", field="block")
-                    if len(msg.fingerprints) != self.ram.blocks[msg.block].npages:
-                        raise RemoteProtocolError("VERIFY fingerprint count differs from the block", field="npages")
-                    verify[msg.block] = msg.fingerprints
-                elif isinstance(msg, Cancel):
-                    raise MigrationCancelled("the source cancelled the migration")
-                elif isinstance(msg, ErrorMessage):
-                    raise MigrationError(f"source failed: {msg.message}")
-                else:
-                    raise RemoteProtocolError(f"unexpected {type(msg).__name__} on the control channel", field="type")
             recv = {r.index: r for r in self._group}
             # the round barrier: every channel parked at this round's SYNC, and the marker arrived
-            if len(recv) == c.channels and rnd in round_ends and all(r.parked and r.synced == rnd for r in recv.values()):
-                expected = round_ends.pop(rnd)
-                got = tuple(recv[i].packets for i in range(c.channels))
-                if got != expected:
-                    raise RemoteProtocolError(
-                        f"round {rnd}: channels received {got} packets, the source sent {expected}", field="packets"
-                    )
+            parked = {r.index: (r.synced, r.packets) for r in recv.values() if r.parked}
+            expected = session.barrier(parked)
+            if expected is not None:
                 self._group.release()
-                self._send(RoundAck(rnd))
-                rnd += 1
-                self._rounds = rnd
+                self._send(RoundAck(session.round - 1))
+                self._rounds = session.round
                 per = self._counters()
                 self._events.emit(
                     "MIGRATION_PASS",
                     **{
-                        "pass": rnd,
-                        "round": rnd - 1,
+                        "pass": session.round,
+                        "round": session.round - 1,
                         "packets": sum(expected),
                         "transferred": sum(x["bytes"] for x in per),
                     },
                 )
-                log.info("round %d passed the barrier", rnd - 1)
-            # the end: every channel at end of stream, counts match, fingerprints compared
-            if (
-                complete is not None
-                and len(recv) == c.channels
-                and all(r.done for r in recv.values())
-                and (not c.verify or len(verify) == len(self.ram.blocks))
-            ):
-                got = tuple(recv[i].packets for i in range(c.channels))
-                if got != complete.packets or any(r.synced != complete.round for r in recv.values()):
-                    raise RemoteProtocolError(
-                        f"final round: channels received {got} packets, the source sent {complete.packets}",
-                        field="packets",
-                    )
-                self._finish_session(c, complete, verify, decoder)
+                log.info("round %d passed the barrier", session.round - 1)
+            # the end: every channel at end of stream, counts match, fingerprints all here
+            if session.stream_complete({r.index: (r.synced, r.packets) for r in recv.values() if r.done}):
+                assert session.complete is not None
+                self._finish_session(c, session.complete, session.verify, decoder)
                 return
             self._wait(self._control)
             if self._control is not None:
@@ -858,13 +808,9 @@ class Destination:
                 self._take_incoming(accept_data=False)
                 self._read(self._control, decoder)
                 continue
-            if isinstance(msg, Commit):
+            assert self._dsession is not None
+            if self._dsession.receive(msg) is DestinationPhase.COMMITTED:
                 break
-            if isinstance(msg, Cancel):
-                raise MigrationCancelled("the source cancelled the migration before committing")
-            if isinstance(msg, ErrorMessage):
-                raise MigrationError(f"source failed: {msg.message}")
-            raise RemoteProtocolError(f"expected COMMIT, got {type(msg).__name__}", field="type")
         # from here on nothing undoes the migration: not a cancel, not a lost connection
         self._committed = True
         self._valid = True
@@ -898,7 +844,6 @@ class Destination:
     def _verify_and_repair(self, c: Config, verify: dict[int, np.ndarray], decoder: ControlDecoder) -> None:
         """Compare every page with the source's fingerprints; have differing pages resent and check them again."""
         ram = self.ram
-        ps = ram.page_size
         assert self._held is not None
         # the receivers fingerprinted every page as they put it in place: no read of the region now
         mine = [self._held.sent[b.index] for b in ram.blocks]
@@ -939,10 +884,10 @@ class Destination:
         got = 0
         while True:
             msg = self._next_message(decoder, time.monotonic() + self.config.timeout, "the resent pages")
+            assert self._dsession is not None
+            self._dsession.receive(msg)  # only this pass's REPAIR_PAGES and REPAIR_DONE are legal now
             if isinstance(msg, RepairPages):
                 n = len(msg.pages)
-                if msg.attempt != attempt:
-                    raise RemoteProtocolError(f"REPAIR_PAGES for pass {msg.attempt} during pass {attempt}", field="attempt")
                 if msg.block not in outstanding or len(msg.data) != n * ps:
                     raise RemoteProtocolError(f"REPAIR_PAGES for block {msg.block} with {len(msg.data)} bytes", field="block")
                 todo = outstanding[msg.block]
@@ -958,19 +903,13 @@ class Destination:
                     still.setdefault(msg.block, []).append(wrong)
                 got += n
             elif isinstance(msg, RepairDone):
-                if msg.attempt != attempt or msg.pages != got or any(t.any() for t in outstanding.values()):
+                if msg.pages != got or any(t.any() for t in outstanding.values()):
                     raise RemoteProtocolError(
                         f"REPAIR_DONE after {got} pages; pass {attempt} asked for "
                         f"{sum(len(p) for p in asked.values())}",
                         field="pages",
                     )
                 return {i: np.unique(np.concatenate(p)) for i, p in still.items()}
-            elif isinstance(msg, Cancel):
-                raise MigrationCancelled("the source cancelled the migration during repair")
-            elif isinstance(msg, ErrorMessage):
-                raise MigrationError(f"source failed: {msg.message}")
-            else:
-                raise RemoteProtocolError(f"expected REPAIR_PAGES, got {type(msg).__name__}", field="type")
 
     def _fingerprint_held(self, key: np.ndarray, channels: int) -> list[np.ndarray]:
         """Fingerprints of every page this region holds, reading only pages with data, in threads."""
@@ -1123,7 +1062,7 @@ class Destination:
                 if isinstance(msg, Cancel):
                     raise MigrationCancelled("the source cancelled the migration") from err
                 if isinstance(msg, ErrorMessage):
-                    raise MigrationError(f"source failed: {msg.message}") from err
+                    raise PeerFailed(msg.message, "source") from err
             left = deadline - time.monotonic()
             if left <= 0:
                 return
@@ -1182,6 +1121,8 @@ class Destination:
         ctrl = self._control
         if ctrl is None:
             return
+        if self._dsession is not None:
+            self._dsession.sending(msg)  # REPAIR opens a repair pass, RESULT waits for COMMIT
         ctrl.setblocking(True)
         ctrl.settimeout(self.config.timeout)
         try:
@@ -1211,24 +1152,14 @@ class Destination:
             log.warning("after the commit: %s", error)
             error = None
         if error is not None:
-            if isinstance(error, MigrationCancelled):
-                err: MigrationError = error
-                status = "cancelled"
-            elif isinstance(error, MigrationError):
-                err, status = error, "failed"
-            elif isinstance(error, OSError):
-                err, status = ChannelBroken(f"{type(error).__name__}: {error}"), "failed"
-                err.__cause__ = error
-            else:
-                err, status = MigrationError(f"{type(error).__name__}: {error}"), "failed"
-                err.__cause__ = error
-            if not isinstance(error, (MigrationCancelled, VerificationError)) and not (
-                isinstance(error, MigrationError) and str(error).startswith("source failed")
-            ):
+            err, status = classify_failure(error)
+            if tell_peer(err):
                 try:
                     self._send(ErrorMessage("destination-failed", str(err)[:1000], err.channel))
                 except MigrationError:
                     pass
+            if self._dsession is not None:
+                self._dsession.commit_missing()
             self._valid = False
             self._error = err
             log.warning("migration %s: %s", status, err, exc_info=error if not isinstance(error, MigrationError) else None)

@@ -23,6 +23,9 @@ so an agent can catch one name. The branches say who is at fault:
 - :class:`CommitUnknown`: the connection broke after COMMIT was sent and
   before the destination acknowledged it; either side may own the region.
 - :class:`MigrationCancelled`: someone called ``cancel()``.
+- :class:`PeerFailed`: the other end failed and said so on the control
+  connection (``peer`` is ``"source"`` or ``"destination"``); this side only
+  reports it, and does not tell the peer again.
 - :class:`RingError`: a shared-memory ring was closed or timed out.
 """
 
@@ -41,6 +44,7 @@ __all__ = [
     "VerificationError",
     "CommitUnknown",
     "MigrationCancelled",
+    "PeerFailed",
     "ConvergenceError",
     "TrackingUnavailable",
     "SaveFileError",
@@ -198,6 +202,18 @@ class CommitUnknown(MigrationError):
 
 class MigrationCancelled(MigrationError):
     """The migration was cancelled by ``cancel()``."""
+
+
+class PeerFailed(MigrationError):
+    """The peer reported its own failure (an ERROR message): ``peer`` names which end it was."""
+
+    def __init__(self, message: str, peer: str = "peer", *, channel: int | None = None) -> None:
+        super().__init__(f"{peer} failed: {message}", channel=channel)
+        self.peer = peer
+        self.reason = message
+
+    def __reduce__(self) -> tuple[object, ...]:  # pickles across the pipes of worker processes
+        return (type(self), (self.reason, self.peer), self.__dict__)
 
 
 class WorkerDied(ChannelBroken):

@@ -33,6 +33,7 @@ from .errors import (
     ConfigError,
     ConvergenceError,
     MigrationCancelled,
+    PeerFailed,
     MigrationError,
     RemoteProtocolError,
     RingClosed,
@@ -40,6 +41,7 @@ from .errors import (
     VerificationError,
 )
 from .channels import Channel, ChannelGroup
+from .session import SourceSession, classify_failure
 from .messages import Scanned
 from .methods import get_method
 from .pageprint import fingerprint_extents, fingerprint_rows, key_from_seed, session_seed, split_ranges
@@ -264,6 +266,7 @@ class Source:
         self._decoder = ControlDecoder(max_verify=MAX_CONTROL_BODY)  # a source receives no VERIFY
         self._mac: ControlMac | None = None  # authenticates control frames when there is a key
         self._early: list[Any] = []
+        self._sess: SourceSession | None = None  # the control conversation's rules, while one runs
         self._running = False
         self._closed = False
         self._tracker: DirtyTracker | None = None
@@ -923,24 +926,15 @@ class Source:
         return err
 
     def _fail(self, exc: BaseException) -> MigrationError:
-        if isinstance(exc, CommitUnknown):
-            self._error = exc
-            self._set_status("commit-unknown")
-            log.error("migration outcome unknown: %s", exc)
-            return exc
-        if isinstance(exc, MigrationCancelled) or (self._cancel_requested and not isinstance(exc, MigrationError)):
-            err: MigrationError = exc if isinstance(exc, MigrationCancelled) else MigrationCancelled("cancelled")
-            self._set_status("cancelled")
-        else:
-            if isinstance(exc, MigrationError):
-                err = exc
-            elif isinstance(exc, OSError):
-                err = ChannelBroken(f"{type(exc).__name__}: {exc}")
-            else:
-                err = MigrationError(f"{type(exc).__name__}: {exc}")
-            self._set_status("failed")
+        err, status = classify_failure(exc, cancel_requested=self._cancel_requested)
+        if self._sess is not None:
+            self._sess.end()
         self._error = err
-        log.warning("migration %s: %s", self._status, err)
+        self._set_status(status)
+        if status == "commit-unknown":
+            log.error("migration outcome unknown: %s", err)
+        else:
+            log.warning("migration %s: %s", status, err)
         return err
 
     # ------------------------------------------------------------------ the run
@@ -955,6 +949,7 @@ class Source:
         # with a key every control frame is authenticated: a relay cannot change VERIFY, RESULT or COMMIT
         self._mac = ControlMac(cfg.auth_key, session, "source") if cfg.auth_key is not None else None
         self._decoder = ControlDecoder(mac=self._mac)
+        self._sess = SourceSession(cfg.channels)  # what the destination may say when
         config_msg = Config(
             session_id=session,
             page_size=ram.page_size,
@@ -1619,11 +1614,7 @@ class Source:
     def _repair(self, msg: Repair) -> None:
         """Send again, over the control connection, the pages the destination found different."""
         ram = self.ram
-        if msg.attempt != self._repair_passes + 1:
-            raise RemoteProtocolError(
-                f"REPAIR pass {msg.attempt} after pass {self._repair_passes}", field="attempt"
-            )
-        self._repair_passes = msg.attempt
+        self._repair_passes = msg.attempt  # the session checked it is the next pass
         key = key_from_seed(session_seed(self.config.auth_key, self._session, msg.attempt), ram.page_size)
         total = 0
         for block, pages in msg.pages:
@@ -1662,15 +1653,20 @@ class Source:
         deadline = time.monotonic() + cfg.timeout
         while True:
             try:
-                msg = self._early.pop(0) if self._early else self._decoder.next_message()
-                if msg is None:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise ChannelBroken(f"no acknowledgement within {cfg.timeout:g} s")
-                    pending_tls = isinstance(ctrl, ssl.SSLSocket) and ctrl.pending()
-                    if pending_tls or mp_wait([ctrl], min(left, 0.5)):
-                        self._read_control()
-                    continue
+                if self._early:
+                    msg = self._early.pop(0)
+                else:
+                    msg = self._decoder.next_message()
+                    if msg is None:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            raise ChannelBroken(f"no acknowledgement within {cfg.timeout:g} s")
+                        pending_tls = isinstance(ctrl, ssl.SSLSocket) and ctrl.pending()
+                        if pending_tls or mp_wait([ctrl], min(left, 0.5)):
+                            self._read_control()
+                        continue
+                    assert self._sess is not None
+                    self._sess.receive(msg)  # only COMMIT_ACK, or news of the channels, is legal now
             except MigrationError as e:
                 raise CommitUnknown(
                     f"COMMIT was sent but not acknowledged ({e}): the destination may or may not own the "
@@ -1918,20 +1914,18 @@ class Source:
         self._decoder.feed(read_available(self._control, "the destination"))
 
     def _control_message(self, msg: Any) -> None:
-        if isinstance(msg, ErrorMessage):
-            raise MigrationError(f"destination failed: {msg.message}", channel=msg.channel)
+        """Check a control message against the session and act on news of the channels; anything
+        else waits in order for whoever expects it."""
+        assert self._sess is not None
+        self._sess.receive(msg)  # an ERROR is PeerFailed, a message out of place a protocol error
         if isinstance(msg, RoundAck):
             self._confirmed_round = max(self._confirmed_round, msg.round)
             self._group.confirm(msg.round)  # the destination holds those rounds: no resend needed
             return
         if isinstance(msg, Resume):
-            if not 0 <= msg.channel < len(self._group):
-                raise RemoteProtocolError(f"RESUME for channel {msg.channel}", field="channel")
             self._resumes[msg.channel] = msg.round
             return
         if isinstance(msg, ChannelLost):
-            if not 0 <= msg.channel < len(self._group):
-                raise RemoteProtocolError(f"CHANNEL_LOST for channel {msg.channel}", field="channel")
             ch = self._group.channels[msg.channel]
             if ch.awaiting_resume:
                 return  # about the connection being replaced already (it comes before the RESUME)
@@ -1962,7 +1956,8 @@ class Source:
             self._pump(min(left, 1.0))
 
     def _control_send(self, msg: Any) -> None:
-        assert self._control is not None
+        assert self._control is not None and self._sess is not None
+        self._sess.sending(msg)
         data = memoryview(encode_control(msg, self._mac))
         while data:
             try:
@@ -1981,7 +1976,7 @@ class Source:
         if error is not None:
             self._group.fail(error)
         ctrl, self._control = self._control, None
-        if error is not None and ctrl is not None and not self._commit_sent:
+        if error is not None and ctrl is not None and not self._commit_sent and not isinstance(error, PeerFailed):
             msg = Cancel() if isinstance(error, MigrationCancelled) or self._cancel_requested else ErrorMessage(
                 "source-failed", str(error)[:1000]
             )
@@ -1997,6 +1992,7 @@ class Source:
         self._decoder = ControlDecoder(max_verify=MAX_CONTROL_BODY)  # a source receives no VERIFY
         self._mac = None
         self._early = []
+        self._sess = None
 
 
 _KEYLESS_HINT = (
