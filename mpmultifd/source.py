@@ -10,7 +10,6 @@ import os
 import secrets
 import socket
 import ssl
-import statistics
 import threading
 import time
 from dataclasses import replace
@@ -36,18 +35,16 @@ from .errors import (
     PeerFailed,
     MigrationError,
     RemoteProtocolError,
-    RingClosed,
-    RingTimeout,
     VerificationError,
 )
 from .channels import Channel, ChannelGroup
+from .scans import ScanScheduler
 from .session import SourceSession, classify_failure
-from .messages import Scanned
 from .methods import get_method
-from .pageprint import fingerprint_extents, fingerprint_rows, key_from_seed, session_seed, split_ranges
+from .pageprint import fingerprint_extents, fingerprint_rows, key_from_seed, session_seed
 from .pacing import AutoConverge, BandwidthWindow, StallDetector, TokenBucket, rounds_to_converge
 from .ram import GuestRAM
-from .ring import KIND_DATA, KIND_EOS, KIND_SCAN, KIND_SYNC, KIND_ZERO, Ring
+from .ring import KIND_DATA, KIND_EOS, KIND_SYNC, KIND_ZERO, Ring
 from .pool import WorkerPool
 from .processes import JOIN_GRACE, mp_context, start_worker, worker_start_method
 from .savefile import STATE_OFFSET, SaveLayout, SaveState, encode_state, pack_bitmap, pack_digests
@@ -98,66 +95,6 @@ from .worker import (
 __all__ = ["Source"]
 
 log = logging.getLogger("mpmultifd.source")
-
-# round trips and wake-ups of a switchover (EOS, RESULT, COMMIT and its acknowledgement)
-_SWITCH_LATENCY = 0.01
-# the VERIFY message and the destination's comparison, per page of the region
-_COMPARE_SECONDS_PER_PAGE = 20e-9
-# pages each worker fingerprints per round to price the pause's verification pass
-_CALIBRATION_PAGES = 4096
-# the pause's verification pass against its calibration (tools/bench_downtime.py, 1 GiB, map tracker)
-_PAUSE_CONTENTION = 1.25
-
-
-_FINGERPRINT_COST: dict[int, float] = {}
-
-
-def _fingerprint_seconds_per_page(page_size: int) -> float:
-    """What fingerprinting one page costs on this machine, timed once on a private buffer.
-
-    Times the keyed 32-bit fingerprint (migrations' scans and verification),
-    the dearer of the two kinds, so the estimate errs on the long side.
-    """
-    cost = _FINGERPRINT_COST.get(page_size)
-    if cost is None:
-        n = max(1, (2 << 20) // page_size)
-        buf = np.ones((n, page_size), dtype=np.uint8)  # touched now, not inside the timing
-        key = key_from_seed(b"timing", page_size)
-        out = np.empty(n, dtype=np.uint64)
-        fingerprint_rows(buf, key, out)
-        # the best of several short passes: what the pass costs, not how often this process was preempted
-        best = float("inf")
-        for _ in range(7):
-            t0 = time.perf_counter()
-            fingerprint_rows(buf, key, out)
-            best = min(best, time.perf_counter() - t0)
-        cost = _FINGERPRINT_COST[page_size] = best / n
-    return cost
-
-
-def _skip_pages(extents: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:
-    """``extents`` without their first ``n`` pages."""
-    out = []
-    for f, e in extents:
-        if n >= e - f:
-            n -= e - f
-            continue
-        out.append((f + n, e))
-        n = 0
-    return out
-
-
-def _take_pages(extents: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:
-    """The first ``n`` pages of ``extents``, as extents."""
-    out: list[tuple[int, int]] = []
-    for f, e in extents:
-        if n <= 0:
-            break
-        take = min(e - f, n)
-        out.append((f, f + take))
-        n -= take
-    return out
-
 
 def _block_fingerprints(ram: GuestRAM, block: int) -> np.ndarray:
     """Fingerprints of every page of a block, reading only pages with data (a hole's is 0, a zero page's)."""
@@ -843,8 +780,11 @@ class Source:
         self._error: BaseException | None = None
         # the channel workers of this run (a fresh group each run: the last one's counts stay readable)
         self._group = ChannelGroup(
-            "worker process", on_failure=self._channel_failed, on_scanned=self._scanned, keep_log=bool(self.config.channel_retries)
+            "worker process", on_failure=self._channel_failed, keep_log=bool(self.config.channel_retries)
         )
+        # fingerprinting jobs for the workers: scans, the pause's verification pass, its price
+        self._scans = ScanScheduler(self.ram, self._group, self._pump, self._print_key, self.config.timeout)
+        self._group.on_scanned = self._scans.scanned
         self._progress_max = 0.0
         self._round_end_bytes: dict[int, int] = {}
         self._retries_left = self.config.channel_retries
@@ -864,11 +804,6 @@ class Source:
         self._repaired_pages = 0
         self._repair_passes = 0
         self._pause_phases: dict[str, float] = {}
-        # scan jobs handed to workers and not reported done: id -> (block, extents, channel, generation)
-        self._scan_pending: dict[int, tuple[int, list[tuple[int, int]], Channel, int]] = {}
-        self._scan_job_seq = 0
-        self._scan_seconds_per_page: float | None = None  # measured by the latest scan
-        self._worker_spp: dict[int, list[float]] = {}  # channel -> seconds per page of its latest scan jobs
 
     def _expected_remaining(self, pages_sent: int, elapsed: float) -> float | None:
         """Seconds until the end at the pace pages have gone so far: the pages still to send, then
@@ -973,6 +908,7 @@ class Source:
         self._verify_key = key_from_seed(session_seed(cfg.auth_key, session, 0), ram.page_size)
         npages = tuple(b.npages for b in ram.blocks)
         self._records = PageRecords(Segment.create(unique_name("prt"), PageRecords.size(npages)), npages)
+        self._scans.records = self._records
         tracker = self._migration_tracker(top_up)
         self._start_channels(address, session)
         # every worker attached: the rings' names are dropped, so a crash of this process leaves none behind
@@ -1003,7 +939,7 @@ class Source:
             tracker = self._fresh_tracker(key=self._verify_key, baseline=records.sent, fresh=records.scanned)
         if isinstance(tracker, ScanningTracker):
             tracker.recorded = True
-            tracker.scanner = self._parallel_scan
+            tracker.scanner = self._scans.scan_block
         return tracker
 
     def _print_key(self) -> np.ndarray:
@@ -1019,6 +955,7 @@ class Source:
             t.release()
             self._tracker = None
         records, self._records = self._records, None
+        self._scans.records = None
         if records is not None:
             records.close()
             if records.seg.owned:
@@ -1263,50 +1200,10 @@ class Source:
             return
         log.info("channel %d reconnected; resent %d packets from round %d", ch.index, resent, start)
 
-    def _fingerprint_cost(self, save: bool) -> float:
-        """Seconds the pause will spend fingerprinting pages, beyond the last dirty sync.
-
-        A save fingerprints the paused guest here for its digests. A migration
-        with ``verify`` fingerprints it in the workers, in parallel (nothing
-        extra when the scanning tracker's final scan serves); the destination
-        fingerprinted each page as it arrived and only compares arrays.
-        """
-        ram = self.ram
-        pages = sum(e - f for b in ram.blocks for f, e in ram.data_extents(b.index))
-        per_page = _fingerprint_seconds_per_page(ram.page_size)
-        if save:
-            return per_page * pages
-        cost = _SWITCH_LATENCY + _COMPARE_SECONDS_PER_PAGE * ram.total_pages
-        if not isinstance(self._tracker, ScanningTracker):
-            workers = max(1, len(self._usable_for_scans()) or self.config.channels)
-            # the slowest worker's measured pace, when the workers have scanned (see _calibrate_scans)
-            measured = max(statistics.median(v) for v in self._worker_spp.values()) if self._worker_spp else None
-            if measured is not None:
-                # in the pause the pass shares the CPUs with the final round's receivers, and reads
-                # from memory what a calibration slice may find in cache: 1 GiB measured 10-25% above
-                cost += _PAUSE_CONTENTION * measured * -(-pages // workers)
-            else:
-                cost += per_page * pages / max(1, min(workers, os.cpu_count() or 1))
-        return cost
-
-    def _calibrate_scans(self, rnd: int) -> None:
-        """Every idle worker fingerprints a slice of the region's data (a different one each round)
-        and reports how long it took: the pause's verification pass is priced from that."""
-        ram = self.ram
-        usable = self._usable_for_scans()
-        if not usable or self._records is None:
-            return
-        ids = []
-        for i, ch in enumerate(usable):
-            block = ram.blocks[(rnd + i) % len(ram.blocks)]
-            extents = ram.data_extents(block.index)
-            total = sum(e - f for f, e in extents)
-            if total == 0:
-                continue
-            n = min(_CALIBRATION_PAGES, total)
-            start = ((rnd * len(usable) + i) * n) % (total - n + 1)  # a different slice each time
-            ids += self._queue_scan(ch, block.index, _take_pages(_skip_pages(extents, start), n))
-        self._finish_scans(time.monotonic() + self.config.timeout, ids)
+    def _pause_cost(self, save: bool) -> float:
+        """Seconds the pause spends fingerprinting, beyond the last dirty sync (see ScanScheduler.pause_cost)."""
+        scanned = isinstance(self._tracker, ScanningTracker)
+        return self._scans.pause_cost(save=save, scanned_by_tracker=scanned, channels=self.config.channels)
 
     def _precopy(
         self, top_up: bool = False, save: bool = False, tracker: DirtyTracker | None = None
@@ -1336,7 +1233,7 @@ class Source:
                 pending, holes = self._split_holes()
         self._sync_seconds += time.perf_counter() - t_sync
         rnd = 0
-        fingerprint_cost = self._fingerprint_cost(save) if (cfg.verify or save) else 0.0
+        fingerprint_cost = self._pause_cost(save) if (cfg.verify or save) else 0.0
         window = BandwidthWindow()
         auto = AutoConverge(
             cfg.cpu_throttle_initial, cfg.cpu_throttle_increment, cfg.max_cpu_throttle, cfg.throttle_trigger_threshold
@@ -1361,8 +1258,8 @@ class Source:
             if cfg.verify and not save and not isinstance(tracker, ScanningTracker):
                 # the pause will have the workers fingerprint the whole region: time a slice of
                 # it on them now, under the load they really have
-                self._calibrate_scans(rnd)
-                fingerprint_cost = self._fingerprint_cost(save)
+                self._scans.calibrate(rnd)
+                fingerprint_cost = self._pause_cost(save)
             self._sync_seconds += sync_time
             self._dirty_syncs += 1
             remaining = sum(len(p) for p in pending)
@@ -1526,7 +1423,7 @@ class Source:
         reuse_scan = isinstance(tracker, ScanningTracker) and tracker.key is self._verify_key
         by_workers = cfg.verify and not reuse_scan and self._print_key() is self._verify_key
         # without a reusable scan the workers fingerprint the paused guest after their last pages
-        self._send_round(rnd, final, final=True, before_end=self._queue_verify_scans if by_workers else None)
+        self._send_round(rnd, final, final=True, before_end=self._scans.queue_verification if by_workers else None)
         self._wait_done()
         t = self._phase("final-round", t)
         verified_prints: list[np.ndarray] = []
@@ -1534,7 +1431,7 @@ class Source:
             records = self._records
             assert records is not None
             if by_workers:
-                self._finish_scans(time.monotonic() + cfg.timeout)
+                self._scans.finish(time.monotonic() + cfg.timeout)
             elif not reuse_scan:
                 for b in ram.blocks:
                     records.scanned[b.index][:] = 0
@@ -1684,77 +1581,6 @@ class Source:
 
     # ------------------------------------------------------------------ scans
 
-    def _usable_for_scans(self) -> list[Channel]:
-        return [ch for ch in self._group.channels if ch.ready and not ch.done and not ch.reconnecting and ch.sock is not None]
-
-    def _parallel_scan(self, block: int, out: np.ndarray) -> None:
-        """Fingerprint every page of ``block`` that holds data into ``out`` (the shared scan record),
-        holes as 0, spread over the idle channel workers (and this thread, with a CPU to spare)."""
-        t0 = time.perf_counter()
-        ram = self.ram
-        extents = ram.data_extents(block)
-        out[:] = 0
-        npages = sum(e - f for f, e in extents)
-        usable = self._usable_for_scans()
-        local = len(usable) < (os.cpu_count() or 1) or not usable
-        parts = split_ranges(extents, len(usable) + (1 if local else 0))
-        jobs = []
-        for ch, part in zip(usable, parts):
-            jobs += self._queue_scan(ch, block, part)
-        for part in parts[len(usable) :]:
-            fingerprint_extents(ram.pages(block), part, self._print_key(), out)
-        self._finish_scans(time.monotonic() + self.config.timeout, jobs)
-        if npages:
-            self._scan_seconds_per_page = (time.perf_counter() - t0) / npages
-
-    def _queue_verify_scans(self) -> None:
-        """Before the final EOS: every worker fingerprints its share of the paused guest."""
-        assert self._records is not None
-        usable = self._usable_for_scans()
-        for b in self.ram.blocks:
-            self._records.scanned[b.index][:] = 0
-            parts = split_ranges(self.ram.data_extents(b.index), len(usable))
-            for ch, part in zip(usable, parts):
-                self._queue_scan(ch, b.index, part)
-
-    def _queue_scan(self, ch: Channel, block: int, extents: list[tuple[int, int]]) -> list[int]:
-        """Hand ``extents`` of ``block`` to ``ch``'s worker as scan jobs; returns their ids."""
-        per_job = max(1, ch.ring.capacity // 2)
-        ids = []
-        for s in range(0, len(extents), per_job):
-            part = extents[s : s + per_job]
-            jid = self._scan_job_seq
-            self._scan_job_seq += 1
-            self._scan_pending[jid] = (block, part, ch, ch.generation)
-            ids.append(jid)
-            pairs = np.asarray(part, dtype=np.uint64).reshape(-1)
-            while True:
-                try:
-                    ch.ring.push(KIND_SCAN, block, jid, 0, pairs, timeout=0.1)
-                    break
-                except RingTimeout:
-                    self._pump(0)
-                except RingClosed:
-                    break  # the worker is gone: _finish_scans does this job here
-        return ids
-
-    def _finish_scans(self, deadline: float, ids: list[int] | None = None) -> None:
-        """Wait for scan jobs; any whose worker died, was replaced or ran out of time is done here."""
-        pending = self._scan_pending
-        want = list(pending) if ids is None else ids
-        while any(j in pending for j in want) and time.monotonic() < deadline:
-            lost = [j for j in want if j in pending and (pending[j][2].generation != pending[j][3] or pending[j][2].done)]
-            if lost and len(lost) == sum(1 for j in want if j in pending):
-                break
-            self._pump(0.2)
-        key = self._print_key()
-        assert self._records is not None
-        for j in want:
-            job = pending.pop(j, None)
-            if job is not None:
-                block, part, _, _ = job
-                fingerprint_extents(self.ram.pages(block), part, key, self._records.scanned[block])
-
     # ------------------------------------------------------------------ rounds
 
     def _wire_bytes(self) -> int:
@@ -1900,14 +1726,6 @@ class Source:
                     channel=ch.index,
                 ),
             )
-
-    def _scanned(self, ch: Channel, msg: Scanned) -> None:
-        self._scan_pending.pop(msg.job, None)
-        if msg.pages > 0:
-            # seconds per page as that worker ran it; its last three, so one preempted job does not count alone
-            samples = self._worker_spp.setdefault(ch.index, [])
-            samples.append(msg.seconds / msg.pages)
-            del samples[:-3]
 
     def _read_control(self) -> None:
         assert self._control is not None
