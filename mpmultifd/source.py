@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
-import ipaddress
 import logging
 import mmap
 import os
@@ -13,22 +11,19 @@ import ssl
 import statistics
 import threading
 import time
-from dataclasses import replace
 from multiprocessing.connection import wait as mp_wait
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from . import auth
 from .config import MigrationConfig
+from .connect import Connector
 from ._shm import Segment, unique_name
 from .digest import fingerprint_pages, fingerprint_some
 from .file_worker import file_spec, present_offsets, saver_main
 from .errors import (
-    AuthenticationError,
     ChannelBroken,
     ChannelError,
-    ChannelClosed,
     CommitUnknown,
     ConfigError,
     ConvergenceError,
@@ -51,12 +46,10 @@ from .processes import JOIN_GRACE, mp_context, nudge_worker, reap_workers, start
 from .savefile import STATE_OFFSET, SaveLayout, SaveState, encode_state, pack_bitmap, pack_digests
 from .stats import DirtyRateEstimate, EventHub, MigrationResult, SaveResult
 from .tracking import DirtyTracker, ScanningTracker, make_tracker
-from .peers import untrusted_peer
-from .transport import Address, connect, format_address, is_loopback, parse_address, read_available, recv_exact
+from .transport import Address, connect, is_loopback, parse_address, read_available
 from .wire import (
     CONTROL_CHANNEL,
     MAX_CONTROL_BODY,
-    HELLO_FLAG_AUTH,
     KIND_CONTROL,
     KIND_DATA as HELLO_DATA,
     KIND_STREAM,
@@ -82,7 +75,6 @@ from .wire import (
     RoundEnd,
     Verify,
     encode_control,
-    encode_hello,
 )
 from .worker import (
     C_NORMAL,
@@ -218,18 +210,6 @@ def _compression_stats(per_channel: list[dict[str, int]]) -> dict[str, Any]:
     return {"compressed-packets": encoded, "raw-packets": raw, "compressed-input-bytes": raw_in, "payload-bytes": payload}
 
 
-def _host_of(address: Any) -> str | None:
-    return address[0] if isinstance(address, tuple) else None
-
-
-class _AdmissionDropped(Exception):
-    """The destination closed a connection before welcoming it: worth another try (``error`` if not)."""
-
-    def __init__(self, error: MigrationError) -> None:
-        super().__init__(str(error))
-        self.error = error
-
-
 class _Channel:
     """The source's handle on one data channel: ring, socket, worker and its connection."""
 
@@ -289,7 +269,8 @@ class Source:
         os.set_blocking(self._wake_w, False)
         self._channels: list[_Channel] = []
         self._control: socket.socket | None = None
-        self._opening: socket.socket | None = None  # a connection in its handshake
+        # admission: `connect` is looked up now, so a test may replace this module's transport function
+        self._connector = Connector(lambda: self.config, connect, self._check_cancel)
         self._decoder = ControlDecoder(max_verify=MAX_CONTROL_BODY)  # a source receives no VERIFY
         self._mac: ControlMac | None = None  # authenticates control frames when there is a key
         self._early: list[Any] = []
@@ -425,12 +406,7 @@ class Source:
             os.write(self._wake_w, b"c")
         except (BlockingIOError, OSError):
             pass
-        opening = self._opening
-        if opening is not None:
-            try:
-                opening.shutdown(socket.SHUT_RDWR)  # wakes a handshake blocked in recv
-            except OSError:
-                pass
+        self._connector.abort()  # wakes a handshake blocked in recv
 
     def save(
         self,
@@ -1077,105 +1053,8 @@ class Source:
         return sock
 
     def _open(self, address: Address, hello: Hello) -> socket.socket:
-        """Connect and pass admission; a destination that drops the connection before its welcome
-        (it cuts off the oldest handshakes when flooded) is tried again until ``timeout`` runs out."""
-        deadline = time.monotonic() + self.config.timeout
-        delay = 0.02
-        while True:
-            try:
-                return self._open_once(address, hello)
-            except _AdmissionDropped as e:
-                if time.monotonic() + delay >= deadline:
-                    raise e.error from e.error.__cause__
-                log.info("%s; trying again", e.error)
-                time.sleep(delay)
-                self._check_cancel()
-                delay = min(2 * delay, 0.5)
-
-    def _open_once(self, address: Address, hello: Hello) -> socket.socket:
-        """Connect and pass admission: greeting, hello (with a proof of the key), welcome."""
-        cfg = self.config
-        key = cfg.auth_key
-        what = {KIND_CONTROL: "control connection", KIND_STREAM: "stream connection"}.get(
-            hello.kind, f"data channel {hello.channel}"
-        )
-        vouch = key is None and not cfg.allow_unauthenticated and not _tls_verifies(cfg.tls)
-        if vouch:
-            _keyless_address_check(address, what)  # before connecting: a remote address is refused outright
-        sock = connect(address, cfg.timeout)
-        self._opening = sock
-        try:
-            self._check_cancel()
-            sock.settimeout(cfg.timeout)
-            if cfg.tls is not None:
-                sock = cfg.tls.wrap_socket(sock, server_hostname=cfg.tls_hostname or _host_of(address))
-            try:
-                greeting = auth.decode_greeting(recv_exact(sock, auth.GREETING_SIZE))
-            except ChannelClosed:
-                raise _AdmissionDropped(
-                    ChannelClosed(f"{what}: the destination closed the connection before greeting")
-                ) from None
-            if vouch:
-                _keyless_peer_check(sock, address, what)  # nothing but the connection itself sent yet
-            if greeting.auth_required and key is None:
-                raise AuthenticationError(
-                    f"{what}: the destination requires an auth key; set MigrationConfig(auth_key=...)"
-                )
-            if key is not None and not greeting.auth_required:
-                raise AuthenticationError(
-                    f"{what}: the destination does not authenticate connections; refusing to send pages "
-                    "to a peer that cannot prove it holds the key"
-                )
-            if key is None:
-                hello_bytes = encode_hello(hello)
-                sock.sendall(hello_bytes)
-            else:
-                hello_bytes = encode_hello(replace(hello, flags=HELLO_FLAG_AUTH))
-                nonce = auth.new_nonce()
-                sock.sendall(hello_bytes + nonce + auth.client_proof(key, greeting.nonce, nonce, hello_bytes))
-            try:
-                proof = auth.decode_welcome(recv_exact(sock, auth.WELCOME_SIZE))
-            except ChannelClosed:
-                raise _AdmissionDropped(
-                    ChannelClosed(f"{what}: the destination closed the connection after our hello")
-                ) from None
-            if key is not None and not hmac.compare_digest(
-                proof, auth.server_proof(key, greeting.nonce, nonce, hello_bytes)
-            ):
-                raise AuthenticationError(f"{what}: the destination failed to prove it holds the key")
-            sock.settimeout(None)
-            self._check_cancel()
-            return sock
-        except AuthenticationError as e:
-            sock.close()
-            if e.channel is None and hello.kind == HELLO_DATA:
-                e.channel = hello.channel
-            raise
-        except _AdmissionDropped:
-            sock.close()
-            self._check_cancel()
-            raise
-        except (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionResetError, BrokenPipeError) as e:
-            # the destination dropped us during admission (a flood made it cut off the oldest attempts)
-            sock.close()
-            self._check_cancel()
-            err = ChannelBroken(f"{what}: the destination dropped the connection during admission: {e}")
-            err.__cause__ = e
-            raise _AdmissionDropped(err) from e
-        except ssl.SSLError as e:
-            sock.close()
-            raise AuthenticationError(f"{what}: TLS handshake failed: {e}") from e
-        except OSError as e:
-            sock.close()
-            self._check_cancel()
-            raise ChannelBroken(f"{what}: {e}") from e
-        except BaseException as e:
-            sock.close()
-            if not isinstance(e, MigrationCancelled):
-                self._check_cancel()  # a cancel that broke the handshake wins over what it broke
-            raise
-        finally:
-            self._opening = None
+        """Connect and pass admission (retrying a destination that drops us before its welcome)."""
+        return self._connector.open(address, hello)
 
     def _zerocopy_mode(self, address: Address) -> str:
         """What the workers do about MSG_ZEROCOPY, and why (logged once)."""
@@ -2170,48 +2049,3 @@ class Source:
             del c
         return out
 
-
-_KEYLESS_HINT = (
-    "set MigrationConfig(auth_key=...) on both ends, use TLS that checks the destination's certificate, "
-    "or opt out with allow_unauthenticated=True"
-)
-
-
-def _tls_verifies(ctx: Any) -> bool:
-    """A TLS context that checks the destination's certificate authenticates it without a key."""
-    return ctx is not None and ctx.verify_mode == ssl.CERT_REQUIRED
-
-
-def _keyless_address_check(address: Address, what: str) -> None:
-    """Without a key, pages go only to this host: a literal non-loopback IP is refused before connecting."""
-    family, addr = parse_address(address)
-    if family == socket.AF_UNIX or is_loopback(address):
-        return
-    try:
-        ipaddress.ip_address(addr[0].split("%", 1)[0])
-    except ValueError:
-        return  # a host name: the address it resolves to is checked once connected
-    raise AuthenticationError(
-        f"{what}: refusing to send pages without a key to {format_address(address)}, a destination that "
-        f"cannot be authenticated; {_KEYLESS_HINT}"
-    )
-
-
-def _keyless_peer_check(sock: socket.socket, address: Address, what: str) -> None:
-    """Without a key, the destination must be on this host (loopback or a Unix socket) and run as our user."""
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
-        host = sock.getpeername()[0]
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-        ip = getattr(ip, "ipv4_mapped", None) or ip
-        if not ip.is_loopback:
-            raise AuthenticationError(
-                f"{what}: refusing to send pages without a key to {format_address(address)} ({host}), "
-                f"a destination that cannot be authenticated; {_KEYLESS_HINT}"
-            )
-    stranger = untrusted_peer(sock)
-    if stranger is not None:
-        raise AuthenticationError(
-            f"{what}: the destination at {format_address(address)} is not run by this user "
-            f"(uid {os.geteuid()}): {stranger}; without a key, pages go only to a local destination of "
-            f"the same user; {_KEYLESS_HINT}"
-        )
