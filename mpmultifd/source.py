@@ -18,6 +18,7 @@ import numpy as np
 
 from .config import MigrationConfig
 from .connect import Connector
+from .estimate import check_estimate_arguments, estimate_dirty_rate
 from ._shm import Segment, unique_name
 from .digest import fingerprint_pages, fingerprint_some
 from .file_worker import file_spec, present_offsets, saver_main
@@ -38,7 +39,7 @@ from .errors import (
 from .messages import AtBarrier, Failed, Log, Ready, Scanned, StreamEnded
 from .methods import get_method
 from .pageprint import fingerprint_extents, fingerprint_rows, key_from_seed, session_seed, split_ranges
-from .pacing import AutoConverge, BandwidthWindow, StallDetector, TokenBucket, rounds_to_converge
+from .pacing import AutoConverge, BandwidthWindow, StallDetector, TokenBucket
 from .ram import GuestRAM
 from .ring import KIND_DATA, KIND_EOS, KIND_SCAN, KIND_STOP, KIND_SYNC, KIND_ZERO, Ring
 from .pool import WorkerPool
@@ -674,69 +675,22 @@ class Source:
         second), the estimate also forecasts whether a migration would
         converge within ``downtime_limit`` (default: the configured one).
         """
-        if not (isinstance(duration, (int, float)) and 0 < duration < 3600):
-            raise ConfigError(f"duration: {duration!r} is not a number of seconds in (0, 3600)")
-        if not (isinstance(interval, (int, float)) and 0 < interval <= duration):
-            raise ConfigError(f"interval: {interval!r} is not a number of seconds in (0, duration]")
+        check_estimate_arguments(duration, interval)
         with self._lock:
             if self._closed or self._running:
                 raise MigrationError("estimate() needs an idle, open Source")
             self._running = True
         try:
-            if self.config.dirty_tracker == "kernel" and self._tracker is not None and self._tracker.started:
-                raise MigrationError(
-                    "estimate(): the kernel tracker of this region is busy tracking the changes since the last "
-                    "save (for a top-up); a region takes one kernel tracker at a time"
-                )
-            tracker = make_tracker(self.config.dirty_tracker, self.ram)
-            taken: list[list[np.ndarray]] = []
-            samples: list[float] = []
-            try:
-                if tracker.name == "map":
-                    # marks made before the estimate (since a save, say) are given back afterwards too
-                    taken.append([self.ram.snapshot_dirty(b.index) for b in self.ram.blocks])
-                tracker.start()
-                t_prev = t0 = time.monotonic()
-                while True:
-                    wake = min(t_prev + interval, t0 + duration)
-                    while (left := wake - time.monotonic()) > 0:
-                        time.sleep(min(left, 0.05))
-                        self._check_cancel()
-                    got = tracker.collect_all()
-                    now = time.monotonic()
-                    taken.append(got)
-                    samples.append(sum(len(g) for g in got) * self.ram.page_size / (now - t_prev))
-                    t_prev = now
-                    if now >= t0 + duration - 1e-3:
-                        break
-                scan = tracker.seconds
-            finally:
-                tracker.close()
-                if tracker.name == "map":  # give the marks back
-                    for i, dm in enumerate(self.ram.dirty_map(b.index) for b in self.ram.blocks):
-                        for got in taken:
-                            dm[got[i]] = 1
-            rate = float(np.median(samples))
-            limit = self._downtime_limit if downtime_limit is None else downtime_limit
-            forecast = (
-                rounds_to_converge(self.ram.total_size, rate, bandwidth, limit, self.config.max_rounds)
-                if bandwidth
-                else None
-            )
-            return DirtyRateEstimate(
-                dirty_rate=rate,
-                samples=tuple(samples),
-                interval=interval,
+            return estimate_dirty_rate(
+                self.ram,
+                self.config,
+                tracker_in_use=self._tracker is not None and self._tracker.started,
+                check_cancel=self._check_cancel,
+                downtime_limit=self._downtime_limit,
                 duration=duration,
-                tracker=tracker.name,
-                tracker_seconds=scan,
-                total=self.ram.total_size,
-                page_size=self.ram.page_size,
+                interval=interval,
                 bandwidth=bandwidth,
-                downtime_limit=limit,
-                converges=None if forecast is None else forecast.converges,
-                rounds=None if forecast is None else forecast.rounds,
-                expected_downtime=None if forecast is None else forecast.expected_downtime,
+                downtime_limit_override=downtime_limit,
             )
         finally:
             self._running = False
