@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import mmap
 import os
 import secrets
 import socket
@@ -19,8 +18,8 @@ import numpy as np
 from .config import MigrationConfig
 from .connect import Connector
 from .estimate import check_estimate_arguments, estimate_dirty_rate
+from .saving import block_fingerprints, fsync_dir, save_temp, verify_save
 from ._shm import Segment, unique_name
-from .digest import fingerprint_pages, fingerprint_some
 from .file_worker import file_spec, present_offsets, saver_main
 from .errors import (
     ChannelBroken,
@@ -149,57 +148,6 @@ def _take_pages(extents: list[tuple[int, int]], n: int) -> list[tuple[int, int]]
         out.append((f, f + take))
         n -= take
     return out
-
-
-def _block_fingerprints(ram: GuestRAM, block: int) -> np.ndarray:
-    """Fingerprints of every page of a block, reading only pages with data (a hole's is 0, a zero page's)."""
-    pages = ram.pages(block)
-    out = np.zeros(len(pages), dtype=np.uint64)
-    for first, end in ram.data_extents(block):
-        out[first:end] = fingerprint_pages(pages[first:end])
-    return out
-
-
-def _save_temp(path: str) -> tuple[int, str]:
-    """A new file for a save beside ``path``: created exclusively (never through a symlink), mode 0600.
-
-    The save is written there and renamed over ``path`` only once complete and
-    synced, so a failed save never touches a previous one, and a symlink at
-    ``path`` is replaced rather than written through.
-    """
-    where = os.path.dirname(os.path.abspath(path))
-    base = os.path.basename(path)
-    if not base:
-        raise ConfigError(f"path: {path!r} names a directory, not a save file")
-    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    for _ in range(16):
-        tmp = os.path.join(where, f".{base[:200]}.{secrets.token_hex(6)}.part")
-        try:
-            fd = os.open(tmp, flags, 0o600)
-        except FileExistsError:
-            continue
-        try:
-            os.fchmod(fd, 0o600)  # whatever the umask left, guest bytes are for the owner only
-        except BaseException:
-            os.close(fd)
-            os.unlink(tmp)
-            raise
-        return fd, tmp
-    raise FileExistsError(f"cannot create a fresh temporary file beside {path!r}")
-
-
-def _fsync_dir(path: str) -> None:
-    """Make a new file's directory entry durable too."""
-    try:
-        dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
 
 
 def _compression_stats(per_channel: list[dict[str, int]]) -> dict[str, Any]:
@@ -462,7 +410,7 @@ class Source:
             self._retries_left = 0  # a file channel is not reconnected
             self._set_status("setup")
             layout = SaveLayout.plan([(b.name, b.size) for b in self.ram.blocks], self.ram.page_size, method="raw")
-            fd, tmp = _save_temp(path)
+            fd, tmp = save_temp(path)
             os.ftruncate(fd, layout.file_size)  # sparse: every page a hole until written
             os.pwrite(fd, layout.encode_header(), 0)  # state INCOMPLETE, from the first byte on
             self._save_resume = resume
@@ -516,29 +464,7 @@ class Source:
 
     def _verify_save(self, fd: int, layout: SaveLayout, maps: list[np.ndarray], prints: list[np.ndarray]) -> None:
         """Check the file's pages against the paused guest's fingerprints before marking it complete."""
-        ps = self.ram.page_size
-        bad: dict[str, list[int]] = {}
-        for b, entry, mine, fp in zip(self.ram.blocks, layout.blocks, maps, prints):
-            untracked = np.flatnonzero((mine == 0) & (fp != 0))  # data the file never got
-            mm = mmap.mmap(fd, entry.npages * ps, mmap.MAP_SHARED, mmap.PROT_READ, offset=entry.data_offset)
-            try:
-                file_pages = np.frombuffer(mm, dtype=np.uint8).reshape(entry.npages, ps)
-                have = fingerprint_some(file_pages, np.flatnonzero(mine))
-                wrong = np.flatnonzero((mine != 0) & (have != fp))
-                del file_pages
-            finally:
-                mm.close()
-            pages = np.union1d(untracked, wrong)
-            if len(pages):
-                bad[b.name] = pages[:32].tolist()
-        if bad:
-            raise VerificationError(
-                "the save file differs from the paused guest in "
-                + ", ".join(f"block {k!r} pages {v}" for k, v in bad.items())
-                + f": pages changed without the {self.config.dirty_tracker!r} tracker seeing them "
-                "(a writer that does not mark its pages needs dirty_tracker='scan')",
-                mismatches=bad,
-            )
+        verify_save(self.ram, fd, layout, maps, prints, self.config.dirty_tracker)
 
     def _start_file_channels(self, path: str, layout: SaveLayout, direct: bool) -> None:
         cfg = self.config
@@ -595,7 +521,7 @@ class Source:
         self._wait_done()
         # the digests are of the paused guest's RAM itself: the file is checked against them
         # (here, with verify, and by every restore)
-        prints = [_block_fingerprints(ram, b.index) for b in ram.blocks]
+        prints = [block_fingerprints(ram, b.index) for b in ram.blocks]
         # the file holds the paused state: the guest may run again while the file is finished
         self._downtime = time.monotonic() - self._paused_at
         self._resume_now()
@@ -616,7 +542,7 @@ class Source:
         # complete and synced: only now does it replace the target (a symlink there is replaced,
         # not followed), and the directory entry is made durable too
         os.rename(tmp, path)
-        _fsync_dir(path)
+        fsync_dir(path)
         self._remaining_pages = 0
         self._save_base = layout.save_id  # the tracker keeps running: a top-up sends what changes next
         self._t_end = time.monotonic()
