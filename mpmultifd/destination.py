@@ -17,9 +17,9 @@ import numpy as np
 
 from ._shm import Segment, unique_name
 from .config import MigrationConfig
+from .listener import Listener
 from .pageprint import fingerprint_extents, fingerprint_rows, key_from_seed, session_seed, split_ranges
 from .errors import (
-    AuthenticationError,
     ChannelBroken,
     ChannelError,
     ConfigError,
@@ -33,17 +33,11 @@ from .messages import AtBarrier, Failed, Go, Log, Ready, Receive, StreamEnded, W
 from .methods import get_method
 from .ram import GuestRAM, file_data_extents
 from .pool import WorkerPool
-from .admission import DropLog, PendingHandshakes
-from .peers import untrusted_peer
 from .processes import JOIN_GRACE, mp_context, nudge_worker, reap_workers, start_worker, worker_start_method
 from .stats import EventHub, MigrationResult, RestoreResult
-from . import auth
-from .transport import Address, format_address, is_loopback, read_available, recv_exact, tune_accepted
-from .transport import listen as tcp_listen
+from .transport import Address, read_available
 from .wire import (
     MAX_CONTROL_BODY,
-    HELLO_FLAG_AUTH,
-    HELLO_SIZE,
     KIND_CONTROL,
     KIND_STREAM,
     MAX_REPAIR_PAGES,
@@ -64,7 +58,6 @@ from .wire import (
     RoundAck,
     RoundEnd,
     Verify,
-    decode_hello,
     encode_control,
     verify_body_limit,
     repair_pages_body_limit,
@@ -84,8 +77,6 @@ __all__ = ["Destination"]
 
 log = logging.getLogger("mpmultifd.destination")
 
-_MAX_PENDING_HANDSHAKES = 64
-_MAX_PENDING_PER_PEER = 16
 _MAX_ROUNDS_AHEAD = 256  # ROUND_END markers kept for rounds the barrier has not reached
 _MAX_MISMATCHES_REPORTED = 32
 
@@ -180,20 +171,11 @@ class Destination:
                 "pool workers that populate the allocated region; a TLS session cannot be handed to them)"
             )
         self._prepare = prepare_receivers
-        key_ok = self.config.auth_key is not None or self.config.allow_unauthenticated
-        if not key_ok and not is_loopback(listen):
-            raise ConfigError(
-                f"listen: refusing to listen on {format_address(listen)} without an auth_key: anyone who can "
-                "reach it could write into this region. Set MigrationConfig(auth_key=...), listen on a "
-                "loopback address or a Unix socket, or opt out with allow_unauthenticated=True"
-            )
-        self._lsock = tcp_listen(listen)
-        if self._lsock.family == socket.AF_UNIX:
-            self._unix_path: str | None = self._lsock.getsockname()
-            self.address: Any = f"unix:{self._unix_path}"
-        else:
-            self._unix_path = None
-            self.address = self._lsock.getsockname()[:2]
+        # the accepting side: listening socket, admission handshakes, admitted connections
+        self._listener = Listener(listen, self.config, self._wake_for_hello)
+        self.address: Any = self._listener.address
+        self._pending = self._listener.pending  # handshakes in progress (read by tests and diagnostics)
+        self._drops = self._listener.drops
         self._status = "setup"
         self._valid = False
         self._result: MigrationResult | None = None
@@ -204,15 +186,6 @@ class Destination:
         self._closing = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
-        self._incoming: queue.Queue[tuple[str, socket.socket, Any]] = queue.Queue()
-        # handshakes in progress: one deadline for each whole handshake, and limits per peer address
-        # and in total that cut off the oldest attempt instead of refusing a newcomer
-        total = max(_MAX_PENDING_HANDSHAKES, 2 * self.config.channels + 8)
-        self._pending = PendingHandshakes(
-            total=total, per_peer=min(total, max(_MAX_PENDING_PER_PEER, 2 * self.config.channels)),
-            timeout=self.config.timeout,
-        )
-        self._drops = DropLog(log)
         self._session: Config | None = None
         self._receivers: dict[int, _Receiver] = {}
         self._control: socket.socket | None = None
@@ -223,8 +196,7 @@ class Destination:
         self._t_start = time.monotonic()
         self._t_end: float | None = None
         self._rounds = 0
-        self._rejected = 0
-        self._auth_failures = 0
+        self._rejected = 0  # admitted connections no session claimed (the listener counts the rest)
         self._retries_left = 0
         self._broken: dict[int, float] = {}  # channel -> deadline for its reconnection
         self._connected: set[int] = set()
@@ -248,9 +220,8 @@ class Destination:
             self._prefaulter.start()
         self._restore_lock = threading.Lock()
         self._restored_id: bytes | None = None  # the save this region was restored from
-        self._acceptor = threading.Thread(target=self._accept_loop, name="mpmultifd-accept", daemon=True)
         self._coordinator = threading.Thread(target=self._run, name="mpmultifd-destination", daemon=True)
-        self._acceptor.start()
+        self._listener.start()
         self._coordinator.start()
 
     # ------------------------------------------------------------------ public
@@ -358,8 +329,8 @@ class Destination:
             "repaired-pages": self._repaired_pages,
             "repair-passes": self._repair_passes,
             "prepared-receivers": self._warm_used,
-            "rejected-connections": self._rejected,
-            "authentication-failures": self._auth_failures,
+            "rejected-connections": self._rejected + self._listener.rejected,
+            "authentication-failures": self._listener.auth_failures,
             "channels": per,
         }
 
@@ -371,22 +342,7 @@ class Destination:
         if not self._done.is_set():
             self.cancel()
         self._coordinator.join(self.config.timeout + 2 * JOIN_GRACE)
-        try:
-            # wakes the accept loop out of its poll at once (a close alone would leave it to its timeout)
-            self._lsock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        try:
-            self._lsock.close()
-        except OSError:
-            pass
-        if self._unix_path:
-            try:
-                os.unlink(self._unix_path)
-            except OSError:
-                pass
-        self._acceptor.join(2.0)
-        self._drop_unclaimed()
+        self._listener.close(2.0)  # also wakes the accept loop out of its poll at once
         for thread, _ in self._streams:
             thread.join(JOIN_GRACE)
         for fd in (self._wake_r, self._wake_w):
@@ -404,118 +360,9 @@ class Destination:
 
     # ------------------------------------------------------------------ accepting
 
-    def _accept_loop(self) -> None:
-        lsock = self._lsock
-        try:
-            while not self._done.is_set():
-                self._pending.expire()  # whole-handshake deadlines
-                self._drops.flush()
-                try:
-                    ready = mp_wait([lsock], 0.2)
-                except (OSError, ValueError):
-                    return
-                if not ready or self._done.is_set():
-                    continue
-                try:
-                    sock, peer = lsock.accept()
-                except OSError:
-                    if self._done.is_set():
-                        return
-                    continue
-                token, deadline = self._pending.add(sock, peer)  # may cut off the oldest attempt
-                threading.Thread(target=self._handshake, args=(sock, peer, token, deadline), daemon=True).start()
-        finally:
-            self._pending.cut_all("the migration ended")
-            self._drops.flush(force=True)
-
-    def _handshake(self, sock: socket.socket, peer: Any, token: int = -1, deadline: float = float("inf")) -> None:
-        """Admit a connection: greeting, hello, proof of the key, welcome.
-
-        A connection that fails is logged and dropped without touching the
-        session: a stray or hostile peer cannot disturb a running migration.
-        The whole handshake must end by ``deadline`` (the accept loop cuts it
-        off then, whatever a trickling peer does).
-        """
-        key = self.config.auth_key
-
-        def left() -> float:
-            t = deadline - time.monotonic()
-            if t <= 0:
-                raise ChannelBroken(f"its handshake did not finish within {self.config.timeout:g} s")
-            return min(t, self.config.timeout)
-
-        try:
-            tune_accepted(sock)
-            stranger = self._stranger(sock) if key is None else None
-            sock.settimeout(left())
-            if self.config.tls is not None:
-                sock = self.config.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-                self._pending.replace(token, sock)
-                sock.do_handshake()
-            nonce = auth.new_nonce()
-            sock.sendall(auth.encode_greeting(auth.Greeting(key is not None, nonce)))
-            sock.settimeout(left())
-            hello_bytes = bytes(recv_exact(sock, HELLO_SIZE))
-            hello = decode_hello(hello_bytes)
-            if hello.flags & HELLO_FLAG_AUTH:
-                rest = recv_exact(sock, auth.NONCE_SIZE + auth.PROOF_SIZE)
-                client_nonce, proof = bytes(rest[: auth.NONCE_SIZE]), bytes(rest[auth.NONCE_SIZE :])
-                if key is None:
-                    self._refuse(sock, auth.REFUSE_NO_KEY_HERE)
-                    raise AuthenticationError("a proof of a key was presented, but this destination has no key")
-                if not auth.check_client_proof(key, nonce, client_nonce, hello_bytes, proof):
-                    self._refuse(sock, auth.REFUSE_BAD_PROOF)
-                    raise AuthenticationError("wrong proof of the key")
-                welcome = auth.encode_welcome(auth.server_proof(key, nonce, client_nonce, hello_bytes))
-            else:
-                if key is not None:
-                    self._refuse(sock, auth.REFUSE_KEY_REQUIRED)
-                    raise AuthenticationError("no proof of the key was presented")
-                if stranger is not None:
-                    self._refuse(sock, auth.REFUSE_PEER_USER)
-                    raise AuthenticationError(f"a keyless local peer not of this user: {stranger}")
-                welcome = auth.encode_welcome()
-            cut = self._pending.leave(token)  # admitted: no longer counted, never cut off from now on
-            if cut is not None:
-                raise ChannelBroken(cut)
-            sock.settimeout(self.config.timeout)
-            sock.sendall(welcome)
-            sock.settimeout(None)
-            self._incoming.put(("hello", sock, hello))
-            if self._done.is_set():
-                self._drop_unclaimed()  # admitted after the session ended: nobody will claim it
-                return
-            os.write(self._wake_w, b"h")
-        except (MigrationError, OSError, ValueError) as e:
-            cut = self._pending.leave(token)
-            if cut is not None:
-                kind, detail = ("evicted" if cut.startswith("evicted") else "slow"), cut
-            else:
-                kind = "unauthenticated" if isinstance(e, AuthenticationError) else "invalid"
-                detail = str(e)
-            self._drops.drop(kind, peer, detail)
-            self._rejected += 1
-            if isinstance(e, AuthenticationError):
-                self._auth_failures += 1
-            sock.close()
-        finally:
-            self._pending.leave(token)
-
-    def _stranger(self, sock: socket.socket) -> str | None:
-        """Without a key, a local peer of another user is not trusted: ``SO_PEERCRED`` on a Unix
-        socket, the kernel's socket table on TCP loopback. Returns who it is (or why that is
-        unknown, which is refused too), or None for a peer of our own uid (or with
-        ``allow_unauthenticated``)."""
-        if self.config.allow_unauthenticated:
-            return None
-        return untrusted_peer(sock)
-
-    @staticmethod
-    def _refuse(sock: socket.socket, reason: int) -> None:
-        try:
-            sock.sendall(auth.encode_refused(reason))
-        except OSError:
-            pass
+    def _wake_for_hello(self) -> None:
+        """The listener admitted a connection: wake the coordinator to claim it."""
+        os.write(self._wake_w, b"h")
 
     # ------------------------------------------------------------------ the run
 
@@ -1031,7 +878,7 @@ class Destination:
         out = []
         while True:
             try:
-                _, sock, hello = self._incoming.get_nowait()
+                _, sock, hello = self._listener.incoming.get_nowait()
             except queue.Empty:
                 return out
             reason = None
@@ -1309,25 +1156,4 @@ class Destination:
         self._set_status(status)
         self._done.set()
         self._settled.set()
-        try:
-            self._lsock.shutdown(socket.SHUT_RDWR)  # wakes the accept loop now, not at its next poll
-        except OSError:
-            pass
-        try:
-            self._lsock.close()
-        except OSError:
-            pass
-        self._drop_unclaimed()
-
-    def _drop_unclaimed(self) -> None:
-        """Close connections admitted but never claimed by a session (it ended, or never began)."""
-        while True:
-            try:
-                _, sock, hello = self._incoming.get_nowait()
-            except queue.Empty:
-                return
-            log.info("closing a connection admitted after the migration ended (channel %d)", hello.channel)
-            sock.close()
-
-
-
+        self._listener.stop()  # wakes the accept loop now, and closes what no session claimed
