@@ -18,6 +18,7 @@ import numpy as np
 from ._shm import Segment, unique_name
 from .config import MigrationConfig
 from .listener import Listener
+from .prepared import Prefaulter, allocated_pages
 from .pageprint import fingerprint_extents, fingerprint_rows, key_from_seed, session_seed, split_ranges
 from .errors import (
     ChannelBroken,
@@ -29,7 +30,7 @@ from .errors import (
     VerificationError,
     WorkerDied,
 )
-from .messages import AtBarrier, Failed, Go, Log, Ready, Receive, StreamEnded, Warm
+from .messages import AtBarrier, Failed, Go, Log, Ready, StreamEnded
 from .methods import get_method
 from .ram import GuestRAM, file_data_extents
 from .pool import WorkerPool
@@ -70,7 +71,6 @@ from .worker import (
     WorkerSpec,
     receiver_main,
     received_offsets,
-    warm_receiver_main,
 )
 
 __all__ = ["Destination"]
@@ -84,13 +84,6 @@ _MAX_MISMATCHES_REPORTED = 32
 def verify_threads(channels: int) -> int:
     """Threads a destination fingerprints its whole region with (a top-up's starting point)."""
     return max(1, min(channels, os.cpu_count() or 1))
-
-
-def _allocated_pages(path: str, npages: int, page_size: int, out: np.ndarray) -> None:
-    """Mark pages of ``path`` that hold data (not holes); holes read as zeros and need no zeroing."""
-    out[:] = 0
-    for first, end in file_data_extents(path, npages, page_size):
-        out[first:end] = 1
 
 
 class _Receiver:
@@ -170,7 +163,6 @@ class Destination:
                 "prepare_receivers: needs prefault=True and a pool, and no TLS (prepared receivers are "
                 "pool workers that populate the allocated region; a TLS session cannot be handed to them)"
             )
-        self._prepare = prepare_receivers
         # the accepting side: listening socket, admission handshakes, admitted connections
         self._listener = Listener(listen, self.config, self._wake_for_hello)
         self.address: Any = self._listener.address
@@ -209,15 +201,9 @@ class Destination:
         self._repair_passes = 0
         # prefault: allocate the region's memory now, while no migration needs the CPU;
         # the holes found first still count as known-zero pages
-        self._holes_before: list[np.ndarray] | None = None
-        self._prefaulter: threading.Thread | None = None
-        self._warm_lock = threading.Lock()
-        self._warm: list[tuple[Any, Any]] = []  # prepared receivers not yet given a channel
-        self._warm_closed = False
-        self._warm_used = 0
+        self._prepared = Prefaulter(ram, self._pool, self.config.channels, prepare_receivers)
         if prefault:
-            self._prefaulter = threading.Thread(target=self._prefault, name="mpmultifd-prefault", daemon=True)
-            self._prefaulter.start()
+            self._prepared.start()
         self._restore_lock = threading.Lock()
         self._restored_id: bytes | None = None  # the save this region was restored from
         self._coordinator = threading.Thread(target=self._run, name="mpmultifd-destination", daemon=True)
@@ -268,10 +254,7 @@ class Destination:
         Returns ``False`` if ``timeout`` seconds pass first; ``True`` at once
         without ``prefault``. A migration that arrives earlier simply waits.
         """
-        if self._prefaulter is None:
-            return True
-        self._prefaulter.join(timeout)
-        return not self._prefaulter.is_alive()
+        return self._prepared.join(timeout)
 
     def cancel(self) -> None:
         """Stop receiving; idempotent, safe from any thread or a signal handler."""
@@ -301,8 +284,7 @@ class Destination:
         """
         from .checkpoint import restore
 
-        if self._prefaulter is not None:
-            self._prefaulter.join()
+        self._prepared.join()
         with self._restore_lock:
             if self._session is not None or self._closing:
                 raise MigrationError("restore: a migration already reached this destination; restore before it starts")
@@ -328,7 +310,7 @@ class Destination:
             "rounds": self._rounds,
             "repaired-pages": self._repaired_pages,
             "repair-passes": self._repair_passes,
-            "prepared-receivers": self._warm_used,
+            "prepared-receivers": self._prepared.used,
             "rejected-connections": self._rejected + self._listener.rejected,
             "authentication-failures": self._listener.auth_failures,
             "channels": per,
@@ -337,8 +319,8 @@ class Destination:
     def close(self) -> None:
         """Stop everything and release workers and segments; works while ``wait()`` blocks elsewhere."""
         self._closing = True
-        if self._prefaulter is not None:
-            self._prefaulter.join()
+        self._prepared.stop()
+        self._prepared.join()
         if not self._done.is_set():
             self.cancel()
         self._coordinator.join(self.config.timeout + 2 * JOIN_GRACE)
@@ -437,94 +419,18 @@ class Destination:
                 "restore that file first, or migrate without top_up"
             )
 
-    def _prefault(self) -> None:
-        """Allocate every block's memory up front; writes into allocated pages cost half as much here."""
-        maps = []
-        try:
-            for b in self.ram.blocks:
-                m = np.empty(b.npages, dtype=np.uint8)
-                _allocated_pages(b.path, b.npages, b.page_size, m)
-                maps.append(m)
-                fd = os.open(b.path, os.O_RDWR | os.O_CLOEXEC)
-                try:
-                    os.posix_fallocate(fd, 0, b.size)
-                finally:
-                    os.close(fd)
-                if self._closing:
-                    break
-        except OSError as e:  # no room, or a file system without fallocate: receive without it
-            log.warning("prefault of region %s stopped: %s", self.ram.name, e)
-        finally:
-            if len(maps) == len(self.ram.blocks):
-                self._holes_before = maps
-        if self._prepare and self._holes_before is not None and not self._closing:
-            self._prepare_receivers()
-
-    def _prepare_receivers(self) -> None:
-        """Borrow ``channels`` pool workers that populate the region's mapping and wait for a channel."""
-        t0 = time.monotonic()
-        started = []
-        for _ in range(self.config.channels):
-            try:
-                proc, conn = self._pool.run(warm_receiver_main, (self.ram,))
-            except Exception as e:  # a closed pool, no process to start: receive without
-                log.warning("cannot prepare receivers: %s", e)
-                break
-            with self._warm_lock:
-                if self._warm_closed:
-                    nudge_worker(conn, None)
-                    reap_workers([(proc, conn, None)])
-                    break
-                started.append((proc, conn))
-        ready = []
-        for proc, conn in started:
-            nudged = False
-            while True:
-                try:
-                    if not conn.poll(0.1):
-                        if self._closing and not nudged:
-                            nudge_worker(conn, None)  # stop populating early; it still reports
-                            nudged = True
-                        continue
-                    msg = conn.recv()
-                except (EOFError, OSError):
-                    reap_workers([(proc, conn, None)])
-                    break
-                if isinstance(msg, Log):
-                    msg.emit()
-                elif isinstance(msg, Warm):
-                    ready.append((proc, conn))
-                    break
-        with self._warm_lock:
-            if self._warm_closed or self._closing:
-                leftover, ready = ready, []
-            else:
-                self._warm, leftover = ready, []
-        self._release_warm(leftover)
-        log.debug("%d receivers prepared in %.3f s", len(ready), time.monotonic() - t0)
-
-    @staticmethod
-    def _release_warm(warm: list[tuple[Any, Any]]) -> None:
-        for _, conn in warm:
-            nudge_worker(conn, None)
-        reap_workers([(proc, conn, None) for proc, conn in warm])
-
-    def _take_warm(self) -> tuple[Any, Any] | None:
-        with self._warm_lock:
-            return self._warm.pop() if self._warm else None
-
     def _make_segments(self, c: Config) -> None:
         ram = self.ram
         roffs = received_offsets(ram)
         self._received = Segment.create(unique_name("rcv"), max(roffs[-1], 64))
-        if self._prefaulter is not None:
-            self._prefaulter.join()  # a migration that arrives early waits for the allocation
+        self._prepared.join()  # a migration that arrives early waits for the allocation
         for b in ram.blocks:
             m = np.frombuffer(self._received.buf, dtype=np.uint8, count=b.npages, offset=roffs[b.index])
-            if self._holes_before is not None:
-                m[:] = self._holes_before[b.index]  # what held data before the prefault
+            holes_before = self._prepared.holes_before
+            if holes_before is not None:
+                m[:] = holes_before[b.index]  # what held data before the prefault
             else:
-                _allocated_pages(b.path, b.npages, b.page_size, m)
+                allocated_pages(b.path, b.npages, b.page_size, m)
             del m
         self._stats = Segment.create(unique_name("rst"), c.channels * STATS_WORDS * 8)
         if c.verify:
@@ -678,21 +584,7 @@ class Destination:
 
     def _hand_to_warm(self, spec: WorkerSpec, sock: socket.socket) -> tuple[Any, Any] | None:
         """Give a data channel to a prepared receiver, if one is left; returns its handles."""
-        while True:
-            warm = self._take_warm()
-            if warm is None:
-                return None
-            proc, conn = warm
-            try:
-                conn.send(Receive(spec, self._received.name, self._stats.name, sock.family, sock.type, sock.proto))
-                conn.send_handle(sock.fileno())
-            except (OSError, ValueError) as e:  # it died while waiting: try the next one
-                log.debug("prepared receiver gone (%s)", e)
-                proc.kill()
-                reap_workers([(proc, conn, None)])
-                continue
-            self._warm_used += 1
-            return proc, conn
+        return self._prepared.hand(spec, sock, self._received.name, self._stats.name)
 
     def _finish_session(
         self, c: Config, complete: Complete, verify: dict[int, np.ndarray], decoder: ControlDecoder
@@ -1129,10 +1021,7 @@ class Destination:
             if r.proc.is_alive():
                 nudge_worker(r.conn, r.sock)
         reap_workers([(r.proc, r.conn, r.sock) for r in recv.values()])
-        with self._warm_lock:
-            self._warm_closed = True
-            warm, self._warm = self._warm, []
-        self._release_warm(warm)
+        self._prepared.close()  # prepared receivers no channel took
         if self._control is not None:
             self._control.close()
             self._control = None
