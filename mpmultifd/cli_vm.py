@@ -46,11 +46,11 @@ def _describe(res: Any) -> str:
 
 
 def cmd_vm_send(a: argparse.Namespace) -> int:
-    from .cli import _config
+    from .cli import config_from_args
     from .errors import CommitUnknown
     from .qemu import VMHandoverError, migrate_vm
 
-    cfg = _config(a)
+    cfg = config_from_args(a)
     if not a.verify:
         print("vm-send: --no-verify is ignored: a VM handover always verifies the paused RAM", file=sys.stderr)
     on_event = (lambda ev: print(json.dumps(ev), flush=True)) if a.json else None
@@ -73,10 +73,10 @@ def cmd_vm_send(a: argparse.Namespace) -> int:
 
 
 def cmd_vm_recv(a: argparse.Namespace) -> int:
-    from .cli import _config
+    from .cli import config_from_args
     from .qemu import receive_vm
 
-    cfg = _config(a, server=True)
+    cfg = config_from_args(a, server=True)
 
     def listening(address: Any) -> None:
         text = address if isinstance(address, str) else f"{address[0]}:{address[1]}"
