@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from . import __version__
+from .cli_vm import add_vm_commands
 from .config import DIRTY_TRACKERS, START_METHODS, MigrationConfig
 from .destination import Destination
 from .errors import ConfigError, MigrationCancelled, MigrationError
@@ -1103,13 +1104,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"rounds the forecast allows (default {_DEFAULTS.max_rounds})")
     e.set_defaults(func=cmd_estimate)
 
-    from .cli_vm import add_vm_commands  # vm-send / vm-recv: a QEMU VM handover
-
+    # vm-send / vm-recv: a QEMU VM handover
     def vm_args(p: argparse.ArgumentParser) -> None:
         _tuning_args(p)
         _connection_args(p, server=True, client=True)
 
-    add_vm_commands(sub, vm_args, parse_address)
+    add_vm_commands(sub, vm_args, parse_address, config_from_args)
     return p
 
 
