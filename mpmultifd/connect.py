@@ -17,8 +17,9 @@ import os
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Any, Callable, Union
+from typing import Any
 
 from . import auth
 from .config import MigrationConfig
@@ -120,7 +121,7 @@ class Connector:
 
     def __init__(
         self,
-        config: Union[MigrationConfig, Callable[[], MigrationConfig]],
+        config: MigrationConfig | Callable[[], MigrationConfig],
         dial: Dial,
         check_cancel: Callable[[], None],
     ) -> None:

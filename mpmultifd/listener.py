@@ -16,8 +16,9 @@ import queue
 import socket
 import threading
 import time
+from collections.abc import Callable
 from multiprocessing.connection import wait as mp_wait
-from typing import Any, Callable
+from typing import Any
 
 from . import auth
 from .admission import DropLog, PendingHandshakes
@@ -28,7 +29,7 @@ from .transport import Address, format_address, is_loopback, recv_exact, tune_ac
 from .transport import listen as tcp_listen
 from .wire import HELLO_FLAG_AUTH, HELLO_SIZE, Hello, decode_hello
 
-__all__ = ["Incoming", "Listener", "MAX_PENDING_HANDSHAKES", "MAX_PENDING_PER_PEER"]
+__all__ = ["MAX_PENDING_HANDSHAKES", "MAX_PENDING_PER_PEER", "Incoming", "Listener"]
 
 log = logging.getLogger("mpmultifd.destination")
 

@@ -155,7 +155,7 @@ class Prefaulter:
         for _ in range(self.channels):
             try:
                 proc, conn = pool.run(warm_receiver_main, (self.ram,))
-            except Exception as e:  # a closed pool, no process to start: receive without
+            except Exception as e:  # noqa: BLE001 - a closed pool, no process to start: receive without
                 log.warning("cannot prepare receivers: %s", e)
                 break
             with self._lock:
