@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from . import __version__
+from .cli_vm import add_vm_commands
 from .config import DIRTY_TRACKERS, START_METHODS, MigrationConfig
 from .destination import Destination
 from .errors import ConfigError, MigrationCancelled, MigrationError
@@ -306,7 +307,11 @@ def _handshake_timeout(a: argparse.Namespace) -> float:
     return getattr(a, "handshake_timeout", _DEFAULTS.timeout)
 
 
-def _config(a: argparse.Namespace, *, server: bool = False) -> MigrationConfig:
+def config_from_args(a: argparse.Namespace, *, server: bool = False) -> MigrationConfig:
+    """The MigrationConfig a subcommand's parsed flags describe (``server``: the listening side's TLS flags).
+
+    Raises ConfigError in the command line's words (``--downtime-limit: ...``).
+    """
     # a region mapped from files is usually written by another program, which marks nothing
     default_tracker = "scan" if getattr(a, "file", None) else "map"
     key = _read_key(a.auth_key_file) if getattr(a, "auth_key_file", None) else None
@@ -335,6 +340,9 @@ def _config(a: argparse.Namespace, *, server: bool = False) -> MigrationConfig:
         )
     except ConfigError as e:
         raise ConfigError(_flag_words(str(e))) from None
+
+
+_config = config_from_args  # the name it had
 
 
 def parse_address(text: str) -> Any:
@@ -551,7 +559,7 @@ def _resume(a: argparse.Namespace) -> Callable[[], None] | None:
 
 def cmd_recv(a: argparse.Namespace) -> int:
     """Listen and receive one migration into a region."""
-    cfg = _config(a, server=True)
+    cfg = config_from_args(a, server=True)
     _check_listen(a, cfg)
     with _receiving_region(a) as ram, _destination(ram, a.listen, cfg) as dst, _metrics(a, dst):
         return _await_migration(a, dst, ram, f"receiving into region {ram.name}")
@@ -626,7 +634,7 @@ def cmd_send(a: argparse.Namespace) -> int:
 @contextlib.contextmanager
 def _cli_source(a: argparse.Namespace) -> Iterator[Source]:
     """A Source over the region --region/--file names; --json prints its events; signals and --max-time cancel."""
-    cfg = _config(a)
+    cfg = config_from_args(a)
     ram = _open_region(a)
     # with --json, every status change and round is a line of its own as it happens
     on_event = (lambda ev: print(json.dumps(ev), flush=True)) if a.json else None
@@ -687,7 +695,7 @@ def cmd_restore(a: argparse.Namespace) -> int:
     """Restore a region from a save file; with --top-up, then receive the changes since the save."""
     if not os.path.exists(a.path):
         raise ConfigError(f"restore: no such save file {a.path}")
-    cfg = _config(a, server=True)
+    cfg = config_from_args(a, server=True)
     if a.top_up:
         _check_listen(a, cfg)
     with _receiving_region(a) as ram, _destination(ram, a.listen, cfg) as dst:
@@ -728,7 +736,7 @@ def check_configuration(a: argparse.Namespace) -> list[dict[str, Any]]:
         out.append({"item": item, "status": status, "detail": detail, "fallback": fallback})
 
     try:
-        _config(a, server=bool(a.tls_cert or a.tls_key))
+        config_from_args(a, server=bool(a.tls_cert or a.tls_key))
         add("configuration", "ok", "every parameter is valid and the combination is allowed")
     except (ConfigError, OSError, ssl.SSLError) as e:
         add("configuration", "error", str(e))
@@ -791,7 +799,7 @@ def _read_int(path: str) -> int | None:
 
 def cmd_estimate(a: argparse.Namespace) -> int:
     """Measure a region's dirty rate and forecast whether a migration would converge."""
-    cfg = _config(a)
+    cfg = config_from_args(a)
     ram = _open_region(a)
     try:
         with Source(ram, cfg) as src, _control.cancels(src):
@@ -914,7 +922,7 @@ def machine_benchmark(size: int, *, channels: list[int], content: str, start_met
 
 def cmd_demo(a: argparse.Namespace) -> int:
     """Migrate a synthetic two-block guest, dirtied by a writer process, to a destination process."""
-    cfg = _config(a)
+    cfg = config_from_args(a)
     main_size = max(a.size * 3 // 4 // 4096 * 4096, 4096)
     vram_size = max((a.size - main_size) // 4096 * 4096, 4096)
     blocks = {"pc.ram": main_size, "vga.vram": vram_size}
@@ -1096,13 +1104,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"rounds the forecast allows (default {_DEFAULTS.max_rounds})")
     e.set_defaults(func=cmd_estimate)
 
-    from .cli_vm import add_vm_commands  # vm-send / vm-recv: a QEMU VM handover
-
+    # vm-send / vm-recv: a QEMU VM handover
     def vm_args(p: argparse.ArgumentParser) -> None:
         _tuning_args(p)
         _connection_args(p, server=True, client=True)
 
-    add_vm_commands(sub, vm_args, parse_address)
+    add_vm_commands(sub, vm_args, parse_address, config_from_args)
     return p
 
 

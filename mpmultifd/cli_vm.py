@@ -46,11 +46,10 @@ def _describe(res: Any) -> str:
 
 
 def cmd_vm_send(a: argparse.Namespace) -> int:
-    from .cli import _config
     from .errors import CommitUnknown
     from .qemu import VMHandoverError, migrate_vm
 
-    cfg = _config(a)
+    cfg = a.make_config(a)
     if not a.verify:
         print("vm-send: --no-verify is ignored: a VM handover always verifies the paused RAM", file=sys.stderr)
     on_event = (lambda ev: print(json.dumps(ev), flush=True)) if a.json else None
@@ -73,10 +72,9 @@ def cmd_vm_send(a: argparse.Namespace) -> int:
 
 
 def cmd_vm_recv(a: argparse.Namespace) -> int:
-    from .cli import _config
     from .qemu import receive_vm
 
-    cfg = _config(a, server=True)
+    cfg = a.make_config(a, server=True)
 
     def listening(address: Any) -> None:
         text = address if isinstance(address, str) else f"{address[0]}:{address[1]}"
@@ -93,8 +91,12 @@ def cmd_vm_recv(a: argparse.Namespace) -> int:
     return 0
 
 
-def add_vm_commands(sub: Any, config_args: Any, parse_address: Any) -> None:
-    """Register ``vm-send`` and ``vm-recv`` on the ``mpmultifd`` subparsers."""
+def add_vm_commands(sub: Any, config_args: Any, parse_address: Any, make_config: Any) -> None:
+    """Register ``vm-send`` and ``vm-recv`` on the ``mpmultifd`` subparsers.
+
+    ``config_args(parser)`` adds the tuning and connection flags;
+    ``make_config(args, server=...)`` turns them into a MigrationConfig.
+    """
     s = sub.add_parser("vm-send", help="hand the running QEMU VM behind --qmp to a vm-recv at HOST:PORT")
     s.add_argument("address", type=parse_address, help="HOST:PORT (or unix:/path) where vm-recv listens")
     s.add_argument("--qmp", required=True, help="the source QEMU's QMP Unix socket (one it does not otherwise use)")
@@ -102,7 +104,7 @@ def add_vm_commands(sub: Any, config_args: Any, parse_address: Any) -> None:
                    help="seconds for QEMU's device state to be sent and loaded (default 60)")
     s.add_argument("--json", action="store_true", help="one JSON object per line: events, then the result")
     config_args(s)
-    s.set_defaults(func=cmd_vm_send)
+    s.set_defaults(func=cmd_vm_send, make_config=make_config)
 
     r = sub.add_parser("vm-recv", help="receive a VM from vm-send into the QEMU behind --qmp (-incoming defer)")
     r.add_argument("--qmp", required=True, help="the destination QEMU's QMP Unix socket")
@@ -112,5 +114,5 @@ def add_vm_commands(sub: Any, config_args: Any, parse_address: Any) -> None:
     r.add_argument("--wait", type=float, default=None, help="give up if no handover completes in this many seconds")
     r.add_argument("--json", action="store_true", help="one JSON object per line: listening, then the result")
     config_args(r)
-    r.set_defaults(func=cmd_vm_recv)
+    r.set_defaults(func=cmd_vm_recv, make_config=make_config)
 

@@ -16,9 +16,10 @@ import numpy as np
 
 from ._shm import Segment, unique_name
 from .config import MigrationConfig
+from .listener import Listener
+from .prepared import Prefaulter, allocated_pages
 from .pageprint import fingerprint_extents, fingerprint_rows, key_from_seed, session_seed, split_ranges
 from .errors import (
-    AuthenticationError,
     ChannelBroken,
     ChannelError,
     ConfigError,
@@ -30,21 +31,14 @@ from .errors import (
 )
 from .channels import Channel, ChannelGroup
 from .session import DestinationPhase, DestinationSession, classify_failure, tell_peer
-from .messages import Log, Receive, Warm
 from .methods import get_method
 from .ram import GuestRAM, file_data_extents
 from .pool import WorkerPool
-from .admission import DropLog, PendingHandshakes
-from .peers import untrusted_peer
-from .processes import JOIN_GRACE, mp_context, nudge_worker, reap_workers, start_worker, worker_start_method
+from .processes import JOIN_GRACE, mp_context, start_worker, worker_start_method
 from .stats import EventHub, MigrationResult, RestoreResult
-from . import auth
-from .transport import Address, format_address, is_loopback, read_available, recv_exact, tune_accepted
-from .transport import listen as tcp_listen
+from .transport import Address, read_available
 from .wire import (
     MAX_CONTROL_BODY,
-    HELLO_FLAG_AUTH,
-    HELLO_SIZE,
     KIND_CONTROL,
     KIND_STREAM,
     MAX_REPAIR_PAGES,
@@ -62,7 +56,6 @@ from .wire import (
     Resume,
     ChannelLost,
     RoundAck,
-    decode_hello,
     encode_control,
     verify_body_limit,
     repair_pages_body_limit,
@@ -75,15 +68,12 @@ from .worker import (
     WorkerSpec,
     receiver_main,
     received_offsets,
-    warm_receiver_main,
 )
 
 __all__ = ["Destination"]
 
 log = logging.getLogger("mpmultifd.destination")
 
-_MAX_PENDING_HANDSHAKES = 64
-_MAX_PENDING_PER_PEER = 16
 _MAX_MISMATCHES_REPORTED = 32
 
 
@@ -92,11 +82,6 @@ def verify_threads(channels: int) -> int:
     return max(1, min(channels, os.cpu_count() or 1))
 
 
-def _allocated_pages(path: str, npages: int, page_size: int, out: np.ndarray) -> None:
-    """Mark pages of ``path`` that hold data (not holes); holes read as zeros and need no zeroing."""
-    out[:] = 0
-    for first, end in file_data_extents(path, npages, page_size):
-        out[first:end] = 1
 
 
 class Destination:
@@ -163,21 +148,11 @@ class Destination:
                 "prepare_receivers: needs prefault=True and a pool, and no TLS (prepared receivers are "
                 "pool workers that populate the allocated region; a TLS session cannot be handed to them)"
             )
-        self._prepare = prepare_receivers
-        key_ok = self.config.auth_key is not None or self.config.allow_unauthenticated
-        if not key_ok and not is_loopback(listen):
-            raise ConfigError(
-                f"listen: refusing to listen on {format_address(listen)} without an auth_key: anyone who can "
-                "reach it could write into this region. Set MigrationConfig(auth_key=...), listen on a "
-                "loopback address or a Unix socket, or opt out with allow_unauthenticated=True"
-            )
-        self._lsock = tcp_listen(listen)
-        if self._lsock.family == socket.AF_UNIX:
-            self._unix_path: str | None = self._lsock.getsockname()
-            self.address: Any = f"unix:{self._unix_path}"
-        else:
-            self._unix_path = None
-            self.address = self._lsock.getsockname()[:2]
+        # the accepting side: listening socket, admission handshakes, admitted connections
+        self._listener = Listener(listen, self.config, self._wake_for_hello)
+        self.address: Any = self._listener.address
+        self._pending = self._listener.pending  # handshakes in progress (read by tests and diagnostics)
+        self._drops = self._listener.drops
         self._status = "setup"
         self._valid = False
         self._result: MigrationResult | None = None
@@ -188,15 +163,6 @@ class Destination:
         self._closing = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
-        self._incoming: queue.Queue[tuple[str, socket.socket, Any]] = queue.Queue()
-        # handshakes in progress: one deadline for each whole handshake, and limits per peer address
-        # and in total that cut off the oldest attempt instead of refusing a newcomer
-        total = max(_MAX_PENDING_HANDSHAKES, 2 * self.config.channels + 8)
-        self._pending = PendingHandshakes(
-            total=total, per_peer=min(total, max(_MAX_PENDING_PER_PEER, 2 * self.config.channels)),
-            timeout=self.config.timeout,
-        )
-        self._drops = DropLog(log)
         self._session: Config | None = None
         # the receiver workers, one per data channel of the session
         self._group = ChannelGroup("receiver", on_failure=self._receiver_failed)
@@ -212,8 +178,7 @@ class Destination:
         self._t_start = time.monotonic()
         self._t_end: float | None = None
         self._rounds = 0
-        self._rejected = 0
-        self._auth_failures = 0
+        self._rejected = 0  # admitted connections no session claimed (the listener counts the rest)
         self._retries_left = 0
         self._broken: dict[int, float] = {}  # channel -> deadline for its reconnection
         self._connected: set[int] = set()
@@ -226,20 +191,13 @@ class Destination:
         self._repair_passes = 0
         # prefault: allocate the region's memory now, while no migration needs the CPU;
         # the holes found first still count as known-zero pages
-        self._holes_before: list[np.ndarray] | None = None
-        self._prefaulter: threading.Thread | None = None
-        self._warm_lock = threading.Lock()
-        self._warm: list[tuple[Any, Any]] = []  # prepared receivers not yet given a channel
-        self._warm_closed = False
-        self._warm_used = 0
+        self._prepared = Prefaulter(ram, self._pool, self.config.channels, prepare_receivers)
         if prefault:
-            self._prefaulter = threading.Thread(target=self._prefault, name="mpmultifd-prefault", daemon=True)
-            self._prefaulter.start()
+            self._prepared.start()
         self._restore_lock = threading.Lock()
         self._restored_id: bytes | None = None  # the save this region was restored from
-        self._acceptor = threading.Thread(target=self._accept_loop, name="mpmultifd-accept", daemon=True)
         self._coordinator = threading.Thread(target=self._run, name="mpmultifd-destination", daemon=True)
-        self._acceptor.start()
+        self._listener.start()
         self._coordinator.start()
 
     # ------------------------------------------------------------------ public
@@ -286,10 +244,7 @@ class Destination:
         Returns ``False`` if ``timeout`` seconds pass first; ``True`` at once
         without ``prefault``. A migration that arrives earlier simply waits.
         """
-        if self._prefaulter is None:
-            return True
-        self._prefaulter.join(timeout)
-        return not self._prefaulter.is_alive()
+        return self._prepared.join(timeout)
 
     def cancel(self) -> None:
         """Stop receiving; idempotent, safe from any thread or a signal handler."""
@@ -319,8 +274,7 @@ class Destination:
         """
         from .checkpoint import restore
 
-        if self._prefaulter is not None:
-            self._prefaulter.join()
+        self._prepared.join()
         with self._restore_lock:
             if self._session is not None or self._closing:
                 raise MigrationError("restore: a migration already reached this destination; restore before it starts")
@@ -346,36 +300,21 @@ class Destination:
             "rounds": self._rounds,
             "repaired-pages": self._repaired_pages,
             "repair-passes": self._repair_passes,
-            "prepared-receivers": self._warm_used,
-            "rejected-connections": self._rejected,
-            "authentication-failures": self._auth_failures,
+            "prepared-receivers": self._prepared.used,
+            "rejected-connections": self._rejected + self._listener.rejected,
+            "authentication-failures": self._listener.auth_failures,
             "channels": per,
         }
 
     def close(self) -> None:
         """Stop everything and release workers and segments; works while ``wait()`` blocks elsewhere."""
         self._closing = True
-        if self._prefaulter is not None:
-            self._prefaulter.join()
+        self._prepared.stop()
+        self._prepared.join()
         if not self._done.is_set():
             self.cancel()
         self._coordinator.join(self.config.timeout + 2 * JOIN_GRACE)
-        try:
-            # wakes the accept loop out of its poll at once (a close alone would leave it to its timeout)
-            self._lsock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        try:
-            self._lsock.close()
-        except OSError:
-            pass
-        if self._unix_path:
-            try:
-                os.unlink(self._unix_path)
-            except OSError:
-                pass
-        self._acceptor.join(2.0)
-        self._drop_unclaimed()
+        self._listener.close(2.0)  # also wakes the accept loop out of its poll at once
         for thread, _ in self._streams:
             thread.join(JOIN_GRACE)
         for fd in (self._wake_r, self._wake_w):
@@ -393,118 +332,9 @@ class Destination:
 
     # ------------------------------------------------------------------ accepting
 
-    def _accept_loop(self) -> None:
-        lsock = self._lsock
-        try:
-            while not self._done.is_set():
-                self._pending.expire()  # whole-handshake deadlines
-                self._drops.flush()
-                try:
-                    ready = mp_wait([lsock], 0.2)
-                except (OSError, ValueError):
-                    return
-                if not ready or self._done.is_set():
-                    continue
-                try:
-                    sock, peer = lsock.accept()
-                except OSError:
-                    if self._done.is_set():
-                        return
-                    continue
-                token, deadline = self._pending.add(sock, peer)  # may cut off the oldest attempt
-                threading.Thread(target=self._handshake, args=(sock, peer, token, deadline), daemon=True).start()
-        finally:
-            self._pending.cut_all("the migration ended")
-            self._drops.flush(force=True)
-
-    def _handshake(self, sock: socket.socket, peer: Any, token: int = -1, deadline: float = float("inf")) -> None:
-        """Admit a connection: greeting, hello, proof of the key, welcome.
-
-        A connection that fails is logged and dropped without touching the
-        session: a stray or hostile peer cannot disturb a running migration.
-        The whole handshake must end by ``deadline`` (the accept loop cuts it
-        off then, whatever a trickling peer does).
-        """
-        key = self.config.auth_key
-
-        def left() -> float:
-            t = deadline - time.monotonic()
-            if t <= 0:
-                raise ChannelBroken(f"its handshake did not finish within {self.config.timeout:g} s")
-            return min(t, self.config.timeout)
-
-        try:
-            tune_accepted(sock)
-            stranger = self._stranger(sock) if key is None else None
-            sock.settimeout(left())
-            if self.config.tls is not None:
-                sock = self.config.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-                self._pending.replace(token, sock)
-                sock.do_handshake()
-            nonce = auth.new_nonce()
-            sock.sendall(auth.encode_greeting(auth.Greeting(key is not None, nonce)))
-            sock.settimeout(left())
-            hello_bytes = bytes(recv_exact(sock, HELLO_SIZE))
-            hello = decode_hello(hello_bytes)
-            if hello.flags & HELLO_FLAG_AUTH:
-                rest = recv_exact(sock, auth.NONCE_SIZE + auth.PROOF_SIZE)
-                client_nonce, proof = bytes(rest[: auth.NONCE_SIZE]), bytes(rest[auth.NONCE_SIZE :])
-                if key is None:
-                    self._refuse(sock, auth.REFUSE_NO_KEY_HERE)
-                    raise AuthenticationError("a proof of a key was presented, but this destination has no key")
-                if not auth.check_client_proof(key, nonce, client_nonce, hello_bytes, proof):
-                    self._refuse(sock, auth.REFUSE_BAD_PROOF)
-                    raise AuthenticationError("wrong proof of the key")
-                welcome = auth.encode_welcome(auth.server_proof(key, nonce, client_nonce, hello_bytes))
-            else:
-                if key is not None:
-                    self._refuse(sock, auth.REFUSE_KEY_REQUIRED)
-                    raise AuthenticationError("no proof of the key was presented")
-                if stranger is not None:
-                    self._refuse(sock, auth.REFUSE_PEER_USER)
-                    raise AuthenticationError(f"a keyless local peer not of this user: {stranger}")
-                welcome = auth.encode_welcome()
-            cut = self._pending.leave(token)  # admitted: no longer counted, never cut off from now on
-            if cut is not None:
-                raise ChannelBroken(cut)
-            sock.settimeout(self.config.timeout)
-            sock.sendall(welcome)
-            sock.settimeout(None)
-            self._incoming.put(("hello", sock, hello))
-            if self._done.is_set():
-                self._drop_unclaimed()  # admitted after the session ended: nobody will claim it
-                return
-            os.write(self._wake_w, b"h")
-        except (MigrationError, OSError, ValueError) as e:
-            cut = self._pending.leave(token)
-            if cut is not None:
-                kind, detail = ("evicted" if cut.startswith("evicted") else "slow"), cut
-            else:
-                kind = "unauthenticated" if isinstance(e, AuthenticationError) else "invalid"
-                detail = str(e)
-            self._drops.drop(kind, peer, detail)
-            self._rejected += 1
-            if isinstance(e, AuthenticationError):
-                self._auth_failures += 1
-            sock.close()
-        finally:
-            self._pending.leave(token)
-
-    def _stranger(self, sock: socket.socket) -> str | None:
-        """Without a key, a local peer of another user is not trusted: ``SO_PEERCRED`` on a Unix
-        socket, the kernel's socket table on TCP loopback. Returns who it is (or why that is
-        unknown, which is refused too), or None for a peer of our own uid (or with
-        ``allow_unauthenticated``)."""
-        if self.config.allow_unauthenticated:
-            return None
-        return untrusted_peer(sock)
-
-    @staticmethod
-    def _refuse(sock: socket.socket, reason: int) -> None:
-        try:
-            sock.sendall(auth.encode_refused(reason))
-        except OSError:
-            pass
+    def _wake_for_hello(self) -> None:
+        """The listener admitted a connection: wake the coordinator to claim it."""
+        os.write(self._wake_w, b"h")
 
     # ------------------------------------------------------------------ the run
 
@@ -581,94 +411,18 @@ class Destination:
                 "restore that file first, or migrate without top_up"
             )
 
-    def _prefault(self) -> None:
-        """Allocate every block's memory up front; writes into allocated pages cost half as much here."""
-        maps = []
-        try:
-            for b in self.ram.blocks:
-                m = np.empty(b.npages, dtype=np.uint8)
-                _allocated_pages(b.path, b.npages, b.page_size, m)
-                maps.append(m)
-                fd = os.open(b.path, os.O_RDWR | os.O_CLOEXEC)
-                try:
-                    os.posix_fallocate(fd, 0, b.size)
-                finally:
-                    os.close(fd)
-                if self._closing:
-                    break
-        except OSError as e:  # no room, or a file system without fallocate: receive without it
-            log.warning("prefault of region %s stopped: %s", self.ram.name, e)
-        finally:
-            if len(maps) == len(self.ram.blocks):
-                self._holes_before = maps
-        if self._prepare and self._holes_before is not None and not self._closing:
-            self._prepare_receivers()
-
-    def _prepare_receivers(self) -> None:
-        """Borrow ``channels`` pool workers that populate the region's mapping and wait for a channel."""
-        t0 = time.monotonic()
-        started = []
-        for _ in range(self.config.channels):
-            try:
-                proc, conn = self._pool.run(warm_receiver_main, (self.ram,))
-            except Exception as e:  # a closed pool, no process to start: receive without
-                log.warning("cannot prepare receivers: %s", e)
-                break
-            with self._warm_lock:
-                if self._warm_closed:
-                    nudge_worker(conn, None)
-                    reap_workers([(proc, conn, None)])
-                    break
-                started.append((proc, conn))
-        ready = []
-        for proc, conn in started:
-            nudged = False
-            while True:
-                try:
-                    if not conn.poll(0.1):
-                        if self._closing and not nudged:
-                            nudge_worker(conn, None)  # stop populating early; it still reports
-                            nudged = True
-                        continue
-                    msg = conn.recv()
-                except (EOFError, OSError):
-                    reap_workers([(proc, conn, None)])
-                    break
-                if isinstance(msg, Log):
-                    msg.emit()
-                elif isinstance(msg, Warm):
-                    ready.append((proc, conn))
-                    break
-        with self._warm_lock:
-            if self._warm_closed or self._closing:
-                leftover, ready = ready, []
-            else:
-                self._warm, leftover = ready, []
-        self._release_warm(leftover)
-        log.debug("%d receivers prepared in %.3f s", len(ready), time.monotonic() - t0)
-
-    @staticmethod
-    def _release_warm(warm: list[tuple[Any, Any]]) -> None:
-        for _, conn in warm:
-            nudge_worker(conn, None)
-        reap_workers([(proc, conn, None) for proc, conn in warm])
-
-    def _take_warm(self) -> tuple[Any, Any] | None:
-        with self._warm_lock:
-            return self._warm.pop() if self._warm else None
-
     def _make_segments(self, c: Config) -> None:
         ram = self.ram
         roffs = received_offsets(ram)
         self._received = Segment.create(unique_name("rcv"), max(roffs[-1], 64))
-        if self._prefaulter is not None:
-            self._prefaulter.join()  # a migration that arrives early waits for the allocation
+        self._prepared.join()  # a migration that arrives early waits for the allocation
         for b in ram.blocks:
             m = np.frombuffer(self._received.buf, dtype=np.uint8, count=b.npages, offset=roffs[b.index])
-            if self._holes_before is not None:
-                m[:] = self._holes_before[b.index]  # what held data before the prefault
+            holes_before = self._prepared.holes_before
+            if holes_before is not None:
+                m[:] = holes_before[b.index]  # what held data before the prefault
             else:
-                _allocated_pages(b.path, b.npages, b.page_size, m)
+                allocated_pages(b.path, b.npages, b.page_size, m)
             del m
         self._stats = Segment.create(unique_name("rst"), c.channels * STATS_WORDS * 8)
         if c.verify:
@@ -769,21 +523,7 @@ class Destination:
 
     def _hand_to_warm(self, spec: WorkerSpec, sock: socket.socket) -> tuple[Any, Any] | None:
         """Give a data channel to a prepared receiver, if one is left; returns its handles."""
-        while True:
-            warm = self._take_warm()
-            if warm is None:
-                return None
-            proc, conn = warm
-            try:
-                conn.send(Receive(spec, self._received.name, self._stats.name, sock.family, sock.type, sock.proto))
-                conn.send_handle(sock.fileno())
-            except (OSError, ValueError) as e:  # it died while waiting: try the next one
-                log.debug("prepared receiver gone (%s)", e)
-                proc.kill()
-                reap_workers([(proc, conn, None)])
-                continue
-            self._warm_used += 1
-            return proc, conn
+        return self._prepared.hand(spec, sock, self._received.name, self._stats.name)
 
     def _finish_session(
         self, c: Config, complete: Complete, verify: dict[int, np.ndarray], decoder: ControlDecoder
@@ -958,7 +698,7 @@ class Destination:
         out = []
         while True:
             try:
-                _, sock, hello = self._incoming.get_nowait()
+                _, sock, hello = self._listener.incoming.get_nowait()
             except queue.Empty:
                 return out
             reason = None
@@ -1169,10 +909,7 @@ class Destination:
         if error is not None:
             self._group.fail(error)
         self._group.shutdown()
-        with self._warm_lock:
-            self._warm_closed = True
-            warm, self._warm = self._warm, []
-        self._release_warm(warm)
+        self._prepared.close()  # prepared receivers no channel took
         if self._control is not None:
             self._control.close()
             self._control = None
@@ -1196,25 +933,4 @@ class Destination:
         self._set_status(status)
         self._done.set()
         self._settled.set()
-        try:
-            self._lsock.shutdown(socket.SHUT_RDWR)  # wakes the accept loop now, not at its next poll
-        except OSError:
-            pass
-        try:
-            self._lsock.close()
-        except OSError:
-            pass
-        self._drop_unclaimed()
-
-    def _drop_unclaimed(self) -> None:
-        """Close connections admitted but never claimed by a session (it ended, or never began)."""
-        while True:
-            try:
-                _, sock, hello = self._incoming.get_nowait()
-            except queue.Empty:
-                return
-            log.info("closing a connection admitted after the migration ended (channel %d)", hello.channel)
-            sock.close()
-
-
-
+        self._listener.stop()  # wakes the accept loop now, and closes what no session claimed

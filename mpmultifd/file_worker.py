@@ -46,9 +46,9 @@ from .worker import (
     C_ZERO_WRITTEN,
     CoordinatorWatch,
     WorkerSpec,
-    _child_setup,
+    Stopped,
+    child_setup,
     report_failure,
-    _Stopped,
 )
 
 __all__ = [
@@ -151,7 +151,7 @@ def punch_hole(fd: int, offset: int, length: int) -> bool:
 
 
 def _worker(kind: str, spec: FileSpec, ram: GuestRAM, ring: Ring, conn: Connection) -> None:
-    _child_setup(spec.worker, conn)
+    child_setup(spec.worker, conn)
     fd = -1
     present = None
     try:
@@ -164,7 +164,7 @@ def _worker(kind: str, spec: FileSpec, ram: GuestRAM, ring: Ring, conn: Connecti
             _run_saver(spec, ram, ring, conn, fd, present)
         else:
             _run_loader(spec, ram, ring, conn, fd)
-    except _Stopped:
+    except Stopped:
         pass
     except BaseException as exc:
         report_failure(conn, exc)

@@ -60,6 +60,7 @@ from .errors import MigrationError
 
 __all__ = [
     "QMP",
+    "log_tail",
     "QMPError",
     "VMHandoverError",
     "MemoryBackend",
@@ -80,7 +81,8 @@ class QMPError(MigrationError, RuntimeError):
     """QEMU could not be reached over QMP, closed it, or refused a command (QEMU's ``desc`` is quoted)."""
 
 
-def _log_tail(path: str | None, n: int = 20) -> str:
+def log_tail(path: str | None, n: int = 20) -> str:
+    """The last ``n`` lines of the log file at ``path`` ('' without one, or if it cannot be read)."""
     if not path:
         return ""
     try:
@@ -116,7 +118,7 @@ class QMP:
         deadline = time.monotonic() + timeout
         while True:
             if proc is not None and proc.poll() is not None:
-                raise QMPError(f"QEMU exited with {proc.returncode} before its QMP socket opened:\n{_log_tail(log)}")
+                raise QMPError(f"QEMU exited with {proc.returncode} before its QMP socket opened:\n{log_tail(log)}")
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 s.connect(path)
@@ -127,7 +129,7 @@ class QMP:
                 if proc is None:
                     raise QMPError(f"cannot connect to the QMP socket {path}: {exc.strerror}") from None
                 if time.monotonic() > deadline:
-                    raise QMPError(f"QMP socket {path} did not open in {timeout:g} s ({exc}):\n{_log_tail(log)}") from None
+                    raise QMPError(f"QMP socket {path} did not open in {timeout:g} s ({exc}):\n{log_tail(log)}") from None
                 time.sleep(0.01)
             except OSError as exc:
                 s.close()
@@ -155,7 +157,7 @@ class QMP:
     def _closed_message(self) -> str:
         code = self.proc.poll() if self.proc is not None else None
         return f"QEMU closed its QMP socket {self.path}" + (f" (exit {code})" if code is not None else "") + (
-            f":\n{_log_tail(self.log)}" if self.log else ""
+            f":\n{log_tail(self.log)}" if self.log else ""
         )
 
     def read(self, timeout: float = 30.0) -> dict[str, Any]:

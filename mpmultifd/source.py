@@ -2,32 +2,27 @@
 
 from __future__ import annotations
 
-import hmac
-import ipaddress
 import logging
-import mmap
 import os
 import secrets
 import socket
 import ssl
 import threading
 import time
-from dataclasses import replace
 from multiprocessing.connection import wait as mp_wait
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from . import auth
 from .config import MigrationConfig
+from .connect import Connector
+from .estimate import check_estimate_arguments, estimate_dirty_rate
+from .saving import block_fingerprints, fsync_dir, save_temp, verify_save
 from ._shm import Segment, unique_name
-from .digest import fingerprint_pages, fingerprint_some
 from .file_worker import file_spec, present_offsets, saver_main
 from .errors import (
-    AuthenticationError,
     ChannelBroken,
     ChannelError,
-    ChannelClosed,
     CommitUnknown,
     ConfigError,
     ConvergenceError,
@@ -42,7 +37,7 @@ from .scans import ScanScheduler
 from .session import SourceSession, classify_failure
 from .methods import get_method
 from .pageprint import fingerprint_extents, fingerprint_rows, key_from_seed, session_seed
-from .pacing import AutoConverge, BandwidthWindow, StallDetector, TokenBucket, rounds_to_converge
+from .pacing import AutoConverge, BandwidthWindow, StallDetector, TokenBucket
 from .ram import GuestRAM
 from .ring import KIND_DATA, KIND_EOS, KIND_SYNC, KIND_ZERO, Ring
 from .pool import WorkerPool
@@ -50,12 +45,10 @@ from .processes import JOIN_GRACE, mp_context, start_worker, worker_start_method
 from .savefile import STATE_OFFSET, SaveLayout, SaveState, encode_state, pack_bitmap, pack_digests
 from .stats import DirtyRateEstimate, EventHub, MigrationResult, SaveResult
 from .tracking import DirtyTracker, ScanningTracker, make_tracker
-from .peers import untrusted_peer
-from .transport import Address, connect, format_address, is_loopback, parse_address, read_available, recv_exact
+from .transport import Address, connect, is_loopback, parse_address, read_available
 from .wire import (
     CONTROL_CHANNEL,
     MAX_CONTROL_BODY,
-    HELLO_FLAG_AUTH,
     KIND_CONTROL,
     KIND_DATA as HELLO_DATA,
     KIND_STREAM,
@@ -81,7 +74,6 @@ from .wire import (
     RoundEnd,
     Verify,
     encode_control,
-    encode_hello,
 )
 from .worker import (
     C_NORMAL,
@@ -96,55 +88,6 @@ __all__ = ["Source"]
 
 log = logging.getLogger("mpmultifd.source")
 
-def _block_fingerprints(ram: GuestRAM, block: int) -> np.ndarray:
-    """Fingerprints of every page of a block, reading only pages with data (a hole's is 0, a zero page's)."""
-    pages = ram.pages(block)
-    out = np.zeros(len(pages), dtype=np.uint64)
-    for first, end in ram.data_extents(block):
-        out[first:end] = fingerprint_pages(pages[first:end])
-    return out
-
-
-def _save_temp(path: str) -> tuple[int, str]:
-    """A new file for a save beside ``path``: created exclusively (never through a symlink), mode 0600.
-
-    The save is written there and renamed over ``path`` only once complete and
-    synced, so a failed save never touches a previous one, and a symlink at
-    ``path`` is replaced rather than written through.
-    """
-    where = os.path.dirname(os.path.abspath(path))
-    base = os.path.basename(path)
-    if not base:
-        raise ConfigError(f"path: {path!r} names a directory, not a save file")
-    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    for _ in range(16):
-        tmp = os.path.join(where, f".{base[:200]}.{secrets.token_hex(6)}.part")
-        try:
-            fd = os.open(tmp, flags, 0o600)
-        except FileExistsError:
-            continue
-        try:
-            os.fchmod(fd, 0o600)  # whatever the umask left, guest bytes are for the owner only
-        except BaseException:
-            os.close(fd)
-            os.unlink(tmp)
-            raise
-        return fd, tmp
-    raise FileExistsError(f"cannot create a fresh temporary file beside {path!r}")
-
-
-def _fsync_dir(path: str) -> None:
-    """Make a new file's directory entry durable too."""
-    try:
-        dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
 
 
 def _compression_stats(per_channel: list[dict[str, int]]) -> dict[str, Any]:
@@ -156,16 +99,6 @@ def _compression_stats(per_channel: list[dict[str, int]]) -> dict[str, Any]:
     return {"compressed-packets": encoded, "raw-packets": raw, "compressed-input-bytes": raw_in, "payload-bytes": payload}
 
 
-def _host_of(address: Any) -> str | None:
-    return address[0] if isinstance(address, tuple) else None
-
-
-class _AdmissionDropped(Exception):
-    """The destination closed a connection before welcoming it: worth another try (``error`` if not)."""
-
-    def __init__(self, error: MigrationError) -> None:
-        super().__init__(str(error))
-        self.error = error
 
 
 class Source:
@@ -199,7 +132,8 @@ class Source:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self._control: socket.socket | None = None
-        self._opening: socket.socket | None = None  # a connection in its handshake
+        # admission: `connect` is looked up now, so a test may replace this module's transport function
+        self._connector = Connector(lambda: self.config, connect, self._check_cancel)
         self._decoder = ControlDecoder(max_verify=MAX_CONTROL_BODY)  # a source receives no VERIFY
         self._mac: ControlMac | None = None  # authenticates control frames when there is a key
         self._early: list[Any] = []
@@ -336,12 +270,7 @@ class Source:
             os.write(self._wake_w, b"c")
         except (BlockingIOError, OSError):
             pass
-        opening = self._opening
-        if opening is not None:
-            try:
-                opening.shutdown(socket.SHUT_RDWR)  # wakes a handshake blocked in recv
-            except OSError:
-                pass
+        self._connector.abort()  # wakes a handshake blocked in recv
 
     def save(
         self,
@@ -396,7 +325,7 @@ class Source:
             self._retries_left = 0  # a file channel is not reconnected
             self._set_status("setup")
             layout = SaveLayout.plan([(b.name, b.size) for b in self.ram.blocks], self.ram.page_size, method="raw")
-            fd, tmp = _save_temp(path)
+            fd, tmp = save_temp(path)
             os.ftruncate(fd, layout.file_size)  # sparse: every page a hole until written
             os.pwrite(fd, layout.encode_header(), 0)  # state INCOMPLETE, from the first byte on
             self._save_resume = resume
@@ -444,29 +373,7 @@ class Source:
 
     def _verify_save(self, fd: int, layout: SaveLayout, maps: list[np.ndarray], prints: list[np.ndarray]) -> None:
         """Check the file's pages against the paused guest's fingerprints before marking it complete."""
-        ps = self.ram.page_size
-        bad: dict[str, list[int]] = {}
-        for b, entry, mine, fp in zip(self.ram.blocks, layout.blocks, maps, prints):
-            untracked = np.flatnonzero((mine == 0) & (fp != 0))  # data the file never got
-            mm = mmap.mmap(fd, entry.npages * ps, mmap.MAP_SHARED, mmap.PROT_READ, offset=entry.data_offset)
-            try:
-                file_pages = np.frombuffer(mm, dtype=np.uint8).reshape(entry.npages, ps)
-                have = fingerprint_some(file_pages, np.flatnonzero(mine))
-                wrong = np.flatnonzero((mine != 0) & (have != fp))
-                del file_pages
-            finally:
-                mm.close()
-            pages = np.union1d(untracked, wrong)
-            if len(pages):
-                bad[b.name] = pages[:32].tolist()
-        if bad:
-            raise VerificationError(
-                "the save file differs from the paused guest in "
-                + ", ".join(f"block {k!r} pages {v}" for k, v in bad.items())
-                + f": pages changed without the {self.config.dirty_tracker!r} tracker seeing them "
-                "(a writer that does not mark its pages needs dirty_tracker='scan')",
-                mismatches=bad,
-            )
+        verify_save(self.ram, fd, layout, maps, prints, self.config.dirty_tracker)
 
     def _start_file_channels(self, path: str, layout: SaveLayout, direct: bool) -> None:
         cfg = self.config
@@ -517,7 +424,7 @@ class Source:
         self._wait_done()
         # the digests are of the paused guest's RAM itself: the file is checked against them
         # (here, with verify, and by every restore)
-        prints = [_block_fingerprints(ram, b.index) for b in ram.blocks]
+        prints = [block_fingerprints(ram, b.index) for b in ram.blocks]
         # the file holds the paused state: the guest may run again while the file is finished
         self._downtime = time.monotonic() - self._paused_at
         self._resume_now()
@@ -538,7 +445,7 @@ class Source:
         # complete and synced: only now does it replace the target (a symlink there is replaced,
         # not followed), and the directory entry is made durable too
         os.rename(tmp, path)
-        _fsync_dir(path)
+        fsync_dir(path)
         self._remaining_pages = 0
         self._save_base = layout.save_id  # the tracker keeps running: a top-up sends what changes next
         self._t_end = time.monotonic()
@@ -597,69 +504,22 @@ class Source:
         second), the estimate also forecasts whether a migration would
         converge within ``downtime_limit`` (default: the configured one).
         """
-        if not (isinstance(duration, (int, float)) and 0 < duration < 3600):
-            raise ConfigError(f"duration: {duration!r} is not a number of seconds in (0, 3600)")
-        if not (isinstance(interval, (int, float)) and 0 < interval <= duration):
-            raise ConfigError(f"interval: {interval!r} is not a number of seconds in (0, duration]")
+        check_estimate_arguments(duration, interval)
         with self._lock:
             if self._closed or self._running:
                 raise MigrationError("estimate() needs an idle, open Source")
             self._running = True
         try:
-            if self.config.dirty_tracker == "kernel" and self._tracker is not None and self._tracker.started:
-                raise MigrationError(
-                    "estimate(): the kernel tracker of this region is busy tracking the changes since the last "
-                    "save (for a top-up); a region takes one kernel tracker at a time"
-                )
-            tracker = make_tracker(self.config.dirty_tracker, self.ram)
-            taken: list[list[np.ndarray]] = []
-            samples: list[float] = []
-            try:
-                if tracker.name == "map":
-                    # marks made before the estimate (since a save, say) are given back afterwards too
-                    taken.append([self.ram.snapshot_dirty(b.index) for b in self.ram.blocks])
-                tracker.start()
-                t_prev = t0 = time.monotonic()
-                while True:
-                    wake = min(t_prev + interval, t0 + duration)
-                    while (left := wake - time.monotonic()) > 0:
-                        time.sleep(min(left, 0.05))
-                        self._check_cancel()
-                    got = tracker.collect_all()
-                    now = time.monotonic()
-                    taken.append(got)
-                    samples.append(sum(len(g) for g in got) * self.ram.page_size / (now - t_prev))
-                    t_prev = now
-                    if now >= t0 + duration - 1e-3:
-                        break
-                scan = tracker.seconds
-            finally:
-                tracker.close()
-                if tracker.name == "map":  # give the marks back
-                    for i, dm in enumerate(self.ram.dirty_map(b.index) for b in self.ram.blocks):
-                        for got in taken:
-                            dm[got[i]] = 1
-            rate = float(np.median(samples))
-            limit = self._downtime_limit if downtime_limit is None else downtime_limit
-            forecast = (
-                rounds_to_converge(self.ram.total_size, rate, bandwidth, limit, self.config.max_rounds)
-                if bandwidth
-                else None
-            )
-            return DirtyRateEstimate(
-                dirty_rate=rate,
-                samples=tuple(samples),
-                interval=interval,
+            return estimate_dirty_rate(
+                self.ram,
+                self.config,
+                tracker_in_use=self._tracker is not None and self._tracker.started,
+                check_cancel=self._check_cancel,
+                downtime_limit=self._downtime_limit,
                 duration=duration,
-                tracker=tracker.name,
-                tracker_seconds=scan,
-                total=self.ram.total_size,
-                page_size=self.ram.page_size,
+                interval=interval,
                 bandwidth=bandwidth,
-                downtime_limit=limit,
-                converges=None if forecast is None else forecast.converges,
-                rounds=None if forecast is None else forecast.rounds,
-                expected_downtime=None if forecast is None else forecast.expected_downtime,
+                downtime_limit_override=downtime_limit,
             )
         finally:
             self._running = False
@@ -968,105 +828,8 @@ class Source:
         return sock
 
     def _open(self, address: Address, hello: Hello) -> socket.socket:
-        """Connect and pass admission; a destination that drops the connection before its welcome
-        (it cuts off the oldest handshakes when flooded) is tried again until ``timeout`` runs out."""
-        deadline = time.monotonic() + self.config.timeout
-        delay = 0.02
-        while True:
-            try:
-                return self._open_once(address, hello)
-            except _AdmissionDropped as e:
-                if time.monotonic() + delay >= deadline:
-                    raise e.error from e.error.__cause__
-                log.info("%s; trying again", e.error)
-                time.sleep(delay)
-                self._check_cancel()
-                delay = min(2 * delay, 0.5)
-
-    def _open_once(self, address: Address, hello: Hello) -> socket.socket:
-        """Connect and pass admission: greeting, hello (with a proof of the key), welcome."""
-        cfg = self.config
-        key = cfg.auth_key
-        what = {KIND_CONTROL: "control connection", KIND_STREAM: "stream connection"}.get(
-            hello.kind, f"data channel {hello.channel}"
-        )
-        vouch = key is None and not cfg.allow_unauthenticated and not _tls_verifies(cfg.tls)
-        if vouch:
-            _keyless_address_check(address, what)  # before connecting: a remote address is refused outright
-        sock = connect(address, cfg.timeout)
-        self._opening = sock
-        try:
-            self._check_cancel()
-            sock.settimeout(cfg.timeout)
-            if cfg.tls is not None:
-                sock = cfg.tls.wrap_socket(sock, server_hostname=cfg.tls_hostname or _host_of(address))
-            try:
-                greeting = auth.decode_greeting(recv_exact(sock, auth.GREETING_SIZE))
-            except ChannelClosed:
-                raise _AdmissionDropped(
-                    ChannelClosed(f"{what}: the destination closed the connection before greeting")
-                ) from None
-            if vouch:
-                _keyless_peer_check(sock, address, what)  # nothing but the connection itself sent yet
-            if greeting.auth_required and key is None:
-                raise AuthenticationError(
-                    f"{what}: the destination requires an auth key; set MigrationConfig(auth_key=...)"
-                )
-            if key is not None and not greeting.auth_required:
-                raise AuthenticationError(
-                    f"{what}: the destination does not authenticate connections; refusing to send pages "
-                    "to a peer that cannot prove it holds the key"
-                )
-            if key is None:
-                hello_bytes = encode_hello(hello)
-                sock.sendall(hello_bytes)
-            else:
-                hello_bytes = encode_hello(replace(hello, flags=HELLO_FLAG_AUTH))
-                nonce = auth.new_nonce()
-                sock.sendall(hello_bytes + nonce + auth.client_proof(key, greeting.nonce, nonce, hello_bytes))
-            try:
-                proof = auth.decode_welcome(recv_exact(sock, auth.WELCOME_SIZE))
-            except ChannelClosed:
-                raise _AdmissionDropped(
-                    ChannelClosed(f"{what}: the destination closed the connection after our hello")
-                ) from None
-            if key is not None and not hmac.compare_digest(
-                proof, auth.server_proof(key, greeting.nonce, nonce, hello_bytes)
-            ):
-                raise AuthenticationError(f"{what}: the destination failed to prove it holds the key")
-            sock.settimeout(None)
-            self._check_cancel()
-            return sock
-        except AuthenticationError as e:
-            sock.close()
-            if e.channel is None and hello.kind == HELLO_DATA:
-                e.channel = hello.channel
-            raise
-        except _AdmissionDropped:
-            sock.close()
-            self._check_cancel()
-            raise
-        except (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionResetError, BrokenPipeError) as e:
-            # the destination dropped us during admission (a flood made it cut off the oldest attempts)
-            sock.close()
-            self._check_cancel()
-            err = ChannelBroken(f"{what}: the destination dropped the connection during admission: {e}")
-            err.__cause__ = e
-            raise _AdmissionDropped(err) from e
-        except ssl.SSLError as e:
-            sock.close()
-            raise AuthenticationError(f"{what}: TLS handshake failed: {e}") from e
-        except OSError as e:
-            sock.close()
-            self._check_cancel()
-            raise ChannelBroken(f"{what}: {e}") from e
-        except BaseException as e:
-            sock.close()
-            if not isinstance(e, MigrationCancelled):
-                self._check_cancel()  # a cancel that broke the handshake wins over what it broke
-            raise
-        finally:
-            self._opening = None
+        """Connect and pass admission (retrying a destination that drops us before its welcome)."""
+        return self._connector.open(address, hello)
 
     def _zerocopy_mode(self, address: Address) -> str:
         """What the workers do about MSG_ZEROCOPY, and why (logged once)."""
@@ -1812,48 +1575,3 @@ class Source:
         self._early = []
         self._sess = None
 
-
-_KEYLESS_HINT = (
-    "set MigrationConfig(auth_key=...) on both ends, use TLS that checks the destination's certificate, "
-    "or opt out with allow_unauthenticated=True"
-)
-
-
-def _tls_verifies(ctx: Any) -> bool:
-    """A TLS context that checks the destination's certificate authenticates it without a key."""
-    return ctx is not None and ctx.verify_mode == ssl.CERT_REQUIRED
-
-
-def _keyless_address_check(address: Address, what: str) -> None:
-    """Without a key, pages go only to this host: a literal non-loopback IP is refused before connecting."""
-    family, addr = parse_address(address)
-    if family == socket.AF_UNIX or is_loopback(address):
-        return
-    try:
-        ipaddress.ip_address(addr[0].split("%", 1)[0])
-    except ValueError:
-        return  # a host name: the address it resolves to is checked once connected
-    raise AuthenticationError(
-        f"{what}: refusing to send pages without a key to {format_address(address)}, a destination that "
-        f"cannot be authenticated; {_KEYLESS_HINT}"
-    )
-
-
-def _keyless_peer_check(sock: socket.socket, address: Address, what: str) -> None:
-    """Without a key, the destination must be on this host (loopback or a Unix socket) and run as our user."""
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
-        host = sock.getpeername()[0]
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-        ip = getattr(ip, "ipv4_mapped", None) or ip
-        if not ip.is_loopback:
-            raise AuthenticationError(
-                f"{what}: refusing to send pages without a key to {format_address(address)} ({host}), "
-                f"a destination that cannot be authenticated; {_KEYLESS_HINT}"
-            )
-    stranger = untrusted_peer(sock)
-    if stranger is not None:
-        raise AuthenticationError(
-            f"{what}: the destination at {format_address(address)} is not run by this user "
-            f"(uid {os.geteuid()}): {stranger}; without a key, pages go only to a local destination of "
-            f"the same user; {_KEYLESS_HINT}"
-        )

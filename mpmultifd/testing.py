@@ -388,7 +388,9 @@ class RemoteDestination:
 # --------------------------------------------------------------------------- QEMU
 
 # the QMP client lives in mpmultifd.qemu (the VM handover uses it); tests and tools import it from here too
-from .qemu import QMP, QMPError, _log_tail  # noqa: E402,F401
+from .qemu import QMP, QMPError, log_tail  # noqa: E402,F401
+
+_log_tail = log_tail  # the name tests knew it by
 
 
 class WriterThread:

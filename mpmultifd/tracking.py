@@ -36,10 +36,7 @@ repaired or fails loudly, never left silent.
 
 from __future__ import annotations
 
-import abc
-import os
-import time
-from typing import Callable, ClassVar
+from typing import Callable
 
 import numpy as np
 
@@ -47,6 +44,8 @@ from .config import DIRTY_TRACKERS
 from .errors import ConfigError
 from .pageprint import ROWS_PER_CALL, fingerprint_extents, random_key
 from .ram import GuestRAM
+from .tracker_base import DirtyTracker
+from .uffd import KernelTracker
 
 __all__ = [
     "DirtyTracker",
@@ -59,51 +58,6 @@ __all__ = [
 
 TRACKERS = DIRTY_TRACKERS  # the names MigrationConfig.dirty_tracker accepts
 
-
-
-class DirtyTracker(abc.ABC):
-    """Reports the pages written since it last reported; one per region and Source.
-
-    ``start()`` begins tracking: every write from then on is reported by a later
-    ``collect``. ``collect(block)`` returns the pages of ``block`` (an index)
-    written since the previous ``collect`` of that block, or since ``start()``.
-    ``seconds`` is the time spent in ``start`` and ``collect`` so far.
-    """
-
-    name: ClassVar[str]
-
-    def __init__(self, ram: GuestRAM) -> None:
-        self.ram = ram
-        self.seconds = 0.0
-        self.started = False
-
-    def start(self) -> None:
-        t0 = time.perf_counter()
-        self._start()
-        self.started = True
-        self.seconds += time.perf_counter() - t0
-
-    def collect(self, block: int) -> np.ndarray:
-        if not self.started:
-            raise RuntimeError(f"{type(self).__name__}.collect() before start()")
-        t0 = time.perf_counter()
-        pages = self._collect(block)
-        self.seconds += time.perf_counter() - t0
-        return pages
-
-    def collect_all(self) -> list[np.ndarray]:
-        """``collect`` of every block, in block order."""
-        return [self.collect(b.index) for b in self.ram.blocks]
-
-    def close(self) -> None:
-        """Stop tracking and release what the tracker holds; idempotent."""
-        self.started = False
-
-    @abc.abstractmethod
-    def _start(self) -> None: ...
-
-    @abc.abstractmethod
-    def _collect(self, block: int) -> np.ndarray: ...
 
 
 class DirtyMapTracker(DirtyTracker):
@@ -204,7 +158,5 @@ def make_tracker(kind: str, ram: GuestRAM, **scan_options: object) -> DirtyTrack
     if kind == "scan":
         return ScanningTracker(ram, **scan_options)  # type: ignore[arg-type]
     if kind == "kernel":
-        from .uffd import KernelTracker
-
         return KernelTracker(ram)
     raise ConfigError(f"dirty_tracker: {kind!r} is not one of {', '.join(TRACKERS)}")

@@ -62,7 +62,7 @@ import numpy as np
 
 from .errors import TrackingUnavailable
 from .ram import GuestRAM
-from .tracking import DirtyTracker
+from .tracker_base import DirtyTracker
 
 __all__ = ["KernelTracker", "kernel_tracking_available"]
 

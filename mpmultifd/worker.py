@@ -155,7 +155,8 @@ class _ForwardHandler(logging.Handler):
             pass
 
 
-def _child_setup(spec: WorkerSpec, conn: Connection) -> None:
+def child_setup(spec: WorkerSpec, conn: Connection) -> None:
+    """A worker's first step: leave Ctrl-C and hangups to the agent, forward log records to it."""
     # Ctrl-C, and a hangup sent to the terminal's process group, belong to the agent: the
     # coordinator cancels and stops us in order
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -177,8 +178,11 @@ def report_failure(conn: Connection, exc: BaseException) -> None:
         pass  # the coordinator is gone; it will notice our exit instead
 
 
-class _Stopped(Exception):
+class Stopped(Exception):
     """The coordinator told this worker to stop, or is gone."""
+
+
+_child_setup, _Stopped = child_setup, Stopped  # the names this module uses
 
 
 class CoordinatorWatch:

@@ -72,7 +72,7 @@ from bench import warm_up  # noqa: E402
 from mpmultifd import GuestRAM, MigrationConfig, Source  # noqa: E402
 from mpmultifd.cli import parse_size  # noqa: E402
 from mpmultifd.testing import CONTENTS, QMP, QMPError, RemoteDestination, fill  # noqa: E402
-from mpmultifd.testing import _log_tail  # noqa: E402
+from mpmultifd.testing import log_tail as _log_tail  # noqa: E402
 from toolkit import fmt_size, raise_interrupt  # noqa: E402
 
 BLOCK = "pc.ram"
