@@ -1,7 +1,7 @@
 """Hostile input against a real destination: mutated replays of captured migrations, and stray connections.
 
 Each replay starts a fresh Destination with worker processes and speaks a
-captured migration's bytes to it, mutated (see ``mpmultifd/fuzzing.py``). The
+captured migration's bytes to it, mutated (see ``fuzz/harness.py``). The
 destination must either fail with a typed MigrationError and mark its region
 invalid, or complete with exactly the source's bytes; it must never hang once
 its peer closed every connection, never write a page that no acceptable header
@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mpmultifd import Destination, GuestRAM, MigrationConfig, MigrationError, Source, auth
-from mpmultifd.fuzzing import (
+from fuzz.harness import (
     KINDS,
     METHODS,
     STRAY_KINDS,

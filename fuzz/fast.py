@@ -1,6 +1,6 @@
 """In-process, coverage-guided fuzzing of everything that parses a peer's or a file's bytes.
 
-:mod:`mpmultifd.fuzzing` replays mutated streams into real destinations, which
+:mod:`fuzz.harness` replays mutated streams into real destinations, which
 is faithful but slow (a fresh destination per input). This module feeds the
 same decoders directly, in this process, millions of times:
 
@@ -45,11 +45,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import auth
-from .errors import MigrationError
-from .methods import PageBatch, PageSink, available_methods, get_method
-from .savefile import STATE_OFFSET, SaveLayout, SaveState, decode_header, encode_state, unpack_bitmap, unpack_digests
-from .wire import (
+import mpmultifd
+from mpmultifd import auth
+from mpmultifd.errors import MigrationError
+from mpmultifd.methods import PageBatch, PageSink, available_methods, get_method
+from mpmultifd.savefile import STATE_OFFSET, SaveLayout, SaveState, decode_header, encode_state, unpack_bitmap, unpack_digests
+from mpmultifd.wire import (
     CONTROL_CHANNEL,
     FLAG_EOS,
     FLAG_SYNC,
@@ -91,7 +92,9 @@ PAGE = 512  # the smallest page size: small inputs, fast decompression
 PACKET_PAGES = 4
 BLOCK_PAGES = (16, 8)
 SID = bytes(range(16))
-_PKG_DIR = os.path.dirname(os.path.abspath(__file__))
+# coverage is measured in the package under test, not in this harness
+_PKG_DIR = os.path.dirname(os.path.abspath(mpmultifd.__file__))
+_REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # --------------------------------------------------------------------------- targets
@@ -354,7 +357,7 @@ def _savefile_target() -> Target:
 
 
 def _protocol_vectors() -> dict[str, bytes]:
-    doc = os.path.join(os.path.dirname(_PKG_DIR), "docs", "protocol.md")
+    doc = os.path.join(_REPO_DIR, "docs", "protocol.md")
     try:
         with open(doc, encoding="utf-8") as f:
             text = f.read()
@@ -451,12 +454,11 @@ class _Coverage:
         self._new: set[int] = set()
         self._prev = 0
         # code objects carry the path as imported (perhaps "tools/../mpmultifd/wire.py")
-        self._prefixes = tuple({_PKG_DIR + os.sep, os.path.dirname(__file__) + os.sep})
-        self._skip = {os.path.abspath(__file__), __file__}
+        self._prefixes = tuple({_PKG_DIR + os.sep, os.path.dirname(mpmultifd.__file__) + os.sep})
 
     def _global(self, frame: Any, event: str, arg: Any) -> Any:
         fn = frame.f_code.co_filename
-        if not fn.startswith(self._prefixes) or fn in self._skip:
+        if not fn.startswith(self._prefixes):
             return None
         return self._local
 

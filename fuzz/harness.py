@@ -49,15 +49,15 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import auth
-from .config import MigrationConfig
-from .destination import Destination
-from .errors import MigrationError, WorkerDied
-from .methods import get_method
-from .ram import GuestRAM
-from .source import Source
-from .testing import fill
-from .wire import (
+from mpmultifd import auth
+from mpmultifd.config import MigrationConfig
+from mpmultifd.destination import Destination
+from mpmultifd.errors import MigrationError, WorkerDied
+from mpmultifd.methods import get_method
+from mpmultifd.ram import GuestRAM
+from mpmultifd.source import Source
+from mpmultifd.testing import fill
+from mpmultifd.wire import (
     CONTROL_CHANNEL,
     DATA_MAGIC,
     FLAG_EOS,
@@ -1429,7 +1429,7 @@ STRAY_KINDS = (
 
 def stray_connection(address: tuple[str, int], kind: str, rng: random.Random, nchannels: int = 2, hold: float = 0.3) -> None:
     """Open one unauthenticated junk connection of ``kind`` (see :data:`STRAY_KINDS`) and close it."""
-    from .wire import Hello, encode_hello
+    from mpmultifd.wire import Hello, encode_hello
 
     try:
         sock = socket.create_connection(address, timeout=5)
