@@ -32,6 +32,7 @@ ran for longer than ``hang_seconds`` (a watchdog thread interrupts it).
 from __future__ import annotations
 
 import _thread
+import functools
 import os
 import random
 import re
@@ -40,8 +41,9 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -49,7 +51,15 @@ import mpmultifd
 from mpmultifd import auth
 from mpmultifd.errors import MigrationError
 from mpmultifd.methods import PageBatch, PageSink, available_methods, get_method
-from mpmultifd.savefile import STATE_OFFSET, SaveLayout, SaveState, decode_header, encode_state, unpack_bitmap, unpack_digests
+from mpmultifd.savefile import (
+    STATE_OFFSET,
+    SaveLayout,
+    SaveState,
+    decode_header,
+    encode_state,
+    unpack_bitmap,
+    unpack_digests,
+)
 from mpmultifd.wire import (
     CONTROL_CHANNEL,
     FLAG_EOS,
@@ -60,6 +70,7 @@ from mpmultifd.wire import (
     KIND_STREAM,
     BlockSpec,
     Cancel,
+    ChannelLost,
     ChannelState,
     Commit,
     CommitAck,
@@ -76,11 +87,9 @@ from mpmultifd.wire import (
     RepairPages,
     Result,
     Resume,
-    ChannelLost,
     RoundAck,
     RoundEnd,
     Verify,
-    data_header_size,
     decode_hello,
     encode_control,
     encode_hello,
@@ -187,7 +196,11 @@ def _headers() -> list[bytes]:
     offs = np.array([0, PAGE, 5 * PAGE], dtype=np.uint64)
     out.append(bytes(enc.encode(block=0, round=0, packet_num=0, normal_offsets=offs, payload_len=3 * PAGE)))
     out.append(
-        bytes(enc.encode(block=1, round=0, packet_num=1, normal_offsets=offs[:1], zero_offsets=offs[1:2] + PAGE, payload_len=PAGE))
+        bytes(
+            enc.encode(
+                block=1, round=0, packet_num=1, normal_offsets=offs[:1], zero_offsets=offs[1:2] + PAGE, payload_len=PAGE
+            )
+        )
     )
     out.append(bytes(enc.encode(flags=FLAG_SYNC, round=0, packet_num=2)))
     out.append(bytes(enc.encode(flags=FLAG_EOS, round=1, packet_num=3)))
@@ -571,7 +584,7 @@ def fuzz_target(
     t0 = time.monotonic()
     try:
         for s in corpus:  # the seeds' own coverage first
-            err, _ = cov.traced(lambda: t.run(s))
+            err, _ = cov.traced(functools.partial(t.run, s))
             _judge(t, stats, s, err, max_escapes)
             stats.inputs += 1
             stats.traced += 1
@@ -589,7 +602,7 @@ def fuzz_target(
             dog.started, dog.busy = time.monotonic(), True
             try:
                 if i % trace_every == 0:
-                    err, new = cov.traced(lambda: t.run(data))
+                    err, new = cov.traced(functools.partial(t.run, data))
                     stats.traced += 1
                     if new and err is None or new and isinstance(err, MigrationError):
                         corpus.append(data)

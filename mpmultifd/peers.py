@@ -21,7 +21,7 @@ import os
 import socket
 import struct
 import sys
-from typing import Iterable, Iterator, Tuple
+from collections.abc import Iterable, Iterator
 
 __all__ = [
     "Endpoint",
@@ -33,7 +33,7 @@ __all__ = [
     "untrusted_peer",
 ]
 
-Endpoint = Tuple[ipaddress._BaseAddress, int]
+Endpoint = tuple[ipaddress._BaseAddress, int]
 
 PROC_TABLES = ("/proc/net/tcp", "/proc/net/tcp6")
 

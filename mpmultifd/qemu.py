@@ -45,16 +45,17 @@ import json
 import logging
 import os
 import select
-import stat as _stat
 import shutil
 import socket
+import stat as _stat
 import struct
 import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from .errors import MigrationError
 
@@ -127,7 +128,9 @@ class QMP:
                 if proc is None:
                     raise QMPError(f"cannot connect to the QMP socket {path}: {exc.strerror}") from None
                 if time.monotonic() > deadline:
-                    raise QMPError(f"QMP socket {path} did not open in {timeout:g} s ({exc}):\n{_log_tail(log)}") from None
+                    raise QMPError(
+                        f"QMP socket {path} did not open in {timeout:g} s ({exc}):\n{_log_tail(log)}"
+                    ) from None
                 time.sleep(0.01)
             except OSError as exc:
                 s.close()
@@ -213,7 +216,7 @@ class QMP:
             self.sock.close()
             self.sock = None
 
-    def __enter__(self) -> "QMP":
+    def __enter__(self) -> QMP:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -622,7 +625,7 @@ def _send_device_state(q: QMP, stream: socket.socket, deadline: float) -> int:
         while conn is None:
             try:
                 conn, _ = lsock.accept()
-            except socket.timeout:
+            except TimeoutError:
                 status = _migration_status(q).get("status")
                 if status in ("failed", "cancelled"):
                     raise QMPError(f"the source QEMU's migration {status} before connecting") from None
@@ -841,7 +844,9 @@ def receive_vm(
                     ) from exc
                 except TimeoutError as exc:
                     dst.cancel()
-                    raise VMHandoverError(f"no handover within {timeout} s; the destination VM was not started") from exc
+                    raise VMHandoverError(
+                        f"no handover within {timeout} s; the destination VM was not started"
+                    ) from exc
                 t_commit = time.monotonic()
                 if not incoming.loaded.is_set():
                     raise VMHandoverError(

@@ -298,7 +298,7 @@ class SaveLayout:
         method: str = "raw",
         save_id: bytes | None = None,
         created_ns: int | None = None,
-    ) -> "SaveLayout":
+    ) -> SaveLayout:
         """Lay out a save file for ``blocks`` (``(name, size)`` pairs, in order) of ``page_size`` pages.
 
         ``save_id`` defaults to 16 random bytes and ``created_ns`` to now. The

@@ -39,7 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="directory to write escaping inputs to")
     args = p.parse_args(argv)
 
-    print(f"{'target':<14} {'inputs':>10} {'per s':>8} {'traced':>7} {'typed err':>10} {'edges':>6} {'corpus':>6} escapes")
+    print(
+        f"{'target':<14} {'inputs':>10} {'per s':>8} {'traced':>7} {'typed err':>10} {'edges':>6} {'corpus':>6} escapes"
+    )
 
     def report(st: fastfuzz.TargetStats) -> None:
         print(

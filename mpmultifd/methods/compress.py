@@ -19,7 +19,8 @@ from __future__ import annotations
 import socket
 import time
 import zlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import lz4.block
 import numpy as np
@@ -158,7 +159,9 @@ class _AutoSender(_Sender):
     PROBE_EVERY = 32
     ALPHA = 0.2
 
-    def __init__(self, codec: _Codec, page_size: int, packet_pages: int, clock: Callable[[], float] = time.perf_counter):
+    def __init__(
+        self, codec: _Codec, page_size: int, packet_pages: int, clock: Callable[[], float] = time.perf_counter
+    ):
         super().__init__(codec, page_size, packet_pages)
         self.clock = clock
         self.speed = 0.0  # raw bytes compressed per second
