@@ -542,7 +542,7 @@ def migrate_vm(
                 ) from exc
         times["committed"] = time.monotonic()
         downtime: float | None = None
-        sock = stream_box.get("sock")
+        sock = stream_box["sock"]  # before_commit opened it, or the migration had failed
         try:
             sock.settimeout(max(1.0, device_timeout))
             msg = _recv_json(sock, "waiting for the destination VM to run")

@@ -489,12 +489,10 @@ class GuestRAM:
         data: list[Segment] = []
         try:
             ps, entries, offsets, uids = _parse_meta(meta, name)
-            for i, (bname, size, seg_name, _owned) in enumerate(entries):
+            for i, ((bname, size, seg_name, _owned), uid) in enumerate(zip(entries, uids)):
                 where = f"guest RAM {name!r}: field 'blocks[{i}].segment'"
                 try:
-                    seg = Segment.attach(
-                        seg_name, allow_foreign=allow_foreign, owners=() if uids[i] is None else (uids[i],)
-                    )
+                    seg = Segment.attach(seg_name, allow_foreign=allow_foreign, owners=() if uid is None else (uid,))
                 except UntrustedSegmentError as exc:
                     raise UntrustedSegmentError(
                         f"{where}: block {bname!r}: {exc}", path=exc.path, owner=exc.owner, mode=exc.mode
@@ -843,7 +841,7 @@ def _parse_meta(
             raise ConfigError(f"{field}.owned' must be true or false, got {owned!r}")
         seg = b.get("segment")
         if owned:
-            _check_segment_name(seg, f"{field}.segment'")
+            seg = _check_segment_name(seg, f"{field}.segment'")
         elif not isinstance(seg, str) or not os.path.isabs(seg) or "\0" in seg:
             raise ConfigError(f"{field}.segment' must be an absolute file path for a foreign block, got {seg!r}")
         uid = b.get("uid")

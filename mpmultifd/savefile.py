@@ -38,7 +38,7 @@ import time
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import overload
+from typing import Any, TypeGuard, overload
 
 import numpy as np
 
@@ -215,7 +215,7 @@ class SaveState:
 INCOMPLETE = SaveState(False, 0, 0)
 
 
-def _is_int(v: object) -> bool:
+def _is_int(v: object) -> TypeGuard[int | np.integer[Any]]:
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 

@@ -43,6 +43,9 @@ class _Codec:
 
     encoding: int
 
+    def __init__(self, level: int | None) -> None:
+        """``level``: the method's compression level, or None for the codec's default."""
+
     def compress(self, data: memoryview) -> bytes:
         raise NotImplementedError
 
@@ -139,7 +142,7 @@ class _Sender(MethodSender):
             np.copyto(out, batch.grid[first : first + n])
         else:
             np.take(batch.grid, batch.pages, axis=0, out=out)
-        return memoryview(out).cast("B")
+        return out.data.cast("B")
 
     def _compressed(self, batch: PageBatch) -> Prepared:
         raw_len = len(batch.pages) * self.page_size
