@@ -18,8 +18,8 @@ import mmap
 import os
 import secrets
 import stat
+from collections.abc import Collection
 from multiprocessing import resource_tracker
-from typing import Collection
 
 from .errors import UntrustedSegmentError
 
@@ -84,7 +84,7 @@ class Segment:
         self._mmap: mmap.mmap | None = mm
 
     @classmethod
-    def create(cls, name: str, size: int) -> "Segment":
+    def create(cls, name: str, size: int) -> Segment:
         """Create a new zero-filled segment; fails if the name exists."""
         _check_name(name)
         if size <= 0:
@@ -111,7 +111,7 @@ class Segment:
         writable: bool = True,
         allow_foreign: bool = False,
         owners: Collection[int] = (),
-    ) -> "Segment":
+    ) -> Segment:
         """Map an existing segment (a ``/dev/shm`` name or any file path) without tracking it.
 
         Unless ``allow_foreign``, the file must belong to this process's

@@ -36,7 +36,8 @@ import asyncio
 import inspect
 import os
 import threading
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from .stats import TERMINAL_STATUSES
 
@@ -165,7 +166,7 @@ class EventStream:
             hub._queues.append(self._sub)
         self._closed = False
 
-    def __aiter__(self) -> "EventStream":
+    def __aiter__(self) -> EventStream:
         return self
 
     async def __anext__(self) -> dict[str, Any]:
@@ -188,7 +189,7 @@ class EventStream:
                 if self._sub in self._hub._queues:
                     self._hub._queues.remove(self._sub)
 
-    async def __aenter__(self) -> "EventStream":
+    async def __aenter__(self) -> EventStream:
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
@@ -196,5 +197,8 @@ class EventStream:
 
 
 def events(job: Any, *, timeout: float | None = None) -> EventStream:
-    """Events of ``job`` (a Source or a Destination) as an async iterator, subscribed now: ``async for ev in aio.events(src)``."""
+    """Events of ``job`` (a Source or a Destination) as an async iterator, subscribed now.
+
+    ``async for ev in aio.events(src)``.
+    """
     return EventStream(job, timeout)

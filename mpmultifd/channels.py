@@ -28,9 +28,10 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait as mp_wait
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -38,7 +39,7 @@ from .errors import MigrationError, RingClosed, RingTimeout, WorkerDied
 from .messages import AtBarrier, Failed, Go, Log, Ready, Scanned, StreamEnded
 from .processes import nudge_worker, reap_workers, start_worker
 from .ring import KIND_STOP, Ring
-from .worker import COUNTERS, C_WIRE_BYTES
+from .worker import C_WIRE_BYTES, COUNTERS
 
 __all__ = ["Channel", "ChannelGroup", "Batch"]
 

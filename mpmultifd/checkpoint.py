@@ -18,16 +18,16 @@ from typing import Any
 
 import numpy as np
 
+from .channels import Batch, Channel, ChannelGroup
 from .config import MigrationConfig
 from .digest import fingerprint_some
 from .errors import ConfigError, MigrationError, SaveFileError, WorkerDied
 from .file_worker import file_spec, loader_main, open_file
 from .methods import page_runs
+from .processes import mp_context
 from .ram import GuestRAM
 from .ring import KIND_DATA, KIND_EOS, Ring
 from .savefile import SaveLayout, read_layout, unpack_bitmap, unpack_digests
-from .channels import Batch, Channel, ChannelGroup
-from .processes import mp_context
 from .stats import RestoreResult
 
 __all__ = ["restore", "read_save_tables"]
@@ -98,7 +98,9 @@ def restore(
     for i, (p, d) in enumerate(zip(present, digests)):
         if np.any(d[~p]):
             raise SaveFileError(
-                f"block[{i}].digest: pages without data in the file have non-zero digests", field=f"block[{i}].digest", path=path
+                f"block[{i}].digest: pages without data in the file have non-zero digests",
+                field=f"block[{i}].digest",
+                path=path,
             )
     # pages the file has no data for must read as zeros; fresh memory already does
     zeroed = 0
@@ -125,7 +127,8 @@ def restore(
             i = [b.name for b in ram.blocks].index(name)
             raise SaveFileError(
                 f"block[{i}].data: page data does not match the digests the save recorded "
-                f"(block {name!r}, pages {pages}{'...' if len(pages) == _MAX_MISMATCHES else ''}): the file is corrupted",
+                f"(block {name!r}, pages {pages}{'...' if len(pages) == _MAX_MISMATCHES else ''}): "
+                "the file is corrupted",
                 field=f"block[{i}].data",
                 path=path,
             )
@@ -185,7 +188,9 @@ def _load(
             if now_bytes != last:
                 last, moved = now_bytes, time.monotonic()
             elif time.monotonic() - moved > cfg.timeout:
-                raise MigrationError(f"restore made no progress for {cfg.timeout:g} s: the file's disk stopped answering")
+                raise MigrationError(
+                    f"restore made no progress for {cfg.timeout:g} s: the file's disk stopped answering"
+                )
         return group.wire_bytes()
     except BaseException as exc:
         error = exc

@@ -27,8 +27,8 @@ import subprocess
 import sys
 import threading
 import time
-import warnings
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -41,9 +41,9 @@ from .methods import available_methods, get_method
 from .progress import ProgressDisplay
 from .ram import GuestRAM
 from .source import Source
+from .testing import CONTENTS, DirtyingWriter, RemoteDestination, fill
 from .transport import format_address, is_loopback
 from .zerocopy import enable_zerocopy
-from .testing import CONTENTS, DirtyingWriter, RemoteDestination, fill
 
 __all__ = ["main", "parse_size", "parse_duration", "parse_rate", "EXIT_FAILED", "EXIT_USAGE", "EXIT_MAX_TIME"]
 
@@ -102,7 +102,9 @@ def _tuning_args(p: argparse.ArgumentParser, *, channels_help: str | None = None
     g = p.add_argument_group("migration parameters")
     g.add_argument("--channels", type=int, default=_DEFAULTS.channels,
                    help=channels_help or f"data channels (multifd-channels; default {_DEFAULTS.channels})")
-    g.add_argument("--compression", default="none", help="none, lz4, zstd, zlib, auto or a plugin (multifd-compression)")
+    g.add_argument(
+        "--compression", default="none", help="none, lz4, zstd, zlib, auto or a plugin (multifd-compression)"
+    )
     g.add_argument("--compression-level", type=int, default=None, help="method-specific level (default: the method's)")
     g.add_argument("--zero-page", choices=("multifd", "none"), default="multifd",
                    help="zero-page-detection: send zero pages as flags only (multifd, default) or as data (none)")
@@ -149,7 +151,9 @@ def _connection_args(p: argparse.ArgumentParser, *, server: bool, client: bool) 
                        + ("send to another host or to another user's destination" if client else "")
                        + " (whoever reaches it can read or write the region)")
     if server:
-        g.add_argument("--tls-cert", default=None, metavar="PEM", help="this destination's certificate (with --tls-key)")
+        g.add_argument(
+            "--tls-cert", default=None, metavar="PEM", help="this destination's certificate (with --tls-key)"
+        )
         g.add_argument("--tls-key", default=None, metavar="PEM", help="the certificate's private key")
     if client:
         g.add_argument("--tls-ca", default=None, metavar="PEM", help="CA bundle to check the destination's certificate")
@@ -219,7 +223,9 @@ def _region_args(p: argparse.ArgumentParser, *, create: bool) -> None:
     g.add_argument("--file", default=None, metavar="NAME=PATH,..",
                    help="existing files as blocks, e.g. pc.ram=/dev/shm/guest (never removed)")
     if create:
-        g.add_argument("--create", default=None, metavar="NAME=SIZE,..", help="a new region, e.g. pc.ram=1G,vga.vram=16M")
+        g.add_argument(
+            "--create", default=None, metavar="NAME=SIZE,..", help="a new region, e.g. pc.ram=1G,vga.vram=16M"
+        )
     g.add_argument("--page-size", type=parse_size, default=4096, help="page size of --file or --create (default 4096)")
 
 
@@ -287,7 +293,9 @@ def _tls_context(a: argparse.Namespace, *, server: bool) -> ssl.SSLContext | Non
         try:
             ctx.load_cert_chain(cert, key)
         except (OSError, ssl.SSLError) as e:
-            raise ConfigError(f"--tls-cert {cert} / --tls-key {key}: cannot load: {getattr(e, 'strerror', None) or e}") from None
+            raise ConfigError(
+                f"--tls-cert {cert} / --tls-key {key}: cannot load: {getattr(e, 'strerror', None) or e}"
+            ) from None
         return ctx
     ca = getattr(a, "tls_ca", None)
     if not (getattr(a, "tls", False) or ca):
@@ -768,8 +776,12 @@ def check_configuration(a: argparse.Namespace) -> list[dict[str, Any]]:
     else:
         detail = f"SO_ZEROCOPY supported; net.core.optmem_max={optmem}, RLIMIT_MEMLOCK={memlock}"
         if a.compression != "none" or a.tls or a.tls_ca:
-            add("zerocopy", "error" if a.zerocopy == "on" else "warn", detail + "; compression or TLS builds private buffers",
-                "plain sends")
+            add(
+                "zerocopy",
+                "error" if a.zerocopy == "on" else "warn",
+                detail + "; compression or TLS builds private buffers",
+                "plain sends",
+            )
         elif a.address is not None and is_loopback(a.address):
             add("zerocopy", "warn", detail + "; the destination is local: the kernel copies every zero-copy send",
                 "auto sends plain" if a.zerocopy == "auto" else "zero-copy on, at a cost")
@@ -880,7 +892,7 @@ def machine_benchmark(size: int, *, channels: list[int], content: str, start_met
         for first in range(0, len(words), 128):
             nonzero_pages(words, np.arange(first, min(first + 128, len(words))))
         report["zero-detect-GBps"] = size / (time.perf_counter() - t0) / 1e9
-        sample = memoryview(src.view(0)[: min(size, 32 << 20)]).cast("B")
+        sample = src.view(0)[: min(size, 32 << 20)].data.cast("B")
         comps: dict[str, Any] = {}
         for name, fn in (
             ("lz4", lambda b: lz4.block.compress(b, store_size=False)),
@@ -928,12 +940,15 @@ def cmd_demo(a: argparse.Namespace) -> int:
     blocks = {"pc.ram": main_size, "vga.vram": vram_size}
     out = print if not a.json else (lambda *x, **k: None)
     with GuestRAM.create(blocks) as src_ram, GuestRAM.create(blocks) as dst_ram:
-        out(f"guest: {_fmt_bytes(src_ram.total_size)} in blocks {', '.join(f'{k}={_fmt_bytes(v)}' for k, v in blocks.items())}")
+        sizes = ", ".join(f"{k}={_fmt_bytes(v)}" for k, v in blocks.items())
+        out(f"guest: {_fmt_bytes(src_ram.total_size)} in blocks {sizes}")
         fill(src_ram, a.content, seed=1)
         with RemoteDestination(dst_ram.name, cfg, start_method=cfg.start_method) as dest:
             out(f"destination listening on {dest.address[0]}:{dest.address[1]}, in a process of its own")
             with DirtyingWriter(src_ram.name, rate=a.writer_rate, start_method=cfg.start_method) as writer:
-                out(f"writer dirtying pages at about {a.writer_rate:g} writes/s; migrating over {cfg.channels} channels")
+                out(
+                    f"writer dirtying pages at about {a.writer_rate:g} writes/s; migrating over {cfg.channels} channels"
+                )
                 with Source(src_ram, cfg) as src, _control.cancels(src, a.max_time):
                     try:
                         result = src.migrate(dest.address, pause=writer.pause)
@@ -980,8 +995,9 @@ _EPILOG = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mpmultifd", description="Live-migrate shared-memory regions over parallel channels.",
-                                epilog=_EPILOG)
+    p = argparse.ArgumentParser(
+        prog="mpmultifd", description="Live-migrate shared-memory regions over parallel channels.", epilog=_EPILOG
+    )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("-v", "--verbose", action="count", default=0, help="log at INFO (-v) or DEBUG (-vv) to stderr")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -1086,13 +1102,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--page-size", type=parse_size, default=4096, help="page size of --file (default 4096)")
     g.add_argument("--dirty-tracker", choices=DIRTY_TRACKERS, default=None, help="default map, scan for --file")
     g.add_argument("--duration", type=parse_duration, default=2.0, metavar="TIME", help="time to sample (default 2s)")
-    g.add_argument("--interval", type=parse_duration, default=0.5, metavar="TIME", help="time per sample (default 0.5s)")
+    g.add_argument(
+        "--interval", type=parse_duration, default=0.5, metavar="TIME", help="time per sample (default 0.5s)"
+    )
     b.set_defaults(func=cmd_bench)
 
     e = command("estimate", "measure a region's dirty rate and forecast convergence")
     _region_args(e, create=False)
     e.add_argument("--duration", type=parse_duration, default=2.0, metavar="TIME", help="time to sample (default 2s)")
-    e.add_argument("--interval", type=parse_duration, default=0.5, metavar="TIME", help="time per sample (default 0.5s)")
+    e.add_argument(
+        "--interval", type=parse_duration, default=0.5, metavar="TIME", help="time per sample (default 0.5s)"
+    )
     e.add_argument("--bandwidth", type=parse_rate, default=None, metavar="RATE",
                    help="rate to forecast against, e.g. 1G/s (default: no forecast)")
     e.add_argument("--json", action="store_true", help="print the estimate as JSON")
@@ -1117,7 +1137,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (see the module docstring)."""
     args = build_parser().parse_args(argv)
     if args.verbose:
-        logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else logging.INFO, format="%(asctime)s %(name)s %(message)s")
+        logging.basicConfig(
+            level=logging.DEBUG if args.verbose > 1 else logging.INFO, format="%(asctime)s %(name)s %(message)s"
+        )
     global _control
     _control = _Control()
     _control.install()

@@ -147,7 +147,9 @@ class MigrationConfig:
         if not _is_num(self.downtime_limit) or not 0 < self.downtime_limit < math.inf:
             raise bad("downtime_limit", f"{self.downtime_limit!r} is not a positive number of seconds")
         if self.max_bandwidth is not None and (not _is_int(self.max_bandwidth) or self.max_bandwidth < 4096):
-            raise bad("max_bandwidth", f"{self.max_bandwidth!r} is not a whole number of bytes per second >= 4096, or None")
+            raise bad(
+                "max_bandwidth", f"{self.max_bandwidth!r} is not a whole number of bytes per second >= 4096, or None"
+            )
         if not _is_int(self.max_rounds) or self.max_rounds < 1:
             raise bad("max_rounds", f"{self.max_rounds!r} is not a whole number >= 1")
         if self.dirty_tracker not in DIRTY_TRACKERS:
@@ -166,9 +168,14 @@ class MigrationConfig:
             if not _is_int(v) or not 1 <= v <= 99:
                 raise bad(name, f"{v!r} is not a whole percentage in 1..99")
         if self.cpu_throttle_initial > self.max_cpu_throttle:
-            raise bad("cpu_throttle_initial", f"{self.cpu_throttle_initial} is above max_cpu_throttle ({self.max_cpu_throttle})")
+            raise bad(
+                "cpu_throttle_initial",
+                f"{self.cpu_throttle_initial} is above max_cpu_throttle ({self.max_cpu_throttle})",
+            )
         if not _is_int(self.throttle_trigger_threshold) or not 1 <= self.throttle_trigger_threshold <= 100:
-            raise bad("throttle_trigger_threshold", f"{self.throttle_trigger_threshold!r} is not a whole percentage in 1..100")
+            raise bad(
+                "throttle_trigger_threshold", f"{self.throttle_trigger_threshold!r} is not a whole percentage in 1..100"
+            )
         if not isinstance(self.verify, bool):
             raise bad("verify", f"{self.verify!r} is not True or False")
         if not _is_int(self.repair_passes) or not 0 <= self.repair_passes <= 16:
@@ -196,7 +203,7 @@ class MigrationConfig:
         if not _is_num(self.timeout) or not 0 < self.timeout < math.inf:
             raise bad("timeout", f"{self.timeout!r} is not a positive number of seconds")
 
-    def replace(self, **changes: Any) -> "MigrationConfig":
+    def replace(self, **changes: Any) -> MigrationConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 

@@ -8,17 +8,16 @@ import queue
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import wait as mp_wait
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 
 from ._shm import Segment, unique_name
+from .channels import Channel, ChannelGroup
 from .config import MigrationConfig
-from .listener import Listener
-from .prepared import Prefaulter, allocated_pages
-from .pageprint import fingerprint_extents, fingerprint_rows, key_from_seed, session_seed, split_ranges
 from .errors import (
     ChannelBroken,
     ChannelError,
@@ -29,23 +28,27 @@ from .errors import (
     RemoteProtocolError,
     VerificationError,
 )
-from .channels import Channel, ChannelGroup
-from .session import DestinationPhase, DestinationSession, classify_failure, tell_peer
+from .listener import Listener
 from .methods import get_method
-from .ram import GuestRAM, file_data_extents
+from .pageprint import fingerprint_extents, fingerprint_rows, key_from_seed, session_seed, split_ranges
 from .pool import WorkerPool
+from .prepared import Prefaulter, allocated_pages
 from .processes import JOIN_GRACE, mp_context, start_worker, worker_start_method
+from .ram import GuestRAM, file_data_extents
+from .session import DestinationPhase, DestinationSession, classify_failure, tell_peer
 from .stats import EventHub, MigrationResult, RestoreResult
 from .transport import Address, read_available
 from .wire import (
-    MAX_CONTROL_BODY,
     KIND_CONTROL,
     KIND_STREAM,
+    MAX_CONTROL_BODY,
     MAX_REPAIR_PAGES,
     Cancel,
+    ChannelLost,
     CommitAck,
     Complete,
     Config,
+    ConfigAck,
     ControlDecoder,
     ControlMac,
     ErrorMessage,
@@ -54,20 +57,18 @@ from .wire import (
     RepairPages,
     Result,
     Resume,
-    ChannelLost,
     RoundAck,
     encode_control,
-    verify_body_limit,
     repair_pages_body_limit,
-    ConfigAck,
+    verify_body_limit,
 )
 from .worker import (
     COUNTERS,
     STATS_WORDS,
     PageRecords,
     WorkerSpec,
-    receiver_main,
     received_offsets,
+    receiver_main,
 )
 
 __all__ = ["Destination"]
@@ -204,7 +205,8 @@ class Destination:
 
     @property
     def status(self) -> str:
-        """QEMU's status word for the receiving side: setup, active, device, completed, failed, cancelling, cancelled."""
+        """QEMU's status word for the receiving side: setup, active, device, completed, failed,
+        cancelling, cancelled."""
         return self._status
 
     @property
@@ -324,7 +326,7 @@ class Destination:
                 pass
         self._wake_r = self._wake_w = -1
 
-    def __enter__(self) -> "Destination":
+    def __enter__(self) -> Destination:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -357,7 +359,9 @@ class Destination:
         key = cfg.auth_key
         # with a key every control frame is authenticated, from CONFIG on (the hello's proof binds the session)
         self._mac = ControlMac(key, self._control_hello.session_id, "destination") if key is not None else None
-        decoder = ControlDecoder(max_verify=MAX_CONTROL_BODY, mac=self._mac)  # no VERIFY is due before the session is known
+        decoder = ControlDecoder(
+            max_verify=MAX_CONTROL_BODY, mac=self._mac
+        )  # no VERIFY is due before the session is known
         self._decoder = decoder  # a failing receiver may need to read why the source left
         ctrl.setblocking(False)
         deadline = time.monotonic() + cfg.timeout
@@ -629,7 +633,9 @@ class Destination:
             if isinstance(msg, RepairPages):
                 n = len(msg.pages)
                 if msg.block not in outstanding or len(msg.data) != n * ps:
-                    raise RemoteProtocolError(f"REPAIR_PAGES for block {msg.block} with {len(msg.data)} bytes", field="block")
+                    raise RemoteProtocolError(
+                        f"REPAIR_PAGES for block {msg.block} with {len(msg.data)} bytes", field="block"
+                    )
                 todo = outstanding[msg.block]
                 if int(msg.pages.max()) >= len(todo) or not todo[msg.pages].all():
                     raise RemoteProtocolError("REPAIR_PAGES carries pages that were not asked for", field="pages")
@@ -902,7 +908,8 @@ class Destination:
                 self._dsession.commit_missing()
             self._valid = False
             self._error = err
-            log.warning("migration %s: %s", status, err, exc_info=error if not isinstance(error, MigrationError) else None)
+            unexpected = error if not isinstance(error, MigrationError) else None
+            log.warning("migration %s: %s", status, err, exc_info=unexpected)
         else:
             status = "completed"
         self._final_counters = self._counters()

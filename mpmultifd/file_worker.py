@@ -29,11 +29,10 @@ import numpy as np
 
 from ._shm import Segment
 from .errors import ConfigError, MigrationError
+from .messages import AtBarrier, Ready, StreamEnded
 from .methods import page_runs
 from .ram import GuestRAM
 from .ring import KIND_DATA, KIND_EOS, KIND_STOP, KIND_SYNC, Ring
-from .zeropage import nonzero_pages
-from .messages import AtBarrier, Ready, StreamEnded
 from .worker import (
     C_BUSY_NS,
     C_NORMAL,
@@ -45,11 +44,12 @@ from .worker import (
     C_ZERO,
     C_ZERO_WRITTEN,
     CoordinatorWatch,
-    WorkerSpec,
     Stopped,
+    WorkerSpec,
     child_setup,
     report_failure,
 )
+from .zeropage import nonzero_pages
 
 __all__ = [
     "FileSpec",

@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import logging
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from . import errors
 from .errors import ChannelBroken, MigrationError
@@ -114,7 +115,7 @@ class Failed:
     traceback: str
 
     @classmethod
-    def of(cls, exc: BaseException) -> "Failed":
+    def of(cls, exc: BaseException) -> Failed:
         return cls(type(exc).__name__, str(exc), getattr(exc, "field", None), traceback.format_exc(limit=8))
 
     def error(self, channel: int) -> MigrationError:

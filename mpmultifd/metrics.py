@@ -26,8 +26,9 @@ never needs it (``pip install 'mpmultifd[prometheus]'``).
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from http.server import ThreadingHTTPServer
-from typing import Any, Iterator
+from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import MetricsHandler
@@ -137,8 +138,12 @@ class _Families:
         if "mbps" in ram:
             self.rate.add_metric(labels, ram["mbps"] * 1e6 / 8)
         # query() is QMP-shaped: its times are milliseconds
-        for fam, key in ((self.elapsed, "total-time"), (self.downtime, "downtime"),
-                         (self.expected_downtime, "expected-downtime"), (self.expected_remaining, "expected-remaining")):
+        for fam, key in (
+            (self.elapsed, "total-time"),
+            (self.downtime, "downtime"),
+            (self.expected_downtime, "expected-downtime"),
+            (self.expected_remaining, "expected-remaining"),
+        ):
             if isinstance(q.get(key), (int, float)):
                 fam.add_metric(labels, q[key] / 1000)
         if isinstance(q.get("progress"), (int, float)):
@@ -169,7 +174,7 @@ class MetricsServer:
         self._httpd.server_close()
         self._thread.join()
 
-    def __enter__(self) -> "MetricsServer":
+    def __enter__(self) -> MetricsServer:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -21,7 +21,7 @@ import os
 import socket
 import struct
 import sys
-from typing import Iterable, Iterator, Tuple
+from collections.abc import Iterable, Iterator
 
 __all__ = [
     "Endpoint",
@@ -33,7 +33,8 @@ __all__ = [
     "untrusted_peer",
 ]
 
-Endpoint = Tuple[ipaddress._BaseAddress, int]
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Endpoint = tuple[IPAddress, int]
 
 PROC_TABLES = ("/proc/net/tcp", "/proc/net/tcp6")
 
@@ -42,7 +43,7 @@ class PeerUnknown(LookupError):
     """The owner of a peer's socket could not be found (no ``/proc``, no matching row, a foreign family)."""
 
 
-def _ip(address: str) -> ipaddress._BaseAddress:
+def _ip(address: str) -> IPAddress:
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return ip.ipv4_mapped  # a dual-stack socket's view of an IPv4 peer
@@ -63,7 +64,7 @@ def parse_proc_address(text: str) -> Endpoint:
     port = int(port_hex, 16)
     if sys.byteorder == "little":
         raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
-    ip: ipaddress._BaseAddress
+    ip: IPAddress
     if len(raw) == 4:
         ip = ipaddress.IPv4Address(raw)
     else:
@@ -118,7 +119,7 @@ def _diag_uid(local: Endpoint, remote: Endpoint) -> int:
     v4 = isinstance(local[0], ipaddress.IPv4Address) and isinstance(remote[0], ipaddress.IPv4Address)
     family = socket.AF_INET if v4 else socket.AF_INET6
 
-    def packed(ip: ipaddress._BaseAddress) -> bytes:
+    def packed(ip: IPAddress) -> bytes:
         raw = ip.packed if v4 or isinstance(ip, ipaddress.IPv6Address) else b"\0" * 10 + b"\xff\xff" + ip.packed
         return raw + bytes(16 - len(raw))
 
@@ -145,7 +146,7 @@ def _diag_uid(local: Endpoint, remote: Endpoint) -> int:
     state = data[_NLMSG.size + 1]
     if state in _SYN_RECV_STATES:
         raise PeerUnknown(f"the socket {local[0]}:{local[1]} is still being set up")
-    return struct.unpack_from("=I", data, _NLMSG.size + 64)[0]
+    return int(struct.unpack_from("=I", data, _NLMSG.size + 64)[0])
 
 
 def find_socket_uid(local: Endpoint, remote: Endpoint, tables: Iterable[str] | None = None) -> int:

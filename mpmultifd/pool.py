@@ -25,9 +25,10 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from multiprocessing import reduction
 from multiprocessing.connection import Connection
-from typing import Any, Callable
+from typing import Any
 
 from .messages import Idle, Job, Leave, Log
 from .processes import mp_context, start_worker
@@ -152,7 +153,7 @@ class _Worker:
 class _BorrowedConnection:
     """The pool worker's pipe as a job sees it: closing it hands the worker back."""
 
-    def __init__(self, pool: "WorkerPool", worker: _Worker) -> None:
+    def __init__(self, pool: WorkerPool, worker: _Worker) -> None:
         self._pool = pool
         self._worker = worker
         self._returned = False
@@ -361,7 +362,7 @@ class WorkerPool:
         for w in workers:
             self._end(w)
 
-    def __enter__(self) -> "WorkerPool":
+    def __enter__(self) -> WorkerPool:
         return self
 
     def __exit__(self, *exc: Any) -> None:

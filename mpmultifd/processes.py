@@ -13,7 +13,8 @@ import socket
 import threading
 import time
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from . import _mp
 from .config import MigrationConfig

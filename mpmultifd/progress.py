@@ -8,7 +8,8 @@ backwards even while the guest re-dirties pages.
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, TextIO
+from collections.abc import Callable
+from typing import Any, TextIO
 
 from tqdm import tqdm
 
@@ -58,7 +59,7 @@ class ProgressDisplay:
         self._thread = threading.Thread(target=self._run, name="mpmultifd-progress", daemon=True)
         self.shown: list[float] = []  # every progress value displayed, in order
 
-    def __enter__(self) -> "ProgressDisplay":
+    def __enter__(self) -> ProgressDisplay:
         self._thread.start()
         return self
 

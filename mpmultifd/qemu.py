@@ -45,16 +45,17 @@ import json
 import logging
 import os
 import select
-import stat as _stat
 import shutil
 import socket
+import stat as _stat
 import struct
 import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from .errors import MigrationError
 
@@ -129,7 +130,9 @@ class QMP:
                 if proc is None:
                     raise QMPError(f"cannot connect to the QMP socket {path}: {exc.strerror}") from None
                 if time.monotonic() > deadline:
-                    raise QMPError(f"QMP socket {path} did not open in {timeout:g} s ({exc}):\n{log_tail(log)}") from None
+                    raise QMPError(
+                        f"QMP socket {path} did not open in {timeout:g} s ({exc}):\n{log_tail(log)}"
+                    ) from None
                 time.sleep(0.01)
             except OSError as exc:
                 s.close()
@@ -215,7 +218,7 @@ class QMP:
             self.sock.close()
             self.sock = None
 
-    def __enter__(self) -> "QMP":
+    def __enter__(self) -> QMP:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -541,7 +544,7 @@ def migrate_vm(
                 ) from exc
         times["committed"] = time.monotonic()
         downtime: float | None = None
-        sock = stream_box.get("sock")
+        sock = stream_box["sock"]  # before_commit opened it, or the migration had failed
         try:
             sock.settimeout(max(1.0, device_timeout))
             msg = _recv_json(sock, "waiting for the destination VM to run")
@@ -624,7 +627,7 @@ def _send_device_state(q: QMP, stream: socket.socket, deadline: float) -> int:
         while conn is None:
             try:
                 conn, _ = lsock.accept()
-            except socket.timeout:
+            except TimeoutError:
                 status = _migration_status(q).get("status")
                 if status in ("failed", "cancelled"):
                     raise QMPError(f"the source QEMU's migration {status} before connecting") from None
@@ -843,7 +846,9 @@ def receive_vm(
                     ) from exc
                 except TimeoutError as exc:
                     dst.cancel()
-                    raise VMHandoverError(f"no handover within {timeout} s; the destination VM was not started") from exc
+                    raise VMHandoverError(
+                        f"no handover within {timeout} s; the destination VM was not started"
+                    ) from exc
                 t_commit = time.monotonic()
                 if not incoming.loaded.is_set():
                     raise VMHandoverError(

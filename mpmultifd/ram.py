@@ -36,7 +36,7 @@ import struct
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
@@ -60,7 +60,7 @@ _HEADER = struct.Struct("<8sII")
 # dirty maps start on their own cache line, so writers of different blocks never share one
 _ALIGN = 64
 
-BlockKey = Union[str, int]
+BlockKey = str | int
 
 # A locked read-modify-write (taking and releasing a lock) is a full barrier on
 # x86-64; see GuestRAM.snapshot_dirty for why the clear needs one.
@@ -316,7 +316,7 @@ class GuestRAM:
         *,
         page_size: int = 4096,
         name: str | None = None,
-    ) -> "GuestRAM":
+    ) -> GuestRAM:
         """Create a new zero-filled region owned by this process.
 
         ``blocks`` maps block names to sizes in bytes (positive multiples of
@@ -370,7 +370,7 @@ class GuestRAM:
         page_size: int = 4096,
         name: str | None = None,
         allow_foreign: bool = False,
-    ) -> "GuestRAM":
+    ) -> GuestRAM:
         """Build a region over existing files, mapped shared without copying.
 
         ``blocks`` maps block names to file paths (e.g. a ``/dev/shm`` file a
@@ -459,7 +459,7 @@ class GuestRAM:
             raise
 
     @classmethod
-    def attach(cls, name: str, *, allow_foreign: bool = False) -> "GuestRAM":
+    def attach(cls, name: str, *, allow_foreign: bool = False) -> GuestRAM:
         """Map an existing region by its meta segment's name; ``owner`` is False.
 
         Raises ``FileNotFoundError`` if no such segment exists and
@@ -489,12 +489,10 @@ class GuestRAM:
         data: list[Segment] = []
         try:
             ps, entries, offsets, uids = _parse_meta(meta, name)
-            for i, (bname, size, seg_name, owned) in enumerate(entries):
+            for i, ((bname, size, seg_name, _owned), uid) in enumerate(zip(entries, uids)):
                 where = f"guest RAM {name!r}: field 'blocks[{i}].segment'"
                 try:
-                    seg = Segment.attach(
-                        seg_name, allow_foreign=allow_foreign, owners=() if uids[i] is None else (uids[i],)
-                    )
+                    seg = Segment.attach(seg_name, allow_foreign=allow_foreign, owners=() if uid is None else (uid,))
                 except UntrustedSegmentError as exc:
                     raise UntrustedSegmentError(
                         f"{where}: block {bname!r}: {exc}", path=exc.path, owner=exc.owner, mode=exc.mode
@@ -721,7 +719,7 @@ class GuestRAM:
             seg.keep()
         self._owner = False
 
-    def __enter__(self) -> "GuestRAM":
+    def __enter__(self) -> GuestRAM:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -778,7 +776,7 @@ def file_data_extents(path: str, npages: int, page_size: int) -> list[tuple[int,
     return extents
 
 
-def _attach_foreign(name: str) -> "GuestRAM":
+def _attach_foreign(name: str) -> GuestRAM:
     """Unpickling a region that was attached with ``allow_foreign=True``."""
     return GuestRAM.attach(name, allow_foreign=True)
 
@@ -843,7 +841,7 @@ def _parse_meta(
             raise ConfigError(f"{field}.owned' must be true or false, got {owned!r}")
         seg = b.get("segment")
         if owned:
-            _check_segment_name(seg, f"{field}.segment'")
+            seg = _check_segment_name(seg, f"{field}.segment'")
         elif not isinstance(seg, str) or not os.path.isabs(seg) or "\0" in seg:
             raise ConfigError(f"{field}.segment' must be an absolute file path for a foreign block, got {seg!r}")
         uid = b.get("uid")

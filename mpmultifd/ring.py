@@ -117,7 +117,7 @@ _DEFAULT_SPIN = 100
 _X86 = ("x86_64", "AMD64", "i686")
 _U64 = np.dtype(np.uint64)
 
-_LIVE_RINGS: "weakref.WeakSet[Ring]" = weakref.WeakSet()
+_LIVE_RINGS: weakref.WeakSet[Ring] = weakref.WeakSet()
 
 
 def _reinit_after_fork() -> None:
@@ -242,14 +242,19 @@ class Ring:
     # ------------------------------------------------------------ creation
 
     @classmethod
-    def create(cls, nslots: int = 64, capacity: int = 128, *, mode: str = "auto") -> "Ring":
+    def create(cls, nslots: int = 64, capacity: int = 128, *, mode: str = "auto") -> Ring:
         """Create a ring of ``nslots`` slots (a power of two, 2..65536) of up to ``capacity`` pages (1..65536).
 
         ``mode`` is ``"eventidx"`` (x86 only), ``"credit"``, or ``"auto"``
         (eventidx on x86, credit elsewhere). The calling process owns the
         segment and is the only one that may :meth:`unlink` it.
         """
-        if isinstance(nslots, bool) or not isinstance(nslots, int) or not 2 <= nslots <= _MAX_NSLOTS or nslots & (nslots - 1):
+        if (
+            isinstance(nslots, bool)
+            or not isinstance(nslots, int)
+            or not 2 <= nslots <= _MAX_NSLOTS
+            or nslots & (nslots - 1)
+        ):
             raise ConfigError(f"nslots must be a power of two in 2..{_MAX_NSLOTS}, got {nslots!r}")
         if isinstance(capacity, bool) or not isinstance(capacity, int) or not 1 <= capacity <= _MAX_CAPACITY:
             raise ConfigError(f"capacity must be an integer in 1..{_MAX_CAPACITY}, got {capacity!r}")
@@ -318,7 +323,9 @@ class Ring:
             raise ConfigError(f"batch of {n} pages exceeds the ring capacity of {self.capacity}")
         return pages, n
 
-    def _publish(self, head: int, kind: int, block: int, round: int, packet_num: int, pages: np.ndarray | None, n: int) -> None:
+    def _publish(
+        self, head: int, kind: int, block: int, round: int, packet_num: int, pages: np.ndarray | None, n: int
+    ) -> None:
         # write slot `head` and publish it (producer)
         c = self._ctl
         idx = head & self._mask
@@ -541,11 +548,19 @@ class Ring:
         base = _SLOTS + idx * self._stride
         seq = c[base + _S_SEQ]
         if seq != tail + 1:
-            raise RingError(f"ring {self.name!r}: slot {idx} holds publish #{seq}, expected #{tail + 1} (corrupted ring)")
+            raise RingError(
+                f"ring {self.name!r}: slot {idx} holds publish #{seq}, expected #{tail + 1} (corrupted ring)"
+            )
         n = c[base + _S_COUNT]
         batch = _new_batch(
             Batch,
-            (c[base + _S_KIND], c[base + _S_BLOCK], c[base + _S_ROUND], c[base + _S_PACKET], self._payload[idx, :n].copy()),
+            (
+                c[base + _S_KIND],
+                c[base + _S_BLOCK],
+                c[base + _S_ROUND],
+                c[base + _S_PACKET],
+                self._payload[idx, :n].copy(),
+            ),
         )
         tail += 1
         c[_TAIL] = tail
@@ -759,7 +774,7 @@ class Ring:
             raise PermissionError(f"ring {self.name!r}: only the process that created it may unlink it")
         self._seg.unlink()
 
-    def __enter__(self) -> "Ring":
+    def __enter__(self) -> Ring:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -38,7 +38,7 @@ import time
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import overload
+from typing import Any, TypeGuard, overload
 
 import numpy as np
 
@@ -215,7 +215,7 @@ class SaveState:
 INCOMPLETE = SaveState(False, 0, 0)
 
 
-def _is_int(v: object) -> bool:
+def _is_int(v: object) -> TypeGuard[int | np.integer[Any]]:
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
@@ -298,7 +298,7 @@ class SaveLayout:
         method: str = "raw",
         save_id: bytes | None = None,
         created_ns: int | None = None,
-    ) -> "SaveLayout":
+    ) -> SaveLayout:
         """Lay out a save file for ``blocks`` (``(name, size)`` pairs, in order) of ``page_size`` pages.
 
         ``save_id`` defaults to 16 random bytes and ``created_ns`` to now. The

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -157,7 +157,9 @@ class ScanScheduler:
         pending = self.pending
         want = list(pending) if ids is None else ids
         while any(j in pending for j in want) and time.monotonic() < deadline:
-            lost = [j for j in want if j in pending and (pending[j][2].generation != pending[j][3] or pending[j][2].done)]
+            lost = [
+                j for j in want if j in pending and (pending[j][2].generation != pending[j][3] or pending[j][2].done)
+            ]
             if lost and len(lost) == sum(1 for j in want if j in pending):
                 break
             self.pump(0.2)

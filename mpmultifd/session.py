@@ -246,7 +246,9 @@ class DestinationSession:
         if isinstance(msg, Verify):
             return "VERIFY before COMPLETE or without verification"
         if isinstance(msg, (RepairPages, RepairDone)):
-            return f"expected {'COMMIT' if self.phase is DestinationPhase.AWAIT_COMMIT else 'nothing'}, got {_name(msg)}"
+            return (
+                f"expected {'COMMIT' if self.phase is DestinationPhase.AWAIT_COMMIT else 'nothing'}, got {_name(msg)}"
+            )
         if self.phase is DestinationPhase.AWAIT_COMMIT:
             return f"expected COMMIT, got {type(msg).__name__}"
         if self.phase is DestinationPhase.REPAIRING:

@@ -9,17 +9,16 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable, Iterator
 from multiprocessing.connection import wait as mp_wait
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 
+from ._shm import Segment, unique_name
+from .channels import Channel, ChannelGroup
 from .config import MigrationConfig
 from .connect import Connector
-from .estimate import check_estimate_arguments, estimate_dirty_rate
-from .saving import block_fingerprints, fsync_dir, save_temp, verify_save
-from ._shm import Segment, unique_name
-from .file_worker import file_spec, present_offsets, saver_main
 from .errors import (
     ChannelBroken,
     ChannelError,
@@ -27,34 +26,36 @@ from .errors import (
     ConfigError,
     ConvergenceError,
     MigrationCancelled,
-    PeerFailed,
     MigrationError,
+    PeerFailed,
     RemoteProtocolError,
     VerificationError,
 )
-from .channels import Channel, ChannelGroup
-from .scans import ScanScheduler
-from .session import SourceSession, classify_failure
+from .estimate import check_estimate_arguments, estimate_dirty_rate
+from .file_worker import file_spec, present_offsets, saver_main
 from .methods import get_method
-from .pageprint import fingerprint_extents, fingerprint_rows, key_from_seed, session_seed
 from .pacing import AutoConverge, BandwidthWindow, StallDetector, TokenBucket
-from .ram import GuestRAM
-from .ring import KIND_DATA, KIND_EOS, KIND_SYNC, KIND_ZERO, Ring
+from .pageprint import fingerprint_extents, fingerprint_rows, key_from_seed, session_seed
 from .pool import WorkerPool
 from .processes import JOIN_GRACE, mp_context, start_worker, worker_start_method
+from .ram import GuestRAM
+from .ring import KIND_DATA, KIND_EOS, KIND_SYNC, KIND_ZERO, Ring
 from .savefile import STATE_OFFSET, SaveLayout, SaveState, encode_state, pack_bitmap, pack_digests
+from .saving import block_fingerprints, fsync_dir, save_temp, verify_save
+from .scans import ScanScheduler
+from .session import SourceSession, classify_failure
 from .stats import DirtyRateEstimate, EventHub, MigrationResult, SaveResult
 from .tracking import DirtyTracker, ScanningTracker, make_tracker
 from .transport import Address, connect, is_loopback, parse_address, read_available
 from .wire import (
     CONTROL_CHANNEL,
-    MAX_CONTROL_BODY,
     KIND_CONTROL,
-    KIND_DATA as HELLO_DATA,
     KIND_STREAM,
+    MAX_CONTROL_BODY,
     REPAIR_CHUNK_PAGES,
     BlockSpec,
     Cancel,
+    ChannelLost,
     Commit,
     CommitAck,
     Complete,
@@ -69,11 +70,13 @@ from .wire import (
     RepairPages,
     Result,
     Resume,
-    ChannelLost,
     RoundAck,
     RoundEnd,
     Verify,
     encode_control,
+)
+from .wire import (
+    KIND_DATA as HELLO_DATA,
 )
 from .worker import (
     C_NORMAL,
@@ -96,9 +99,12 @@ def _compression_stats(per_channel: list[dict[str, int]]) -> dict[str, Any]:
     raw = sum(c["raw-packets"] for c in per_channel)
     raw_in = sum(c["compressed-input-bytes"] for c in per_channel)
     payload = sum(c["payload-bytes"] for c in per_channel)
-    return {"compressed-packets": encoded, "raw-packets": raw, "compressed-input-bytes": raw_in, "payload-bytes": payload}
-
-
+    return {
+        "compressed-packets": encoded,
+        "raw-packets": raw,
+        "compressed-input-bytes": raw_in,
+        "payload-bytes": payload,
+    }
 
 
 class Source:
@@ -224,7 +230,7 @@ class Source:
             return result
         except BaseException as exc:
             error = exc
-            raise self._raised(exc)
+            raise self._raised(exc)  # noqa: B904 (the cause is set by _raised, and is not exc itself)
         finally:
             self._shutdown(error)
             self._release_throttle()
@@ -342,7 +348,7 @@ class Source:
             return result
         except BaseException as exc:
             error = exc
-            raise self._raised(exc)
+            raise self._raised(exc)  # noqa: B904 (the cause is set by _raised, and is not exc itself)
         finally:
             self._shutdown(error)
             self._release_throttle()
@@ -613,7 +619,7 @@ class Source:
             except OSError:
                 pass
 
-    def __enter__(self) -> "Source":
+    def __enter__(self) -> Source:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -1198,7 +1204,9 @@ class Source:
             elif not reuse_scan:
                 for b in ram.blocks:
                     records.scanned[b.index][:] = 0
-                    fingerprint_extents(ram.pages(b.index), ram.data_extents(b.index), self._verify_key, records.scanned[b.index])
+                    fingerprint_extents(
+                        ram.pages(b.index), ram.data_extents(b.index), self._verify_key, records.scanned[b.index]
+                    )
             verified_prints = [records.scanned[b.index].copy() for b in ram.blocks]
             t = self._phase("verify-prints", t)
             for b in ram.blocks:

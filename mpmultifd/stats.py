@@ -7,10 +7,19 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
-__all__ = ["MigrationResult", "SaveResult", "RestoreResult", "DirtyRateEstimate", "EventHub", "STATUSES", "TERMINAL_STATUSES"]
+__all__ = [
+    "MigrationResult",
+    "SaveResult",
+    "RestoreResult",
+    "DirtyRateEstimate",
+    "EventHub",
+    "STATUSES",
+    "TERMINAL_STATUSES",
+]
 
 log = logging.getLogger(__name__)
 

@@ -232,14 +232,23 @@ class DirtyingWriter:
         self._proc = ctx.Process(
             target=_writer_main,
             args=(
-                ram_name, self._stop, self._stopped, self._started, self._count, seed, rate, mark, self._throttle, pattern
+                ram_name,
+                self._stop,
+                self._stopped,
+                self._started,
+                self._count,
+                seed,
+                rate,
+                mark,
+                self._throttle,
+                pattern,
             ),
             name="mpmultifd-writer",
             daemon=True,
         )
         self.pauses = 0
 
-    def start(self, timeout: float = 30.0) -> "DirtyingWriter":
+    def start(self, timeout: float = 30.0) -> DirtyingWriter:
         self._proc.start()
         if not self._started.wait(timeout):
             raise RuntimeError("writer did not start")
@@ -269,7 +278,7 @@ class DirtyingWriter:
                 self._proc.kill()
                 self._proc.join()
 
-    def __enter__(self) -> "DirtyingWriter":
+    def __enter__(self) -> DirtyingWriter:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
@@ -378,7 +387,7 @@ class RemoteDestination:
             self._proc.join()
         self._conn.close()
 
-    def __enter__(self) -> "RemoteDestination":
+    def __enter__(self) -> RemoteDestination:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -413,7 +422,7 @@ class WriterThread:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mpmultifd-writer-thread", daemon=True)
 
-    def start(self) -> "WriterThread":
+    def start(self) -> WriterThread:
         self._thread.start()
         return self
 
@@ -436,7 +445,7 @@ class WriterThread:
 
     stop = pause
 
-    def __enter__(self) -> "WriterThread":
+    def __enter__(self) -> WriterThread:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
@@ -597,7 +606,7 @@ class ResetRelay:
                     a.settimeout(self.idle)
                 try:
                     data = a.recv(65536)
-                except socket.timeout:
+                except TimeoutError:
                     self._reset(conn, channel, moved, armed)
                     return
                 if not data:
@@ -650,7 +659,7 @@ class ResetRelay:
         for t in self._threads:
             t.join(5)
 
-    def __enter__(self) -> "ResetRelay":
+    def __enter__(self) -> ResetRelay:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -36,7 +36,7 @@ repaired or fails loudly, never left silent.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

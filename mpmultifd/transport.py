@@ -10,7 +10,8 @@ import ipaddress
 import os
 import socket
 import ssl
-from typing import Any, Sequence, Tuple, Union
+from collections.abc import Sequence
+from typing import Any, Union
 
 from .errors import ChannelBroken, ChannelClosed, ConfigError
 
@@ -131,7 +132,7 @@ def recv_exact(sock: socket.socket, n: int) -> bytearray:
     return buf
 
 
-Address = Union[Tuple[str, int], str, "os.PathLike[str]"]
+Address = Union[tuple[str, int], str, "os.PathLike[str]"]
 
 
 def parse_address(address: Address) -> tuple[int, Any]:

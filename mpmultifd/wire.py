@@ -22,7 +22,7 @@ import hmac
 import json
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
@@ -651,24 +651,24 @@ class RepairDone:
     pages: int
 
 
-ControlMessage = Union[
-    Config,
-    ConfigAck,
-    RoundEnd,
-    Complete,
-    Verify,
-    Result,
-    ErrorMessage,
-    RoundAck,
-    Cancel,
-    Commit,
-    Resume,
-    CommitAck,
-    Repair,
-    RepairPages,
-    RepairDone,
-    ChannelLost,
-]
+ControlMessage = (
+    Config
+    | ConfigAck
+    | RoundEnd
+    | Complete
+    | Verify
+    | Result
+    | ErrorMessage
+    | RoundAck
+    | Cancel
+    | Commit
+    | Resume
+    | CommitAck
+    | Repair
+    | RepairPages
+    | RepairDone
+    | ChannelLost
+)
 
 # a REPAIR names at most this many pages: more than that is a tracker that
 # missed the writer altogether, which a resend at switchover cannot fix

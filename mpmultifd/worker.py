@@ -28,12 +28,10 @@ from ._shm import Segment
 from .errors import ChannelClosed, MigrationError
 from .messages import AtBarrier, Failed, Go, Leave, Log, Ready, Receive, Scanned, Stop, StreamEnded, Warm
 from .methods import PageBatch, PageSink, Prepared, get_method
-from .ram import GuestRAM
 from .pageprint import fingerprint_extents, fingerprint_rows
+from .ram import GuestRAM
 from .ring import KIND_DATA, KIND_EOS, KIND_SCAN, KIND_STOP, KIND_SYNC, KIND_ZERO, Ring
 from .transport import recv_exact_into, send_buffers
-from .zerocopy import ZeroCopySender
-from .zeropage import nonzero_pages
 from .wire import (
     ENCODING_RAW,
     FLAG_EOS,
@@ -42,8 +40,18 @@ from .wire import (
     DataHeaderDecoder,
     DataHeaderEncoder,
 )
+from .zerocopy import ZeroCopySender
+from .zeropage import nonzero_pages
 
-__all__ = ["WorkerSpec", "PageRecords", "sender_main", "receiver_main", "warm_receiver_main", "COUNTERS", "report_failure"]
+__all__ = [
+    "WorkerSpec",
+    "PageRecords",
+    "sender_main",
+    "receiver_main",
+    "warm_receiver_main",
+    "COUNTERS",
+    "report_failure",
+]
 
 log = logging.getLogger("mpmultifd.worker")
 
@@ -222,7 +230,8 @@ def sender_main(spec: WorkerSpec, ram: GuestRAM, ring: Ring, sock: socket.socket
     records: PageRecords | None = None
     try:
         if spec.prints_name is not None:
-            records = PageRecords(Segment.attach(spec.prints_name), tuple(s // spec.page_size for s in spec.block_sizes))
+            npages = tuple(s // spec.page_size for s in spec.block_sizes)
+            records = PageRecords(Segment.attach(spec.prints_name), npages)
         # attached to the ring, the RAM and the records: the coordinator may unlink their names
         conn.send(Ready())
         log.debug("sender worker %d started (pid %d, method %s)", spec.channel, os.getpid(), spec.method)
@@ -364,7 +373,11 @@ def _run_sender(
                 if records is not None:
                     records.sent[blk][zero] = 0
                 header = encoder.encode(
-                    block=blk, round=batch.round, packet_num=batch.packet_num, normal_offsets=no_pages, zero_offsets=zero * ps
+                    block=blk,
+                    round=batch.round,
+                    packet_num=batch.packet_num,
+                    normal_offsets=no_pages,
+                    zero_offsets=zero * ps,
                 )
                 counters[C_SYSCALLS] += send_buffers(sock, [header])
                 counters[C_PACKETS] += 1

@@ -33,7 +33,8 @@ import struct
 import sys
 import time
 from collections import deque
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from .transport import drop_sent
 

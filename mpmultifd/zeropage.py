@@ -10,6 +10,8 @@ one full read, as before.
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 
 from .methods import is_one_run
@@ -31,12 +33,12 @@ def nonzero_pages(words: np.ndarray, pages: np.ndarray) -> np.ndarray:
         rows = words[first : first + n]  # a view, nothing copied
     else:
         rows = words[pages]
-    nonzero = (rows[:, 0] | rows[:, -1]) != 0
+    nonzero: np.ndarray = (rows[:, 0] | rows[:, -1]) != 0
     undecided = np.flatnonzero(~nonzero)
     if len(undecided) == 0:
         return nonzero
     if 3 * len(undecided) >= n:
         # gathering them (copy, then read) would move more memory than reading every page once
-        return rows.any(axis=1)
+        return cast(np.ndarray, rows.any(axis=1))  # an array: rows is two-dimensional
     nonzero[undecided] = rows[undecided].any(axis=1)
     return nonzero

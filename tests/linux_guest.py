@@ -214,7 +214,7 @@ class LinuxGuest:
             argv += ["-incoming", "defer", "-S"]
         return argv
 
-    def start(self, timeout: float = 30.0) -> "LinuxGuest":
+    def start(self, timeout: float = 30.0) -> LinuxGuest:
         """Start QEMU (the guest boots meanwhile, or waits for its state with ``incoming``) and connect QMP."""
         argv = self.argv()
         with open(self.log, "wb") as logf:
@@ -234,7 +234,7 @@ class LinuxGuest:
             raise
         return self
 
-    def __enter__(self) -> "LinuxGuest":
+    def __enter__(self) -> LinuxGuest:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

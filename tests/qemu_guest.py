@@ -395,7 +395,7 @@ class QemuGuest:
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
         ]
 
-    def start(self, timeout: float = 30.0) -> "QemuGuest":
+    def start(self, timeout: float = 30.0) -> QemuGuest:
         """Write the disk image, start QEMU and connect to QMP (the guest boots meanwhile)."""
         with open(self.disk, "wb") as f:
             f.write(boot_sector(self.writes_per_tick))
@@ -410,7 +410,7 @@ class QemuGuest:
             raise
         return self
 
-    def __enter__(self) -> "QemuGuest":
+    def __enter__(self) -> QemuGuest:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from mpmultifd import Destination, GuestRAM, MigrationCancelled, MigrationConfig, MigrationError, Source, aio
+from mpmultifd import Destination, MigrationCancelled, MigrationConfig, MigrationError, Source, aio
 from mpmultifd.testing import fill, same_contents
 
 BLOCKS = {"pc.ram": 6 << 20, "vga": 1 << 20}

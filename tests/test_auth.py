@@ -56,7 +56,9 @@ def test_greeting_and_welcome_round_trip():
         auth.decode_welcome(auth.encode_refused(auth.REFUSE_BAD_PROOF))
 
 
-@pytest.mark.parametrize("offset, value, field", [(0, b"XXXX", "magic"), (4, b"\0\2", "version"), (6, b"\0\2", "flags")])
+@pytest.mark.parametrize(
+    "offset, value, field", [(0, b"XXXX", "magic"), (4, b"\0\2", "version"), (6, b"\0\2", "flags")]
+)
 def test_greeting_rejects(offset, value, field):
     b = bytearray(auth.encode_greeting(auth.Greeting(False, bytes(32))))
     b[offset : offset + len(value)] = value

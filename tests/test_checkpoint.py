@@ -236,7 +236,10 @@ def test_truncated_and_corrupted_files_are_refused_naming_the_field(saved_file):
     # a header byte flipped
     assert _restore_error(dst, variant(lambda d: (d.__setitem__(20, d[20] ^ 1), d)[1])).field == "header_crc"
     # the complete mark damaged
-    assert _restore_error(dst, variant(lambda d: (d.__setitem__(STATE_OFFSET + 9, d[STATE_OFFSET + 9] ^ 4), d)[1])).field == "state"
+    assert (
+        _restore_error(dst, variant(lambda d: (d.__setitem__(STATE_OFFSET + 9, d[STATE_OFFSET + 9] ^ 4), d)[1])).field
+        == "state"
+    )
     # page data flipped: the digests catch it
     b0 = layout.blocks[0]
     present = np.flatnonzero(src.pages(0).any(axis=1))

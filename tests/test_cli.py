@@ -51,7 +51,9 @@ def test_demo_rejects_bad_configuration():
     assert "channels" in proc.stderr
 
 
-@pytest.mark.parametrize("text, value", [("512", 512), ("4K", 4096), ("256M", 256 << 20), ("1G", 1 << 30), ("1.5GiB", 3 << 29)])
+@pytest.mark.parametrize(
+    "text, value", [("512", 512), ("4K", 4096), ("256M", 256 << 20), ("1G", 1 << 30), ("1.5GiB", 3 << 29)]
+)
 def test_parse_size(text, value):
     assert parse_size(text) == value
 
@@ -76,16 +78,26 @@ def popen_cli(*args: str) -> subprocess.Popen:
 
 
 def test_send_and_recv_between_two_processes_json():
-    with GuestRAM.create({"pc.ram": 8 << 20, "vga": 1 << 20}) as s, GuestRAM.create({"pc.ram": 8 << 20, "vga": 1 << 20}) as d:
+    with (
+        GuestRAM.create({"pc.ram": 8 << 20, "vga": 1 << 20}) as s,
+        GuestRAM.create({"pc.ram": 8 << 20, "vga": 1 << 20}) as d,
+    ):
         fill(s, "mixed", 4)
         recv = popen_cli("recv", "--listen", "127.0.0.1:0", "--region", d.name, "--json", "--channels", "2")
         try:
             listening = json.loads(recv.stdout.readline())
             assert listening["event"] == "listening" and listening["region"] == d.name
-            sent = run_cli("send", listening["address"], "--region", s.name, "--json", "--channels", "2", "--compression", "lz4")
+            sent = run_cli(
+                "send", listening["address"], "--region", s.name, "--json", "--channels", "2", "--compression", "lz4"
+            )
             assert sent.returncode == 0, sent.stderr
             lines = [json.loads(x) for x in sent.stdout.strip().splitlines()]
-            assert [e["status"] for e in lines if e["event"] == "MIGRATION"] == ["setup", "active", "device", "completed"]
+            assert [e["status"] for e in lines if e["event"] == "MIGRATION"] == [
+                "setup",
+                "active",
+                "device",
+                "completed",
+            ]
             result = lines[-1]
             assert result["event"] == "result" and result["status"] == "completed" and result["verified"] is True
             assert result["query"]["ram"]["total"] == 9 << 20

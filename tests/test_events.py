@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import io
 import logging
+import math
 import threading
 import time
 
@@ -18,7 +19,9 @@ BLOCKS = {"pc.ram": 24 << 20, "vga.vram": 8 << 20}
 
 
 def test_progress_never_decreases_while_the_writer_redirties_pages():
-    cfg = MigrationConfig(channels=2, start_method="forkserver", downtime_limit=0.002, max_rounds=6, stall_downtime_limit=math.inf)
+    cfg = MigrationConfig(
+        channels=2, start_method="forkserver", downtime_limit=0.002, max_rounds=6, stall_downtime_limit=math.inf
+    )
     seen: list[float] = []
     events: list[dict] = []
     with GuestRAM.create(BLOCKS) as s, GuestRAM.create(BLOCKS) as d:
@@ -82,7 +85,7 @@ def test_event_iterator_and_snapshots_outlive_the_migration():
     import json
 
     assert json.loads(res.to_json())["verified"] is True
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         res.rounds = 3  # frozen
 
 
@@ -162,7 +165,9 @@ def test_progress_display_plain_lines_when_not_a_terminal():
 
 def test_destination_events_follow_the_migration():
     """The destination reports QEMU-style events too: its status changes and each round's barrier."""
-    cfg = MigrationConfig(channels=2, start_method="fork", downtime_limit=0.002, max_rounds=4, stall_downtime_limit=math.inf)
+    cfg = MigrationConfig(
+        channels=2, start_method="fork", downtime_limit=0.002, max_rounds=4, stall_downtime_limit=math.inf
+    )
     got: list[dict] = []
     with GuestRAM.create(BLOCKS) as s, GuestRAM.create(BLOCKS) as d:
         try:

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from mpmultifd import fastfuzz
+from fuzz import fast as fastfuzz
 from mpmultifd.errors import RemoteProtocolError
 
 

@@ -177,7 +177,9 @@ SOURCE_SCRIPT = textwrap.dedent(
 
 def test_kill_source_process_under_destination():
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = (
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.pathsep + env.get("PYTHONPATH", "")
+    )
     with GuestRAM.create({"a": SIZE}) as d:
         with Destination(d, config=cfg()) as dst:
             proc = subprocess.Popen(
@@ -382,7 +384,9 @@ def test_destination_cancel_while_parked_at_a_sync():
 
         try:
             ctrl = admit(Hello(KIND_CONTROL, sid, CONTROL_CHANNEL, 2))
-            ctrl.sendall(encode_control(Config(sid, 4096, 2, 128, (BlockSpec("a", 64 * 4096),), "none", {}, "multifd", False)))
+            ctrl.sendall(
+                encode_control(Config(sid, 4096, 2, 128, (BlockSpec("a", 64 * 4096),), "none", {}, "multifd", False))
+            )
             # as a source does: data channels only once the destination took the configuration
             # (earlier ones are dropped as "before the session was configured")
             acks = ControlDecoder()
@@ -405,7 +409,9 @@ def test_destination_cancel_while_parked_at_a_sync():
 
 def test_ctrl_c_in_the_cli_cancels_cleanly():
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = (
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.pathsep + env.get("PYTHONPATH", "")
+    )
     proc = subprocess.Popen(
         [sys.executable, "-m", "mpmultifd", "demo", "--size", "1G", "--content", "random", "--channels", "2"],
         env=env,

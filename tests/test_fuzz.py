@@ -1,7 +1,7 @@
 """Hostile input against a real destination: mutated replays of captured migrations, and stray connections.
 
 Each replay starts a fresh Destination with worker processes and speaks a
-captured migration's bytes to it, mutated (see ``mpmultifd/fuzzing.py``). The
+captured migration's bytes to it, mutated (see ``fuzz/harness.py``). The
 destination must either fail with a typed MigrationError and mark its region
 invalid, or complete with exactly the source's bytes; it must never hang once
 its peer closed every connection, never write a page that no acceptable header
@@ -10,24 +10,23 @@ named, and never touch memory outside its region.
 
 from __future__ import annotations
 
-import math
 import importlib.util
 import logging
+import math
 import multiprocessing
 import os
 import random
 import socket
 import threading
 import time
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mpmultifd import Destination, GuestRAM, MigrationConfig, MigrationError, Source, auth
-from mpmultifd.fuzzing import (
+from fuzz.harness import (
     KINDS,
     METHODS,
     STRAY_KINDS,
@@ -52,6 +51,7 @@ from mpmultifd.fuzzing import (
     with_header_field,
     with_payload,
 )
+from mpmultifd import Destination, GuestRAM, MigrationConfig, MigrationError, Source, auth
 from mpmultifd.methods import get_method
 from mpmultifd.testing import fill
 from mpmultifd.wire import (
@@ -85,7 +85,7 @@ def quiet_destination_log():
     logging.disable(logging.NOTSET)
 
 
-@lru_cache(maxsize=None)
+@cache
 def captured(method: str) -> Capture:
     """One real migration per method and per test process (captures hold bytes only, no resources)."""
     cap = capture(method, size=512 << 10, packet_pages=PP, seed=11)
@@ -288,7 +288,10 @@ TARGETED = {
     "offset-in-unused-slot": (offset_in_unused_slot, ("offsets",)),
     "page-twice-in-packet": (duplicate_page_in_packet, ("offsets",)),
     "block-out-of-range": (set_field("block", 1), ("block",)),
-    "payload-len-plus-one": (set_field("payload_len", lambda c, ch: header_field(ch, "payload_len") + 1), ("payload_len",)),
+    "payload-len-plus-one": (
+        set_field("payload_len", lambda c, ch: header_field(ch, "payload_len") + 1),
+        ("payload_len",),
+    ),
     "unknown-flag": (set_field("flags", 4), ("flags",)),
     "reserved-byte": (set_field("reserved1", 1), ("reserved",)),
     "unknown-encoding": (set_field("encoding", 200), ("encoding",)),
@@ -413,7 +416,14 @@ class _Writer:
 def test_stray_connections_do_not_disturb_a_running_migration():
     """Junk connections before and during a session are dropped; the migration completes and verifies."""
     size = 4 << 20
-    cfg = MigrationConfig(channels=2, packet_pages=PP, start_method="fork", max_rounds=4, downtime_limit=1e-6, stall_downtime_limit=math.inf)
+    cfg = MigrationConfig(
+        channels=2,
+        packet_pages=PP,
+        start_method="fork",
+        max_rounds=4,
+        downtime_limit=1e-6,
+        stall_downtime_limit=math.inf,
+    )
     rng = random.Random(1)
     with GuestRAM.create({"ram": size}) as src_ram, GuestRAM.create({"ram": size}) as dst_ram:
         fill(src_ram, "mixed", 2)

@@ -11,11 +11,19 @@ import threading
 import time
 import warnings
 
-import numpy as np
 import pytest
 
-from mpmultifd import Destination, GuestRAM, MigrationConfig, MigrationError, Source, UntrustedSegmentError
-from mpmultifd import ConfigError, RemoteProtocolError, auth
+from mpmultifd import (
+    ConfigError,
+    Destination,
+    GuestRAM,
+    MigrationConfig,
+    MigrationError,
+    RemoteProtocolError,
+    Source,
+    UntrustedSegmentError,
+    auth,
+)
 from mpmultifd._shm import unique_name
 from mpmultifd.auth import load_key
 from mpmultifd.errors import KeyFileWarning
@@ -353,7 +361,7 @@ def _trickle(address, stop: threading.Event, sent: list[int], interval: float) -
             try:
                 if sock.recv(1) == b"":
                     break  # the destination dropped us
-            except socket.timeout:
+            except TimeoutError:
                 pass
     except OSError:
         pass
@@ -461,7 +469,7 @@ def _relay(address, drop_first: int, stop: threading.Event) -> tuple[socket.sock
         while not stop.is_set():
             try:
                 c, _ = lsock.accept()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 break

@@ -18,6 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mpmultifd import ConfigError, Destination, GuestRAM, MigrationConfig, MigrationError, RemoteProtocolError, Source
+from mpmultifd.errors import ChannelClosed
 from mpmultifd.methods import (
     Method,
     MethodReceiver,
@@ -31,7 +32,6 @@ from mpmultifd.methods import (
 )
 from mpmultifd.methods.compress import ENCODING_LZ4, ENCODING_ZLIB, ENCODING_ZSTD, _AutoSender, _Lz4Codec
 from mpmultifd.testing import RemoteDestination, fill
-from mpmultifd.errors import ChannelClosed
 from mpmultifd.transport import IOV_MAX, recv_exact_into_views, sendmsg_all
 from mpmultifd.wire import ENCODING_RAW, DataHeaderDecoder, DataHeaderEncoder
 
@@ -58,7 +58,13 @@ def make_pages(kind: str, n: int, seed: int = 0) -> np.ndarray:
 
 
 def transfer(
-    method_name: str, pages_data: np.ndarray, page_idx: np.ndarray, *, level=None, use_fd: bool = False, direct: bool = False
+    method_name: str,
+    pages_data: np.ndarray,
+    page_idx: np.ndarray,
+    *,
+    level=None,
+    use_fd: bool = False,
+    direct: bool = False,
 ):
     """Send one batch through a socketpair with the method's sender and receive it with its receiver."""
     method = get_method(method_name)(level, {})
@@ -78,7 +84,16 @@ def transfer(
         raw = b.recv(len(hdr), socket.MSG_WAITALL)
         header = dec.decode(raw)
         with GuestRAM.create({"d": npages * PS}) as dst:
-            fds = [os.open(dst.block(0).segment if os.sep in dst.block(0).segment else "/dev/shm/" + dst.block(0).segment, os.O_RDWR)] if use_fd else None
+            fds = (
+                [
+                    os.open(
+                        dst.block(0).segment if os.sep in dst.block(0).segment else "/dev/shm/" + dst.block(0).segment,
+                        os.O_RDWR,
+                    )
+                ]
+                if use_fd
+                else None
+            )
             received = [np.zeros(npages, dtype=np.uint8)]
             if direct:
                 dst.populate(0)
@@ -503,7 +518,14 @@ def test_entry_point_plugin_end_to_end(tmp_path, monkeypatch):
 def test_live_writer_every_method(method):
     from test_migration import run_live_migration
 
-    config = MigrationConfig(channels=4, compression=method, start_method="forkserver", downtime_limit=0.005, max_rounds=4, stall_downtime_limit=math.inf)
+    config = MigrationConfig(
+        channels=4,
+        compression=method,
+        start_method="forkserver",
+        downtime_limit=0.005,
+        max_rounds=4,
+        stall_downtime_limit=math.inf,
+    )
     result, query, (dest_result, dest_valid), same, pauses, resumes = run_live_migration(
         "forkserver", config, content="mixed"
     )

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, generate_latest  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from mpmultifd import Destination, GuestRAM, MigrationConfig, Source  # noqa: E402
-from mpmultifd.metrics import MigrationCollector, serve_metrics  # noqa: E402
+from mpmultifd.metrics import MigrationCollector  # noqa: E402
 from mpmultifd.testing import fill  # noqa: E402
 
 BLOCKS = {"pc.ram": 4 << 20}
@@ -87,9 +87,25 @@ def test_cli_send_serves_metrics_while_migrating():
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     with GuestRAM.create({"a": size}) as s, GuestRAM.create({"a": size}) as d:
         fill(s, "random", 32)
-        recv = subprocess.Popen([sys.executable, "-m", "mpmultifd", "recv", "--listen", "127.0.0.1:0", "--region", d.name,
-                                 "--json", "--metrics-port", "0"], env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+        recv = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mpmultifd",
+                "recv",
+                "--listen",
+                "127.0.0.1:0",
+                "--region",
+                d.name,
+                "--json",
+                "--metrics-port",
+                "0",
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         send = None
         try:
             recv_metrics = json.loads(recv.stdout.readline())

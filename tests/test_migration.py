@@ -61,7 +61,9 @@ def run_live_migration(start_method: str, config: MigrationConfig, *, seed: int 
 
 
 def test_live_writer_four_channels_two_blocks(start_method):
-    config = MigrationConfig(channels=4, start_method=start_method, downtime_limit=0.005, max_rounds=5, stall_downtime_limit=math.inf)
+    config = MigrationConfig(
+        channels=4, start_method=start_method, downtime_limit=0.005, max_rounds=5, stall_downtime_limit=math.inf
+    )
     result, query, dest_report, same, pauses, resumes = run_live_migration(start_method, config)
     dest_result, dest_valid = dest_report
     assert dest_valid is True  # the destination presents the region as valid
@@ -83,7 +85,9 @@ def test_live_writer_four_channels_two_blocks(start_method):
 
 
 def test_zero_page_none_sends_everything_as_data():
-    config = MigrationConfig(channels=2, zero_page="none", start_method="fork", downtime_limit=0.05, stall_downtime_limit=math.inf)
+    config = MigrationConfig(
+        channels=2, zero_page="none", start_method="fork", downtime_limit=0.05, stall_downtime_limit=math.inf
+    )
     result, _, dest_report, same, _, _ = run_live_migration("fork", config, seed=5)
     assert dest_report[1] is True and all(same.values())
     assert result.duplicate == 0
@@ -94,7 +98,9 @@ def test_query_is_live_during_migration():
     """query() from another thread sees counters grow while the migration runs."""
     import threading
 
-    config = MigrationConfig(channels=2, start_method="forkserver", downtime_limit=0.005, max_rounds=6, stall_downtime_limit=math.inf)
+    config = MigrationConfig(
+        channels=2, start_method="forkserver", downtime_limit=0.005, max_rounds=6, stall_downtime_limit=math.inf
+    )
     seen = []
     with GuestRAM.create({"ram": 32 << 20}) as src_ram, GuestRAM.create({"ram": 32 << 20}) as dst_ram:
         fill(src_ram, "random", 3)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fnmatch
+import importlib.util
 import os
 import re
 
@@ -54,3 +56,12 @@ def test_test_extra_installs_no_tox(pyproject):
 def test_changelog_names_the_version():
     with open(os.path.join(ROOT, "CHANGELOG.md")) as f:
         assert f"## {mpmultifd.__version__}" in f.read()
+
+
+def test_fuzz_harnesses_stay_out_of_the_package(pyproject):
+    include = pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
+    assert include and not any(fnmatch.fnmatch(name, p) for p in include for name in ("fuzz", "fuzz.harness"))
+    assert os.path.exists(os.path.join(ROOT, "fuzz", "harness.py"))
+    assert os.path.exists(os.path.join(ROOT, "fuzz", "fast.py"))
+    for old in ("mpmultifd.fuzzing", "mpmultifd.fastfuzz"):
+        assert importlib.util.find_spec(old) is None, old

@@ -200,7 +200,9 @@ def test_prepared_receivers_a_source_does_not_use_go_back_unused(regions):
     src, dst = regions
     with WorkerPool(6) as pool:
         fill(src, "half-zero", 9)
-        with Destination(dst, config=MigrationConfig(channels=4), pool=pool, prefault=True, prepare_receivers=True) as d:
+        with Destination(
+            dst, config=MigrationConfig(channels=4), pool=pool, prefault=True, prepare_receivers=True
+        ) as d:
             assert d.wait_prepared(60) and pool.idle == 2
             with Source(src, MigrationConfig(channels=2), pool=pool) as s:
                 s.migrate(d.address)
@@ -224,7 +226,9 @@ def test_destination_closed_while_its_receivers_prepare_gives_them_back():
         try:
             for _ in range(3):
                 t0 = time.monotonic()
-                d = Destination(dst, config=MigrationConfig(channels=4), pool=pool, prefault=True, prepare_receivers=True)
+                d = Destination(
+                    dst, config=MigrationConfig(channels=4), pool=pool, prefault=True, prepare_receivers=True
+                )
                 time.sleep(0.05)
                 d.close()
                 assert time.monotonic() - t0 < 15

@@ -3,11 +3,12 @@
 The guest (see ``tests/qemu_guest.py``) is a boot sector that keeps incrementing
 a word in every page of 16..48 MiB of its 64 MiB, paced by the PIT (10 pages per
 ~1 ms tick unless a test asks for more), and counts its writes in a marker the
-host reads from the ``memory-backend-file``. The source maps that file with ``GuestRAM.from_files``; nobody marks its dirty map,
-so only a tracker that looks at the bytes (``dirty_tracker="scan"``) can see
-what the guest changes. At switchover ``pause`` is QMP ``stop`` (it returns once
-the vCPUs are stopped); the destination must then equal the stopped guest's RAM
-byte for byte. The negative control migrates the same kind of guest with the
+host reads from the ``memory-backend-file``. The source maps that file with
+``GuestRAM.from_files``; nobody marks its dirty map, so only a tracker that
+looks at the bytes (``dirty_tracker="scan"``) can see what the guest changes.
+At switchover ``pause`` is QMP ``stop`` (it returns once the vCPUs are
+stopped); the destination must then equal the stopped guest's RAM byte for
+byte. The negative control migrates the same kind of guest with the
 ``"map"`` tracker, which sees nothing, and must fail loudly at verification.
 
 Skipped without ``qemu-system-x86_64`` on PATH. Uses KVM when ``/dev/kvm`` can

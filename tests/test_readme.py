@@ -15,8 +15,9 @@ import re
 import shutil
 import subprocess
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -234,26 +235,51 @@ def _vm_setup(env: Env) -> None:
 RULES = [
     Rule("qemu.receive_vm(", setup=_vm_setup),
     Rule("except CommitUnknown:", setup=_commit_unknown_setup, check=_commit_unknown_check),
-    Rule('ram = GuestRAM.create({"pc.ram": 1 << 30',
-         subs=[("1 << 30", "1 << 22"), ('"/etc/mpmultifd/key"', "KEY_PATH"), ('("0.0.0.0", 4444)', '("127.0.0.1", 0)'),
-               ('("dest-host", 4444)', "dst.address")],
-         setup=_tour_setup, check=_tour_check),
+    Rule(
+        'ram = GuestRAM.create({"pc.ram": 1 << 30',
+        subs=[
+            ("1 << 30", "1 << 22"),
+            ('"/etc/mpmultifd/key"', "KEY_PATH"),
+            ('("0.0.0.0", 4444)', '("127.0.0.1", 0)'),
+            ('("dest-host", 4444)', "dst.address"),
+        ],
+        setup=_tour_setup,
+        check=_tour_check,
+    ),
     Rule("MigrationCollector()", setup=_metrics_setup, check=_metrics_check, needs="prometheus_client"),
     Rule("from mpmultifd import aio", subs=[("64 << 20", "4 << 20")]),
-    Rule("ssl.PROTOCOL_TLS_SERVER",
-         subs=[('"/etc/mpmultifd/key"', "KEY_PATH"), ('"cert.pem"', "CERT"), ('"key.pem"', "TLS_KEY"), ('"ca.pem"', "CA"),
-               ('("0.0.0.0", 4444)', '("127.0.0.1", 0)')],
-         setup=_tls_setup, check=_tls_check),
-    Rule("ConvergenceError",
-         subs=[('"/dev/shm/guest"', "GUEST_FILE"), ("src.estimate(2.0", "src.estimate(0.5")],
-         setup=_convergence_setup, check=_convergence_check),
-    Rule("src.save(",
-         subs=[('"/var/lib/guests/vm1.mpsave"', "SAVE_PATH"),
-               ("    src.migrate(addr, pause=stop_guest, top_up=True)",
-                "    dst = Destination(dst_ram, listen=(\"127.0.0.1\", 0), config=MigrationConfig(channels=4))\n"
+    Rule(
+        "ssl.PROTOCOL_TLS_SERVER",
+        subs=[
+            ('"/etc/mpmultifd/key"', "KEY_PATH"),
+            ('"cert.pem"', "CERT"),
+            ('"key.pem"', "TLS_KEY"),
+            ('"ca.pem"', "CA"),
+            ('("0.0.0.0", 4444)', '("127.0.0.1", 0)'),
+        ],
+        setup=_tls_setup,
+        check=_tls_check,
+    ),
+    Rule(
+        "ConvergenceError",
+        subs=[('"/dev/shm/guest"', "GUEST_FILE"), ("src.estimate(2.0", "src.estimate(0.5")],
+        setup=_convergence_setup,
+        check=_convergence_check,
+    ),
+    Rule(
+        "src.save(",
+        subs=[
+            ('"/var/lib/guests/vm1.mpsave"', "SAVE_PATH"),
+            (
+                "    src.migrate(addr, pause=stop_guest, top_up=True)",
+                '    dst = Destination(dst_ram, listen=("127.0.0.1", 0), config=MigrationConfig(channels=4))\n'
                 "    dst.restore(saved.path)\n"
-                "    topped = src.migrate(dst.address, pause=stop_guest, top_up=True)")],
-         setup=_save_setup, check=_save_check),
+                "    topped = src.migrate(dst.address, pause=stop_guest, top_up=True)",
+            ),
+        ],
+        setup=_save_setup,
+        check=_save_check,
+    ),
     Rule("with WorkerPool(8) as pool", subs=[("WorkerPool(8)", "WorkerPool(2)")], setup=_pool_setup, check=_pool_check),
     Rule("prepare_receivers=True", setup=_prepared_setup, check=_prepared_check),
 ]

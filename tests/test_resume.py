@@ -95,7 +95,9 @@ SIZE = 24 << 20
 
 
 def cfg(retries):
-    return MigrationConfig(channels=2, start_method="forkserver", timeout=5.0, channel_retries=retries, downtime_limit=0.05)
+    return MigrationConfig(
+        channels=2, start_method="forkserver", timeout=5.0, channel_retries=retries, downtime_limit=0.05
+    )
 
 
 def test_cut_channel_is_resumed_and_ends_byte_identical():

@@ -143,7 +143,9 @@ def _check_chunk(pns: list[int], pages: list[np.ndarray], capacity: int) -> int:
     counts = np.minimum(pn % 129, capacity).astype(np.int64)
     got = np.concatenate(pages)
     starts = np.cumsum(counts) - counts
-    expected = np.repeat(pn, counts) + (np.arange(got.size, dtype=np.uint64) - np.repeat(starts, counts).astype(np.uint64))
+    expected = np.repeat(pn, counts) + (
+        np.arange(got.size, dtype=np.uint64) - np.repeat(starts, counts).astype(np.uint64)
+    )
     if np.array_equal(got, expected):
         return 0
     return sum(1 for p, a in zip(pns, pages) if not np.array_equal(a, _expected_pages(p, capacity)))
@@ -430,7 +432,7 @@ def test_close_and_unlink() -> None:
     with pytest.raises(ValueError):
         ring.pop(timeout=0)
     with pytest.raises(ValueError):
-        ring.counters
+        _ = ring.counters
     # a forked copy of the object is not the creator: it may neither unlink nor (on exit) remove the name
     ctx = multiprocessing.get_context("fork")
     with Ring.create(2, 1) as ring:

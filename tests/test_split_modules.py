@@ -99,7 +99,9 @@ def test_a_wrong_key_fails_both_ends_and_is_counted():
         assert lst.incoming.empty()
         keyless = MigrationConfig(timeout=10)
         with pytest.raises(AuthenticationError, match="requires an auth key"):
-            Connector(keyless, connect, _never_cancelled).open(lst.address, Hello(KIND_CONTROL, bytes(16), CONTROL_CHANNEL, 1))
+            Connector(keyless, connect, _never_cancelled).open(
+                lst.address, Hello(KIND_CONTROL, bytes(16), CONTROL_CHANNEL, 1)
+            )
     finally:
         lst.close()
 

@@ -7,7 +7,6 @@ import os
 import socket
 import struct
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -79,7 +78,7 @@ def test_scan_tracker_compares_with_what_was_sent(data):
             send(tracker.collect(0))
             assert len(tracker.collect(0)) == 0
             assert np.array_equal(dest, grid)
-            del grid, words
+            grid = words = None  # drop the views (the closures' too) before the region closes
             tracker.release()
         finally:
             ram.unlink()
@@ -166,7 +165,7 @@ class ControlRelay:
         while True:
             try:
                 client, _ = self.lsock.accept()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 return
@@ -271,7 +270,9 @@ def test_a_connection_lost_around_commit_is_reported_not_guessed(drop):
             try:
                 with Source(src_ram, cfg) as src:
                     with pytest.raises(CommitUnknown):
-                        src.migrate(relay.address, pause=lambda: calls.append("pause"), resume=lambda: calls.append("resume"))
+                        src.migrate(
+                            relay.address, pause=lambda: calls.append("pause"), resume=lambda: calls.append("resume")
+                        )
                     assert src.status == "commit-unknown"
                     assert src.query()["status"] == "commit-unknown"
                 assert calls == ["pause"]  # the guest is not resumed: the destination may own it

@@ -26,6 +26,7 @@ from mpmultifd.wire import (
     REPAIR_CHUNK_PAGES,
     BlockSpec,
     Cancel,
+    ChannelLost,
     ChannelState,
     Commit,
     CommitAck,
@@ -40,7 +41,6 @@ from mpmultifd.wire import (
     Hello,
     Repair,
     RepairDone,
-    ChannelLost,
     RepairPages,
     Result,
     RoundAck,
@@ -615,7 +615,13 @@ def test_repair_messages_round_trip(attempt, blocks, npages, page, data):
     assert decode_one(encode_control(r)) == r
     pages = np.array(data.draw(st.lists(st.integers(0, 2**63 - 1), min_size=npages, max_size=npages)), dtype=np.int64)
     prints = np.array(data.draw(st.lists(st.integers(0, 2**64 - 1), min_size=npages, max_size=npages)), dtype=np.uint64)
-    rp = RepairPages(attempt, data.draw(st.integers(0, 0xFFFF)), pages, prints, data.draw(st.binary(min_size=page, max_size=page)) * npages)
+    rp = RepairPages(
+        attempt,
+        data.draw(st.integers(0, 0xFFFF)),
+        pages,
+        prints,
+        data.draw(st.binary(min_size=page, max_size=page)) * npages,
+    )
     assert decode_one(encode_control(rp)) == rp
     assert decode_one(encode_control(RepairDone(attempt, npages))) == RepairDone(attempt, npages)
 
@@ -624,11 +630,23 @@ def test_repair_is_bounded_on_both_ends():
     with pytest.raises(LocalProtocolError):
         encode_control(Repair(1, ((0, np.arange(MAX_REPAIR_PAGES + 1)),)))
     with pytest.raises(LocalProtocolError):
-        encode_control(RepairPages(1, 0, np.arange(REPAIR_CHUNK_PAGES + 1), np.zeros(REPAIR_CHUNK_PAGES + 1, np.uint64), bytes(512 * (REPAIR_CHUNK_PAGES + 1))))
+        encode_control(
+            RepairPages(
+                1,
+                0,
+                np.arange(REPAIR_CHUNK_PAGES + 1),
+                np.zeros(REPAIR_CHUNK_PAGES + 1, np.uint64),
+                bytes(512 * (REPAIR_CHUNK_PAGES + 1)),
+            )
+        )
     # a hostile REPAIR that announces more pages than the limit, split over blocks
     body = b"\0\0\0\1\0\2\0\0"
     for b in range(2):
-        body += bytes([0, b, 0, 0]) + (MAX_REPAIR_PAGES // 2 + 1).to_bytes(4, "big") + bytes(8 * (MAX_REPAIR_PAGES // 2 + 1))
+        body += (
+            bytes([0, b, 0, 0])
+            + (MAX_REPAIR_PAGES // 2 + 1).to_bytes(4, "big")
+            + bytes(8 * (MAX_REPAIR_PAGES // 2 + 1))
+        )
     d = ControlDecoder()
     d.feed(_frame(13, body))
     with pytest.raises(RemoteProtocolError) as ei:
@@ -637,7 +655,9 @@ def test_repair_is_bounded_on_both_ends():
 
 
 @given(
-    names=st.lists(st.text(min_size=1, max_size=20).filter(lambda s: "\0" not in s), min_size=1, max_size=5, unique=True),
+    names=st.lists(
+        st.text(min_size=1, max_size=20).filter(lambda s: "\0" not in s), min_size=1, max_size=5, unique=True
+    ),
     ps_exp=st.integers(9, 16),
     channels=st.integers(1, 256),
     pp=st.integers(1, 1023),
@@ -652,7 +672,14 @@ def test_config_round_trip(names, ps_exp, channels, pp, verify, zp, data):
     assert decode_one(encode_control(cfg)) == cfg
 
 
-@given(msgs=st.lists(st.sampled_from([ConfigAck(), RoundAck(7), Cancel(), Commit(), CommitAck(), RepairDone(1, 2)]), min_size=1, max_size=6), data=st.data())
+@given(
+    msgs=st.lists(
+        st.sampled_from([ConfigAck(), RoundAck(7), Cancel(), Commit(), CommitAck(), RepairDone(1, 2)]),
+        min_size=1,
+        max_size=6,
+    ),
+    data=st.data(),
+)
 def test_authenticated_frames_round_trip_and_any_change_is_refused(msgs, data):
     """With a key every frame carries a tag over its counter, header and body: a changed byte,
     a dropped, reordered or replayed frame, or a missing tag is refused (field ``mac``)."""

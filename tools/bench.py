@@ -157,7 +157,10 @@ def main() -> None:
         return
     print(f"size {args.size / (1 << 30):.2f} GiB, {args.runs} runs each (medians), start method {args.start_method}, "
           f"verify {args.verify}, {os.cpu_count()} CPUs")
-    print(f"{'content':<10} {'mode':<24} {'ch':>3} {'GB/s':>6} {'setup ms':>9} {'downtime ms':>12} {'wire MiB':>9} {'x base':>7}")
+    print(
+        f"{'content':<10} {'mode':<24} {'ch':>3} {'GB/s':>6} {'setup ms':>9} "
+        f"{'downtime ms':>12} {'wire MiB':>9} {'x base':>7}"
+    )
     for r in rows:
         setup = "" if r["setup_ms"] is None else f"{r['setup_ms']:.1f}"
         down = "" if r["downtime_ms"] is None else f"{r['downtime_ms']:.1f}"

@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from mpmultifd import Destination, GuestRAM, MigrationConfig, Source  # noqa: E402
 from mpmultifd.cli import parse_size  # noqa: E402
 from mpmultifd.testing import CONTENTS, fill  # noqa: E402
+
 from toolkit import fmt_size, log, machine_header, print_end, raise_interrupt  # noqa: E402
 
 VARIANTS = {
@@ -72,7 +73,10 @@ def main() -> int:
                         finally:
                             dst_ram.unlink()
                     doc["runs"][name].append({"wall": wall, "cpu": used, "downtime": res.downtime})
-                    log(f"run {run + 1} {name}: {wall:.3f} s wall, {used:.2f} CPU-s, downtime {res.downtime * 1000:.0f} ms")
+                    log(
+                        f"run {run + 1} {name}: {wall:.3f} s wall, {used:.2f} CPU-s, "
+                        f"downtime {res.downtime * 1000:.0f} ms"
+                    )
         finally:
             src_ram.unlink()
     if not a.json:

@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from mpmultifd import ConvergenceError, GuestRAM, MigrationConfig, MigrationError, Source  # noqa: E402
 from mpmultifd.cli import parse_size  # noqa: E402
 from mpmultifd.testing import CONTENTS, DirtyingWriter, RemoteDestination, fill  # noqa: E402
+
 from toolkit import fmt_size, log, machine_header, print_end, raise_interrupt  # noqa: E402
 
 
@@ -104,7 +105,9 @@ def main() -> int:
     if not a.json:
         for k, v in doc["machine"].items():
             print(f"# {k}: {v}")
-        print(f"# {a.runs} runs per row, interleaved; {a.channels} channels; content {a.content}; limit 0.3 s (default)")
+        print(
+            f"# {a.runs} runs per row, interleaved; {a.channels} channels; content {a.content}; limit 0.3 s (default)"
+        )
     t_all = time.monotonic()
     for size in sizes:
         for run in range(a.runs):
@@ -127,7 +130,10 @@ def main() -> int:
                             flush=True,
                         )
     if not a.json:
-        print("\n| size | tracker | writes/s | completed | refused before pausing | downtime median (ms) | expected median (ms) | over the limit |")
+        print(
+            "\n| size | tracker | writes/s | completed | refused before pausing "
+            "| downtime median (ms) | expected median (ms) | over the limit |"
+        )
         print("|---|---|---|---|---|---|---|---|")
         for size in sizes:
             for tracker in trackers:
@@ -140,7 +146,10 @@ def main() -> int:
                     over = sum(1 for r in done if r["downtime"] > r["limit"])
                     med = f"{statistics.median(dts) * 1000:.0f}" if dts else "-"
                     emed = f"{statistics.median(exp) * 1000:.0f}" if exp else "-"
-                    print(f"| {fmt_size(size)} | {tracker} | {rate:g} | {len(done)}/{len(rows)} | {len(refused)} | {med} | {emed} | {over} |")
+                    print(
+                        f"| {fmt_size(size)} | {tracker} | {rate:g} | {len(done)}/{len(rows)} | {len(refused)} "
+                        f"| {med} | {emed} | {over} |"
+                    )
     doc["wall_time"] = time.monotonic() - t_all
     print_end(doc, a.json)
     return 0

@@ -27,12 +27,12 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from bench import migrate_once, warm_up  # noqa: E402
-
 from mpmultifd import GuestRAM  # noqa: E402
 from mpmultifd.cli import parse_size  # noqa: E402
 from mpmultifd.testing import fill  # noqa: E402
 from mpmultifd.zeropage import nonzero_pages  # noqa: E402
+
+from bench import migrate_once, warm_up  # noqa: E402
 
 METHODS = ["none", "lz4", "zstd:1", "zstd:3", "zlib", "auto"]
 
@@ -46,29 +46,33 @@ def best_of(fn, repeat: int = 5) -> float:
     return min(times)
 
 
+def _detection_times(ram: GuestRAM) -> tuple[float, float]:
+    """Best-of times of a plain read and of zero-page detection over ``ram`` (its views die with this call)."""
+    words = ram.pages(0).view(np.uint64)
+    flat = ram.view(0).view(np.uint64)
+    npages = len(words)
+
+    def read_all() -> None:
+        # a plain streaming read of the region: the memory read bandwidth reference
+        np.bitwise_or.reduce(flat)
+
+    def detect() -> None:
+        # exactly what a channel worker does, batch by batch (128 pages)
+        for first in range(0, npages, 128):
+            nonzero_pages(words, np.arange(first, min(first + 128, npages)))
+
+    read_all(), detect()
+    return best_of(read_all), best_of(detect)
+
+
 def zero_detection(size: int) -> None:
     print("zero-page detection, one process, best of 5 passes")
     print(f"{'content':<10} {'read GB/s':>10} {'detect GB/s':>12} {'ratio':>6}")
     for content in ("zero", "half-zero", "random"):
         with GuestRAM.create({"a": size}) as ram:
             fill(ram, content, seed=1)
-            words = ram.pages(0).view(np.uint64)
-            flat = ram.view(0).view(np.uint64)
-            npages = len(words)
-
-            def read_all() -> None:
-                # a plain streaming read of the region: the memory read bandwidth reference
-                np.bitwise_or.reduce(flat)
-
-            def detect() -> None:
-                # exactly what a channel worker does, batch by batch (128 pages)
-                for first in range(0, npages, 128):
-                    nonzero_pages(words, np.arange(first, min(first + 128, npages)))
-
-            read_all(), detect()
-            t_read, t_detect = best_of(read_all), best_of(detect)
-            print(f"{content:<10} {size / t_read / 1e9:>10.2f} {size / t_detect / 1e9:>12.2f} {t_read / t_detect:>6.2f}")
-            del words, flat
+            t_read, t_detect = _detection_times(ram)
+        print(f"{content:<10} {size / t_read / 1e9:>10.2f} {size / t_detect / 1e9:>12.2f} {t_read / t_detect:>6.2f}")
 
 
 def main() -> None:
@@ -87,7 +91,10 @@ def main() -> None:
     warm_up(2 * args.size)
     methods = [(m.split(":")[0], int(m.split(":")[1]) if ":" in m else None) for m in args.methods.split(",")]
     print(f"migration, {args.size / (1 << 20):.0f} MiB, {args.channels} channels, {args.runs} runs each (medians)")
-    print(f"{'content':<10} {'method':<8} {'GB/s':>6} {'wire MiB':>9} {'wire %':>7} {'compressed':>11} {'raw':>6} {'x none':>7}")
+    print(
+        f"{'content':<10} {'method':<8} {'GB/s':>6} {'wire MiB':>9} {'wire %':>7} "
+        f"{'compressed':>11} {'raw':>6} {'x none':>7}"
+    )
     for content in args.content.split(","):
         with GuestRAM.create({"a": args.size}) as src:
             fill(src, content, seed=3)

@@ -62,6 +62,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from mpmultifd import GuestRAM, MigrationConfig, Source  # noqa: E402
 from mpmultifd.cli import parse_size  # noqa: E402
 from mpmultifd.testing import CONTENTS, DirtyingWriter, RemoteDestination, fill  # noqa: E402
+
 from toolkit import (  # noqa: E402
     caused_by_interrupt,
     fmt_size,
@@ -163,7 +164,10 @@ def migrate_once(src: GuestRAM, cfg: MigrationConfig, args: argparse.Namespace, 
         "transferred": res.transferred,
         "dirty_sync_total": query["dirty-sync-time"],
         "passes": [
-            {k: e[k] for k in ("round", "round-bytes", "round-time", "dirty-pages", "dirty-pages-rate", "dirty-sync-time")}
+            {
+                k: e[k]
+                for k in ("round", "round-bytes", "round-time", "dirty-pages", "dirty-pages-rate", "dirty-sync-time")
+            }
             for e in passes
         ],
     }
@@ -215,9 +219,12 @@ def part_sizes(args: argparse.Namespace) -> dict:
                 for r in range(args.runs):
                     got = migrate_once(src, config(args), args)
                     runs.append(got)
-                    log(f"#   run {r + 1}/{args.runs} {fmt_size(size)}: {got['time']:.2f} s, setup {got['setup']:.3f} s, "
+                    log(
+                        f"#   run {r + 1}/{args.runs} {fmt_size(size)}: {got['time']:.2f} s, "
+                        f"setup {got['setup']:.3f} s, "
                         f"downtime {1000 * got['downtime']:.1f} ms, {got['rounds']} round(s), "
-                        f"sync {1000 * got['dirty_sync_total']:.2f} ms in all")
+                        f"sync {1000 * got['dirty_sync_total']:.2f} ms in all"
+                    )
                 snap0 = time_snapshots(src, 0.0, args.scan_repeats, rng)
                 snap1 = time_snapshots(src, 0.01, args.scan_repeats, rng)
             finally:
@@ -328,8 +335,10 @@ def print_rates(res: dict, args: argparse.Namespace) -> None:
     print("Rate 0: no writer. Downtime: pause() .. destination committed. Sync: the coordinator's dirty-sync-time "
           "per round (all rounds); later rounds: rounds after the first full pass.")
     print()
-    print("| writes/s asked | writes/s achieved | rounds | total s | setup s | downtime ms | downtime max ms "
-          "| converged | dirty pages after round 0 | wire MiB | sync ms/round | later round s | later sync % of round |")
+    print(
+        "| writes/s asked | writes/s achieved | rounds | total s | setup s | downtime ms | downtime max ms "
+        "| converged | dirty pages after round 0 | wire MiB | sync ms/round | later round s | later sync % of round |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in res["rows"]:
         achieved = f"{r['writes_per_s']:.0f}" if r["writer"] else "-"
@@ -395,9 +404,14 @@ def warm_up_migration(args: argparse.Namespace) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", default="256M,512M,1G,2G,4G", help="region sizes for (a) and (c) (default 256M,512M,1G,2G,4G)")
-    p.add_argument("--rates", default="0,2000,8000,20000",
-                   help="writer rates in writes/s for (b); 0 = no writer, max = as fast as it can (default 0,2000,8000,20000)")
+    p.add_argument(
+        "--sizes", default="256M,512M,1G,2G,4G", help="region sizes for (a) and (c) (default 256M,512M,1G,2G,4G)"
+    )
+    p.add_argument(
+        "--rates",
+        default="0,2000,8000,20000",
+        help="writer rates in writes/s for (b); 0 = no writer, max = as fast as it can (default 0,2000,8000,20000)",
+    )
     p.add_argument("--rate-size", type=parse_size, default=parse_size("1G"), help="region size for (b) (default 1G)")
     p.add_argument("--channels", type=int, default=2)
     p.add_argument("--content", default="half-zero", choices=CONTENTS)

@@ -67,12 +67,12 @@ import uuid
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from bench import warm_up  # noqa: E402
-
 from mpmultifd import GuestRAM, MigrationConfig, Source  # noqa: E402
 from mpmultifd.cli import parse_size  # noqa: E402
 from mpmultifd.testing import CONTENTS, QMP, QMPError, RemoteDestination, fill  # noqa: E402
 from mpmultifd.testing import log_tail as _log_tail  # noqa: E402
+
+from bench import warm_up  # noqa: E402
 from toolkit import fmt_size, raise_interrupt  # noqa: E402
 
 BLOCK = "pc.ram"
@@ -478,12 +478,26 @@ def main() -> int:
         args.source_pool.close()
 
     example = Qemu.command(args.qemu, args.machine, f"{SHM}/<unique>", max(sizes), "<dir>/dst.qmp", incoming=True)
-    doc = json.dumps({"qemu": qemu_version, "qemu_destination_argv": example, "machine": args.machine,
-                      "runs": args.runs,
-                      "max_bandwidth": args.qemu_max_bandwidth or None, "downtime_limit_ms": args.qemu_downtime_limit,
-                      "start_method": args.start_method, "verify": args.verify, "pool": args.pool, "prefault": args.prefault,
-                      "loadavg_end": os.getloadavg(),
-                      "cpus": os.cpu_count(), "iperf3_Bps": iperf, "elapsed_s": elapsed, "rows": rows}, indent=2)
+    doc = json.dumps(
+        {
+            "qemu": qemu_version,
+            "qemu_destination_argv": example,
+            "machine": args.machine,
+            "runs": args.runs,
+            "max_bandwidth": args.qemu_max_bandwidth or None,
+            "downtime_limit_ms": args.qemu_downtime_limit,
+            "start_method": args.start_method,
+            "verify": args.verify,
+            "pool": args.pool,
+            "prefault": args.prefault,
+            "loadavg_end": os.getloadavg(),
+            "cpus": os.cpu_count(),
+            "iperf3_Bps": iperf,
+            "elapsed_s": elapsed,
+            "rows": rows,
+        },
+        indent=2,
+    )
     if args.json_file:
         with open(args.json_file, "w") as f:
             f.write(doc + "\n")

@@ -47,11 +47,11 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.join(HERE, ".."), os.path.join(HERE, "..", "tests")]
 
-import linux_guest  # noqa: E402
-from linux_guest import LinuxGuest  # noqa: E402
-
 from mpmultifd import MigrationConfig, qemu  # noqa: E402
 from mpmultifd.cli import parse_size  # noqa: E402
+
+import linux_guest  # noqa: E402
+from linux_guest import LinuxGuest  # noqa: E402
 from toolkit import fmt_size, log, machine_header, report_leftovers  # noqa: E402
 
 
@@ -190,7 +190,7 @@ def main() -> int:
         finally:
             guest.close()
 
-        def med(tool: str, key: str) -> float:
+        def med(tool: str, key: str, runs: dict[str, list[dict]] = runs) -> float:
             vals = [r[key] for r in runs[tool] if r.get(key) is not None]
             return statistics.median(vals) if vals else float("nan")
 

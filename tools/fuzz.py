@@ -4,7 +4,7 @@
 For each method, one real migration is captured through a recording relay;
 then every iteration applies one to ``--max-mutations`` random mutations to
 the captured streams and replays them into a fresh destination (see
-``mpmultifd/fuzzing.py``). An input is a **finding** when the destination
+``fuzz/harness.py``). An input is a **finding** when the destination
 hung, failed with an error that is not a deliberate typed one, lost a worker,
 reported success with bytes that differ from the source's, wrote a page no
 acceptable header named or memory outside its region, or (with ``--stall-every``)
@@ -31,7 +31,7 @@ import traceback
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from mpmultifd.fuzzing import (  # noqa: E402
+from fuzz.harness import (  # noqa: E402
     METHODS,
     Capture,
     Outcome,

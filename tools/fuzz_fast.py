@@ -6,7 +6,7 @@ control decoder, each method's receiver with decompression, the save-file
 header), in this process, and prints per target how many inputs it tried, the
 coverage (line edges in mpmultifd's own code) and the corpus reached, and every
 **escape**: an exception that is not a typed ``MigrationError``, a write
-outside the region, or an input that hung. See ``mpmultifd/fastfuzz.py``.
+outside the region, or an input that hung. See ``fuzz/fast.py``.
 Exit status 1 when anything escaped. ``tools/fuzz.py`` is the slow, faithful
 end-to-end counterpart (a real destination per input).
 
@@ -25,7 +25,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from mpmultifd import fastfuzz  # noqa: E402
+from fuzz import fast as fastfuzz  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,7 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="directory to write escaping inputs to")
     args = p.parse_args(argv)
 
-    print(f"{'target':<14} {'inputs':>10} {'per s':>8} {'traced':>7} {'typed err':>10} {'edges':>6} {'corpus':>6} escapes")
+    print(
+        f"{'target':<14} {'inputs':>10} {'per s':>8} {'traced':>7} {'typed err':>10} {'edges':>6} {'corpus':>6} escapes"
+    )
 
     def report(st: fastfuzz.TargetStats) -> None:
         print(

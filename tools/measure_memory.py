@@ -84,6 +84,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from mpmultifd import GuestRAM, MigrationConfig, Source  # noqa: E402
 from mpmultifd.cli import parse_size  # noqa: E402
 from mpmultifd.testing import CONTENTS, RemoteDestination, fill  # noqa: E402
+
 from toolkit import (  # noqa: E402
     caused_by_interrupt,
     fmt_size,
@@ -294,7 +295,7 @@ class Sampler:
         self._thread = threading.Thread(target=self._loop, name="smaps-sampler", daemon=True)
         self._t0 = time.monotonic()
 
-    def start(self) -> "Sampler":
+    def start(self) -> Sampler:
         self.sample()
         self._thread.start()
         return self
@@ -388,7 +389,10 @@ def migrate_once(src: GuestRAM, channels: int, method: str, level: int | None, a
             )
             sampler.start()
             try:
-                with RemoteDestination(dst.name, cfg, start_method=args.start_method) as dest, Source(src, cfg) as source:
+                with (
+                    RemoteDestination(dst.name, cfg, start_method=args.start_method) as dest,
+                    Source(src, cfg) as source,
+                ):
                     t0 = time.perf_counter()
                     res = source.migrate(dest.address)
                     elapsed = time.perf_counter() - t0
@@ -452,7 +456,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", type=parse_size, default=parse_size("1G"), help="region size (default 1G)")
     p.add_argument("--channels", default="1,2,4,8", help="channel counts (default 1,2,4,8)")
-    p.add_argument("--content", default="random,half-zero", help=f"any of {', '.join(CONTENTS)} (default random,half-zero)")
+    p.add_argument(
+        "--content", default="random,half-zero", help=f"any of {', '.join(CONTENTS)} (default random,half-zero)"
+    )
     p.add_argument("--compression", default="none,zstd",
                    help="methods, NAME or NAME:LEVEL (default none,zstd: zstd at its default level 3)")
     p.add_argument("--runs", type=int, default=3, help="migrations per configuration (default 3)")
@@ -508,12 +514,16 @@ def main() -> int:
                                 key = (content, name if level is None else f"{name}:{level}", ch)
                                 runs.setdefault(key, []).append(got)
                                 s = summarize(got)
-                                log(f"#   run {r + 1}/{args.runs} {content} {key[1]} {ch} ch: {got['time']:.2f} s, "
+                                log(
+                                    f"#   run {r + 1}/{args.runs} {content} {key[1]} {ch} ch: {got['time']:.2f} s, "
                                     f"{got['samples']} samples ({got['sample_ms_median']:.1f} ms each, "
                                     f"{got['smaps_reads']} smaps reads, sampler CPU {got['sampler_cpu_s']:.2f} s), "
                                     "peak priv+anon "
-                                    + ", ".join(f"{role} {s[role]['peak_priv_anon']:.1f}" for role in ROLES if role in s)
-                                    + " MiB")
+                                    + ", ".join(
+                                        f"{role} {s[role]['peak_priv_anon']:.1f}" for role in ROLES if role in s
+                                    )
+                                    + " MiB"
+                                )
                 finally:
                     src.unlink()
     except BaseException as e:
@@ -590,9 +600,11 @@ def main() -> int:
               f"{sum(r['peak_literal'] <= args.target for r in workers)} of {len(workers)} within the target).")
     coord = [r for r in rows if r["role"] == "coordinator"]
     if coord:
-        print(f"Coordinator (this process, sampler thread included): peak priv+anon "
-              f"{min(r['peak_priv_anon'] for r in coord):.1f}-{max(r['peak_priv_anon'] for r in coord):.1f} MiB, "
-              f"peak private {min(r['peak_private'] for r in coord):.1f}-{max(r['peak_private'] for r in coord):.1f} MiB.")
+        print(
+            f"Coordinator (this process, sampler thread included): peak priv+anon "
+            f"{min(r['peak_priv_anon'] for r in coord):.1f}-{max(r['peak_priv_anon'] for r in coord):.1f} MiB, "
+            f"peak private {min(r['peak_private'] for r in coord):.1f}-{max(r['peak_private'] for r in coord):.1f} MiB."
+        )
     helpers = [r for r in rows if r["role"] == "helper"]
     if helpers:
         print(f"Helpers (forkservers, resource trackers; not in the table): {max(r['processes'] for r in helpers):g} "

@@ -38,13 +38,19 @@ def run_migration(size: int, channels: int, content: str, compression: str, pref
         try:
             fill(src, content, 1)
             time.sleep(0.5)  # a quiet gap that separates filling from the migration in the samples
-            with Destination(dst, config=cfg, pool=pool, prefault=prefault, prepare_receivers=prefault) as d, Source(src, cfg, pool=pool) as s:
+            with (
+                Destination(dst, config=cfg, pool=pool, prefault=prefault, prepare_receivers=prefault) as d,
+                Source(src, cfg, pool=pool) as s,
+            ):
                 d.wait_prepared()  # allocated, receivers prepared: before the timing, as an agent would
                 t0 = time.perf_counter()
                 r = s.migrate(d.address)
                 d.wait(60)
-                print(f"migrated {size >> 20} MiB in {time.perf_counter() - t0:.3f} s ({r.transferred >> 20} MiB on the wire)",
-                      flush=True)
+                print(
+                    f"migrated {size >> 20} MiB in {time.perf_counter() - t0:.3f} s "
+                    f"({r.transferred >> 20} MiB on the wire)",
+                    flush=True,
+                )
         finally:
             src.unlink()
             dst.unlink()

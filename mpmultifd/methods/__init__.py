@@ -21,9 +21,10 @@ from __future__ import annotations
 import os
 import socket
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -148,7 +149,7 @@ class PageSink:
         self.key = key
 
     def _record(self, block: int, pages: np.ndarray, rows: np.ndarray) -> None:
-        if self.prints is not None:
+        if self.prints is not None and self.key is not None:  # both or neither
             out = np.empty(len(pages), dtype=np.uint64)
             fingerprint_rows(rows, self.key, out)
             self.prints[block][pages] = out
@@ -194,7 +195,7 @@ class PageSink:
 
     def write_pages(self, block: int, pages: np.ndarray, src: np.ndarray) -> None:
         """Scatter ``src`` (``len(pages)`` rows of a page each) into the block."""
-        self.store(block, pages, memoryview(np.ascontiguousarray(src)).cast("B"))
+        self.store(block, pages, np.ascontiguousarray(src).data.cast("B"))
 
     def mark_received(self, block: int, pages: np.ndarray) -> None:
         self.received[block][pages] = 1
@@ -284,10 +285,7 @@ def _load_entry_points() -> None:
     if _ENTRY_POINTS_LOADED:
         return
     _ENTRY_POINTS_LOADED = True
-    try:
-        eps = metadata.entry_points(group=ENTRY_POINT_GROUP)
-    except TypeError:  # pragma: no cover - Python < 3.10 signature
-        eps = metadata.entry_points().get(ENTRY_POINT_GROUP, [])  # type: ignore[attr-defined]
+    eps = metadata.entry_points(group=ENTRY_POINT_GROUP)
     for ep in eps:
         if ep.name in _REGISTRY:
             continue

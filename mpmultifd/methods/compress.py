@@ -19,7 +19,8 @@ from __future__ import annotations
 import socket
 import time
 import zlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import lz4.block
 import numpy as np
@@ -41,6 +42,9 @@ class _Codec:
     """One compressor and decompressor pair, private to a worker process."""
 
     encoding: int
+
+    def __init__(self, level: int | None) -> None:
+        """``level``: the method's compression level, or None for the codec's default."""
 
     def compress(self, data: memoryview) -> bytes:
         raise NotImplementedError
@@ -138,7 +142,7 @@ class _Sender(MethodSender):
             np.copyto(out, batch.grid[first : first + n])
         else:
             np.take(batch.grid, batch.pages, axis=0, out=out)
-        return memoryview(out).cast("B")
+        return out.data.cast("B")
 
     def _compressed(self, batch: PageBatch) -> Prepared:
         raw_len = len(batch.pages) * self.page_size
@@ -158,7 +162,9 @@ class _AutoSender(_Sender):
     PROBE_EVERY = 32
     ALPHA = 0.2
 
-    def __init__(self, codec: _Codec, page_size: int, packet_pages: int, clock: Callable[[], float] = time.perf_counter):
+    def __init__(
+        self, codec: _Codec, page_size: int, packet_pages: int, clock: Callable[[], float] = time.perf_counter
+    ):
         super().__init__(codec, page_size, packet_pages)
         self.clock = clock
         self.speed = 0.0  # raw bytes compressed per second

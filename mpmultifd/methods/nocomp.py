@@ -23,7 +23,7 @@ class _Receiver(MethodReceiver):
     def __init__(self, page_size: int, packet_pages: int) -> None:
         self.page_size = page_size
         self._bounce = np.empty((packet_pages, page_size), dtype=np.uint8)
-        self._bounce_mv = memoryview(self._bounce).cast("B")
+        self._bounce_mv = self._bounce.data.cast("B")
 
     def recv(self, header: DataHeader, sock: socket.socket, sink: PageSink) -> None:
         # one contiguous read into a reusable buffer, then the pages go to their

@@ -44,20 +44,21 @@ import threading
 import time
 import warnings
 import zlib
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
-from . import auth
-from .config import MigrationConfig
-from .destination import Destination
-from .errors import MigrationError, WorkerDied
-from .methods import get_method
-from .ram import GuestRAM
-from .source import Source
-from .testing import fill
-from .wire import (
+from mpmultifd import auth
+from mpmultifd.config import MigrationConfig
+from mpmultifd.destination import Destination
+from mpmultifd.errors import MigrationError, WorkerDied
+from mpmultifd.methods import get_method
+from mpmultifd.ram import GuestRAM
+from mpmultifd.source import Source
+from mpmultifd.testing import fill
+from mpmultifd.wire import (
     CONTROL_CHANNEL,
     DATA_MAGIC,
     FLAG_EOS,
@@ -208,7 +209,7 @@ class RecordingRelay:
         while not self._stop.is_set():
             try:
                 client, _ = self._lsock.accept()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 return
@@ -266,7 +267,7 @@ class RecordingRelay:
         for s in socks:
             s.close()
 
-    def __enter__(self) -> "RecordingRelay":
+    def __enter__(self) -> RecordingRelay:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -440,7 +441,7 @@ class Streams:
     control_late: bool = False
     control_after: list[int] = field(default_factory=list)
 
-    def copy(self) -> "Streams":
+    def copy(self) -> Streams:
         return Streams(
             list(self.control),
             [list(d) for d in self.data],
@@ -1109,7 +1110,7 @@ class _Control:
             self.sock.settimeout(min(left, 0.5))
             try:
                 data = self.sock.recv(65536)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 data = b""
@@ -1215,7 +1216,9 @@ def replay(
     return out
 
 
-def _replay(cap: Capture, streams: Streams, *, settle: float, dst_timeout: float, prefill: bool, stall: bool) -> Outcome:
+def _replay(
+    cap: Capture, streams: Streams, *, settle: float, dst_timeout: float, prefill: bool, stall: bool
+) -> Outcome:
     t0 = time.monotonic()
     canary_size = 64 << 10
     with GuestRAM.create(dict(cap.blocks), page_size=cap.page_size) as ram, GuestRAM.create(
@@ -1277,11 +1280,26 @@ def _replay(cap: Capture, streams: Streams, *, settle: float, dst_timeout: float
             close_time = time.monotonic() - tc
         seconds = time.monotonic() - t0
         out = _judge(
-            cap, streams, ram, before, canary, canary_before, paths, sizes, err, result, valid, status, rejected, admitted
+            cap,
+            streams,
+            ram,
+            before,
+            canary,
+            canary_before,
+            paths,
+            sizes,
+            err,
+            result,
+            valid,
+            status,
+            rejected,
+            admitted,
         )
         if still_waiting and not out.finding:
             out.verdict = "stalled"
-            out.detail = f"still {status} {dst_timeout + settle:.1f} s after its peer fell silent (timeout {dst_timeout} s)"
+            out.detail = (
+                f"still {status} {dst_timeout + settle:.1f} s after its peer fell silent (timeout {dst_timeout} s)"
+            )
         out.seconds = seconds
         if not out.finding and close_time > dst_timeout + 5.0:
             out.verdict, out.detail = "slow-close", f"close() took {close_time:.1f} s"
@@ -1404,9 +1422,13 @@ def _judge(
     for b in ram.blocks:
         if ram.view(b.index).tobytes() != cap.region[b.name]:
             diff = np.flatnonzero(
-                (ram.pages(b.index) != np.frombuffer(cap.region[b.name], np.uint8).reshape(-1, cap.page_size)).any(axis=1)
+                (ram.pages(b.index) != np.frombuffer(cap.region[b.name], np.uint8).reshape(-1, cap.page_size)).any(
+                    axis=1
+                )
             )
-            return replace(out, verdict="wrong-bytes", detail=f"completed, but block {b.name} differs at pages {diff[:8].tolist()}")
+            return replace(
+                out, verdict="wrong-bytes", detail=f"completed, but block {b.name} differs at pages {diff[:8].tolist()}"
+            )
     if not valid:
         return replace(out, verdict="wrong-bytes", detail="completed but valid is False")
     return replace(out, verdict="benign", detail=f"completed: {getattr(result, 'rounds', '?')} rounds")
@@ -1427,9 +1449,11 @@ STRAY_KINDS = (
 )
 
 
-def stray_connection(address: tuple[str, int], kind: str, rng: random.Random, nchannels: int = 2, hold: float = 0.3) -> None:
+def stray_connection(
+    address: tuple[str, int], kind: str, rng: random.Random, nchannels: int = 2, hold: float = 0.3
+) -> None:
     """Open one unauthenticated junk connection of ``kind`` (see :data:`STRAY_KINDS`) and close it."""
-    from .wire import Hello, encode_hello
+    from mpmultifd.wire import Hello, encode_hello
 
     try:
         sock = socket.create_connection(address, timeout=5)

@@ -1,6 +1,6 @@
 """In-process, coverage-guided fuzzing of everything that parses a peer's or a file's bytes.
 
-:mod:`mpmultifd.fuzzing` replays mutated streams into real destinations, which
+:mod:`fuzz.harness` replays mutated streams into real destinations, which
 is faithful but slow (a fresh destination per input). This module feeds the
 same decoders directly, in this process, millions of times:
 
@@ -32,6 +32,7 @@ ran for longer than ``hang_seconds`` (a watchdog thread interrupts it).
 from __future__ import annotations
 
 import _thread
+import functools
 import os
 import random
 import re
@@ -40,16 +41,26 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from . import auth
-from .errors import MigrationError
-from .methods import PageBatch, PageSink, available_methods, get_method
-from .savefile import STATE_OFFSET, SaveLayout, SaveState, decode_header, encode_state, unpack_bitmap, unpack_digests
-from .wire import (
+import mpmultifd
+from mpmultifd import auth
+from mpmultifd.errors import MigrationError
+from mpmultifd.methods import PageBatch, PageSink, available_methods, get_method
+from mpmultifd.savefile import (
+    STATE_OFFSET,
+    SaveLayout,
+    SaveState,
+    decode_header,
+    encode_state,
+    unpack_bitmap,
+    unpack_digests,
+)
+from mpmultifd.wire import (
     CONTROL_CHANNEL,
     FLAG_EOS,
     FLAG_SYNC,
@@ -59,6 +70,7 @@ from .wire import (
     KIND_STREAM,
     BlockSpec,
     Cancel,
+    ChannelLost,
     ChannelState,
     Commit,
     CommitAck,
@@ -75,11 +87,9 @@ from .wire import (
     RepairPages,
     Result,
     Resume,
-    ChannelLost,
     RoundAck,
     RoundEnd,
     Verify,
-    data_header_size,
     decode_hello,
     encode_control,
     encode_hello,
@@ -91,7 +101,9 @@ PAGE = 512  # the smallest page size: small inputs, fast decompression
 PACKET_PAGES = 4
 BLOCK_PAGES = (16, 8)
 SID = bytes(range(16))
-_PKG_DIR = os.path.dirname(os.path.abspath(__file__))
+# coverage is measured in the package under test, not in this harness
+_PKG_DIR = os.path.dirname(os.path.abspath(mpmultifd.__file__))
+_REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # --------------------------------------------------------------------------- targets
@@ -184,7 +196,11 @@ def _headers() -> list[bytes]:
     offs = np.array([0, PAGE, 5 * PAGE], dtype=np.uint64)
     out.append(bytes(enc.encode(block=0, round=0, packet_num=0, normal_offsets=offs, payload_len=3 * PAGE)))
     out.append(
-        bytes(enc.encode(block=1, round=0, packet_num=1, normal_offsets=offs[:1], zero_offsets=offs[1:2] + PAGE, payload_len=PAGE))
+        bytes(
+            enc.encode(
+                block=1, round=0, packet_num=1, normal_offsets=offs[:1], zero_offsets=offs[1:2] + PAGE, payload_len=PAGE
+            )
+        )
     )
     out.append(bytes(enc.encode(flags=FLAG_SYNC, round=0, packet_num=2)))
     out.append(bytes(enc.encode(flags=FLAG_EOS, round=1, packet_num=3)))
@@ -354,7 +370,7 @@ def _savefile_target() -> Target:
 
 
 def _protocol_vectors() -> dict[str, bytes]:
-    doc = os.path.join(os.path.dirname(_PKG_DIR), "docs", "protocol.md")
+    doc = os.path.join(_REPO_DIR, "docs", "protocol.md")
     try:
         with open(doc, encoding="utf-8") as f:
             text = f.read()
@@ -451,12 +467,11 @@ class _Coverage:
         self._new: set[int] = set()
         self._prev = 0
         # code objects carry the path as imported (perhaps "tools/../mpmultifd/wire.py")
-        self._prefixes = tuple({_PKG_DIR + os.sep, os.path.dirname(__file__) + os.sep})
-        self._skip = {os.path.abspath(__file__), __file__}
+        self._prefixes = tuple({_PKG_DIR + os.sep, os.path.dirname(mpmultifd.__file__) + os.sep})
 
     def _global(self, frame: Any, event: str, arg: Any) -> Any:
         fn = frame.f_code.co_filename
-        if not fn.startswith(self._prefixes) or fn in self._skip:
+        if not fn.startswith(self._prefixes):
             return None
         return self._local
 
@@ -569,7 +584,7 @@ def fuzz_target(
     t0 = time.monotonic()
     try:
         for s in corpus:  # the seeds' own coverage first
-            err, _ = cov.traced(lambda: t.run(s))
+            err, _ = cov.traced(functools.partial(t.run, s))
             _judge(t, stats, s, err, max_escapes)
             stats.inputs += 1
             stats.traced += 1
@@ -587,7 +602,7 @@ def fuzz_target(
             dog.started, dog.busy = time.monotonic(), True
             try:
                 if i % trace_every == 0:
-                    err, new = cov.traced(lambda: t.run(data))
+                    err, new = cov.traced(functools.partial(t.run, data))
                     stats.traced += 1
                     if new and err is None or new and isinstance(err, MigrationError):
                         corpus.append(data)
