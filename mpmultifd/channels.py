@@ -82,6 +82,10 @@ class Channel:
     def handles(self) -> tuple[Any, Any, socket.socket | None]:
         return self.proc, self.conn, self.sock
 
+    def queued(self) -> int:
+        """Batches waiting in its ring (0 for a receiver)."""
+        return len(self.ring) if self.ring is not None else 0
+
     def listening(self) -> bool:
         """Whether its pipe and sentinel are waited on: a finished worker's stay ready (no spinning)."""
         return not self.done and not self.reconnecting

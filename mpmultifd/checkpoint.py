@@ -175,7 +175,7 @@ def _load(
         for block, p in enumerate(present):
             pages = np.flatnonzero(p).astype(np.int64)
             for start in range(0, len(pages), cfg.packet_pages):
-                ch = min(group, key=lambda c: len(c.ring))
+                ch = min(group, key=lambda c: c.queued())
                 _push(group, ch, (KIND_DATA, block, 0, num, pages[start : start + cfg.packet_pages]), cfg.timeout)
                 num += 1
         for ch in group:

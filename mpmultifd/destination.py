@@ -442,7 +442,7 @@ class Destination:
     def _serve_session(self, c: Config, decoder: ControlDecoder) -> None:
         cfg = self.config
         ctx = mp_context(worker_start_method(cfg))
-        spec_base = dict(
+        spec_base: dict[str, Any] = dict(
             page_size=c.page_size,
             packet_pages=c.packet_pages,
             block_sizes=tuple(b.size for b in c.blocks),
@@ -455,7 +455,8 @@ class Destination:
             prints_name=self._held.seg.name if self._held is not None else None,
         )
         session = self._dsession
-        assert session is not None
+        received, stats = self._received, self._stats
+        assert session is not None and received is not None and stats is not None
         setup_deadline = time.monotonic() + cfg.timeout
         last_seen = (-1, -1)
         last_progress = time.monotonic()
@@ -477,7 +478,7 @@ class Destination:
                 proc, parent_conn = handles if handles is not None else start_worker(
                     ctx,
                     receiver_main,
-                    (spec, self.ram, self._received.name, self._stats.name, sock),
+                    (spec, self.ram, received.name, stats.name, sock),
                     f"mpmultifd-recv-{hello.channel}",
                     self._pool,
                 )
@@ -527,6 +528,7 @@ class Destination:
 
     def _hand_to_warm(self, spec: WorkerSpec, sock: socket.socket) -> tuple[Any, Any] | None:
         """Give a data channel to a prepared receiver, if one is left; returns its handles."""
+        assert self._received is not None and self._stats is not None
         return self._prepared.hand(spec, sock, self._received.name, self._stats.name)
 
     def _finish_session(
@@ -548,6 +550,7 @@ class Destination:
                     if not self._streams_running():
                         raise ChannelBroken("the source did not commit the migration")
                     deadline = time.monotonic() + self.config.timeout
+                assert self._control is not None
                 self._wait(self._control, 0.5)
                 self._take_incoming(accept_data=False)
                 self._read(self._control, decoder)
@@ -701,7 +704,7 @@ class Destination:
 
     def _take_incoming(self, *, accept_data: bool) -> list[tuple[socket.socket, Any]]:
         """Claim handshaken connections: the first control hello opens the session, data hellos join it."""
-        out = []
+        out: list[tuple[socket.socket, Any]] = []
         while True:
             try:
                 _, sock, hello = self._listener.incoming.get_nowait()

@@ -64,6 +64,9 @@ class MigrationError(Exception):
     for the control channel and the coordinators.
     """
 
+    # the worker's traceback, when a worker process raised it
+    worker_traceback: str | None = None
+
     def __init__(self, message: str, *, channel: int | None = None) -> None:
         super().__init__(message)
         self.channel = channel

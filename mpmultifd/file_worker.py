@@ -224,7 +224,7 @@ def _run_saver(spec: FileSpec, ram: GuestRAM, ring: Ring, conn: Connection, fd: 
     ps = spec.worker.page_size
     grids = [ram.pages(b.index) for b in ram.blocks]
     words = [g.view(np.uint64) for g in grids]
-    datas = [memoryview(ram.view(b.index)).cast("B") for b in ram.blocks]
+    datas = [ram.view(b.index).data.cast("B") for b in ram.blocks]
     presents = [np.frombuffer(present_seg.buf, dtype=np.uint8)]
     detect_zero = spec.worker.zero_page == "multifd"
     counters = ring.counters
@@ -277,7 +277,7 @@ def _run_saver(spec: FileSpec, ram: GuestRAM, ring: Ring, conn: Connection, fd: 
 
 def _run_loader(spec: FileSpec, ram: GuestRAM, ring: Ring, conn: Connection, fd: int) -> None:
     ps = spec.worker.page_size
-    datas = [memoryview(ram.view(b.index)).cast("B") for b in ram.blocks]
+    datas = [ram.view(b.index).data.cast("B") for b in ram.blocks]
     counters = ring.counters
 
     def load(batch) -> None:

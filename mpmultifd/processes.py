@@ -8,7 +8,6 @@ orders every start in the process and one grace period bounds every stop.
 
 from __future__ import annotations
 
-import multiprocessing
 import socket
 import threading
 import time
@@ -29,7 +28,7 @@ _START_LOCK = threading.Lock()
 
 
 def start_worker(
-    ctx: Any, target: Callable[..., Any], args: tuple, name: str, pool: Any = None
+    ctx: Any, target: Callable[..., Any], args: tuple[Any, ...], name: str, pool: Any = None
 ) -> tuple[Any, Any]:
     """Start a worker process with a connection to it; returns (process, our end of the connection).
 
@@ -47,7 +46,8 @@ def start_worker(
     only mpmultifd's worker code, which takes none of the parent threads' locks.
     """
     if pool is not None:
-        return pool.run(target, args)
+        proc, conn = pool.run(target, args)
+        return proc, conn
     with _START_LOCK:
         parent_conn, child_conn = ctx.Pipe()
         proc = ctx.Process(target=target, args=(*args, child_conn), name=name, daemon=True)
@@ -98,7 +98,7 @@ def worker_start_method(config: MigrationConfig) -> str:
     return "fork" if config.tls is not None else config.start_method
 
 
-def mp_context(method: str) -> multiprocessing.context.BaseContext:
+def mp_context(method: str) -> Any:
     """The multiprocessing context for workers: their children never run the caller's ``__main__``,
     and forkserver ones come from a server of ours that preloads numpy and the worker modules."""
     return _mp.context(method)

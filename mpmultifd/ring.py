@@ -339,6 +339,7 @@ class Ring:
             raise ConfigError(f"batch fields must be integers in 0..2**64-1: {exc}") from None
         c[base + _S_COUNT] = n
         if n:
+            assert pages is not None
             self._payload[idx, :n] = pages
         seq = head + 1
         # x86 keeps stores in program order: the slot is complete before seq,

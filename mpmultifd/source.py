@@ -118,6 +118,25 @@ class Source:
     are borrowed from it (no process start) and given back at the end.
     """
 
+    # one run's state, set by _reset_stats (declared here: methods above it assign to it too)
+    _t_start: float | None
+    _t_end: float | None
+    _paused_at: float | None
+    _downtime: float | None
+    _error: BaseException | None
+    _group: ChannelGroup
+    _scans: ScanScheduler
+    _sync_seconds: float
+    _dirty_syncs: int
+    _throttle_max: int
+    _throttle_cb: Callable[[int], Any] | None
+    _before_commit: Callable[[Callable[[], socket.socket]], Any] | None
+    _round_end_bytes: dict[int, int]
+    _resumes: dict[int, int]
+    _zerocopy_reason: str | None
+    _stall_reason: str | None
+    _pause_phases: dict[str, float]
+
     def __init__(
         self,
         ram: GuestRAM,
@@ -633,17 +652,17 @@ class Source:
     # ------------------------------------------------------------------ state
 
     def _reset_stats(self) -> None:
-        self._t_start: float | None = None
-        self._t_end: float | None = None
-        self._paused_at: float | None = None
+        self._t_start = None
+        self._t_end = None
+        self._paused_at = None
         self._setup_time = 0.0
-        self._downtime: float | None = None
+        self._downtime = None
         self._expected_downtime = 0.0
         self._remaining_pages = self.ram.total_pages
         self._dirty_rate = 0.0
         self._dirty_syncs = 0
         self._round = 0
-        self._error: BaseException | None = None
+        self._error = None
         # the channel workers of this run (a fresh group each run: the last one's counts stay readable)
         self._group = ChannelGroup(
             "worker process", on_failure=self._channel_failed, keep_log=bool(self.config.channel_retries)
@@ -652,24 +671,24 @@ class Source:
         self._scans = ScanScheduler(self.ram, self._group, self._pump, self._print_key, self.config.timeout)
         self._group.on_scanned = self._scans.scanned
         self._progress_max = 0.0
-        self._round_end_bytes: dict[int, int] = {}
+        self._round_end_bytes = {}
         self._retries_left = self.config.channel_retries
         self._reconnects = 0
-        self._resumes: dict[int, int] = {}
-        self._zerocopy_reason: str | None = None
+        self._resumes = {}
+        self._zerocopy_reason = None
         self._confirmed_round = -1
         self._throttle_percent = 0
         self._throttle_max = 0
-        self._throttle_cb: Callable[[int], Any] | None = None
+        self._throttle_cb = None
         self._sync_seconds = 0.0
         self._pages_pushed = 0
         self._next_channel = 0  # where the next tie between equally empty rings starts
-        self._stall_reason: str | None = None
-        self._before_commit: Callable[[Callable[[], socket.socket]], Any] | None = None
+        self._stall_reason = None
+        self._before_commit = None
         self._commit_sent = False
         self._repaired_pages = 0
         self._repair_passes = 0
-        self._pause_phases: dict[str, float] = {}
+        self._pause_phases = {}
 
     def _expected_remaining(self, pages_sent: int, elapsed: float) -> float | None:
         """Seconds until the end at the pace pages have gone so far: the pages still to send, then
@@ -781,6 +800,7 @@ class Source:
         self._group.wait_ready(time.monotonic() + cfg.timeout, self._pump, "channel workers")
         if not cfg.channel_retries:
             self._records.seg.unlink()  # a replacement worker would attach by name
+        assert self._t_start is not None
         self._setup_time = time.monotonic() - self._t_start
         self._set_status("active")
         rnd, pending, converged = self._precopy(top_up, tracker=tracker)
@@ -866,7 +886,7 @@ class Source:
     def _start_channels(self, address: Address, session: bytes) -> None:
         cfg = self.config
         ctx = mp_context(worker_start_method(cfg))
-        spec_base = dict(
+        spec_base: dict[str, Any] = dict(
             page_size=self.ram.page_size,
             packet_pages=cfg.packet_pages,
             block_sizes=tuple(b.size for b in self.ram.blocks),
@@ -1233,6 +1253,7 @@ class Source:
         self._remaining_pages = 0
         self._t_end = time.monotonic()
         q = self.query()
+        assert self._t_start is not None
         return MigrationResult(
             status="completed",
             total_time=self._t_end - self._t_start,
@@ -1395,7 +1416,7 @@ class Source:
                 # the emptiest ring; ties go round the channels, not always to channel 0 (a paced
                 # round would otherwise leave the others idle)
                 turn = self._next_channel % len(chans)
-                ch = min(chans[turn:] + chans[:turn], key=lambda c: len(c.ring))
+                ch = min(chans[turn:] + chans[:turn], key=lambda c: c.queued())
                 self._next_channel = ch.index + 1
                 self._push(ch, kind, block, rnd, batch)
                 self._pages_pushed += len(batch)
@@ -1415,6 +1436,7 @@ class Source:
         while self._max_bandwidth is not None:
             wire = done = 0
             for ch in self._group.channels:
+                assert ch.ring is not None
                 c, base = ch.ring.counters, ch.counter_base
                 wire += int(c[C_WIRE_BYTES]) + base.get("bytes", 0)
                 done += int(c[C_NORMAL]) + int(c[C_ZERO]) + base.get("normal", 0) + base.get("duplicate", 0)

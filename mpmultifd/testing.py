@@ -86,14 +86,14 @@ def _aba_writer(ram: GuestRAM, stop: Any, started: Any, count: Any, rng: np.rand
         now = time.monotonic()
         keep = []
         for entry in held:
-            due, kind, block, pages, word, undo = entry
+            due, kind, block, pages, word, back = entry
             if due > now:
                 keep.append(entry)
                 continue
             if kind == 2:
-                grids[block][pages] = undo
+                grids[block][pages] = back
             else:
-                words[block][pages, word] -= np.uint32(undo)
+                words[block][pages, word] -= np.uint32(back)
         held = keep
         for _ in range(group):
             block = int(rng.integers(0, len(grids)))
@@ -101,8 +101,9 @@ def _aba_writer(ram: GuestRAM, stop: Any, started: Any, count: Any, rng: np.rand
             pages = np.unique(rng.integers(0, npages, int(rng.integers(1, 4))))
             word = int(rng.integers(0, nwords))
             kind = int(rng.integers(0, 3))
+            undo: Any
             if kind == 0:
-                undo: Any = 1
+                undo = 1
             elif kind == 1:
                 undo = int(rng.choice([1, 7, 1 << 16, 1 << 31, 0xFFFFFFFF]))
             else:
@@ -607,6 +608,7 @@ class ResetRelay:
                 try:
                     data = a.recv(65536)
                 except TimeoutError:
+                    assert armed is not None  # only an armed relay sets a timeout
                     self._reset(conn, channel, moved, armed)
                     return
                 if not data:

@@ -239,7 +239,7 @@ def tune_accepted(sock: socket.socket) -> None:
 
 def read_available(sock: socket.socket, peer: str) -> bytes:
     """Whatever the non-blocking control socket has now (TLS: every decrypted byte)."""
-    chunks = []
+    chunks: list[bytes] = []
     while True:
         try:
             data = sock.recv(1 << 20)

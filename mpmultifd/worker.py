@@ -256,7 +256,7 @@ def _run_sender(
     ps = spec.page_size
     grids = [ram.pages(b.index) for b in ram.blocks]
     words = [g.view(np.uint64) for g in grids]
-    datas = [memoryview(ram.view(b.index)).cast("B") for b in ram.blocks]
+    datas = [ram.view(b.index).data.cast("B") for b in ram.blocks]
     method = get_method(spec.method)(spec.level, spec.options)
     sender = method.sender(ps, spec.packet_pages)
     detect_zero = spec.zero_page == "multifd"
@@ -274,6 +274,7 @@ def _run_sender(
         counters[C_ZC_ACTIVE] = 1
 
     def zc_stats() -> None:
+        assert zc is not None
         st = zc.stats
         counters[C_ZC_SENDS] = st["sends"]
         counters[C_ZC_COMPLETIONS] = st["completions"]
@@ -302,6 +303,7 @@ def _run_sender(
                     # a private copy is what goes on the wire, and its fingerprints are what
                     # the scanning tracker compares later scans against: exact, whatever the
                     # writer does to the shared pages meanwhile
+                    assert records is not None and key is not None
                     snap = grids[blk][pages]
                     prints = np.empty(n, dtype=np.uint64)
                     fingerprint_rows(snap, key, prints)
@@ -310,7 +312,7 @@ def _run_sender(
                     nonzero = nonzero_pages(snap.view(np.uint64), rows) if detect_zero else np.ones(n, dtype=bool)
                     normal = pages[nonzero]
                     zero = pages[~nonzero]
-                    src = PageBatch(blk, ps, rows[nonzero], memoryview(snap).cast("B"), snap)
+                    src = PageBatch(blk, ps, rows[nonzero], snap.data.cast("B"), snap)
                 else:
                     if detect_zero and n:
                         nonzero = nonzero_pages(words[blk], pages)
@@ -540,7 +542,7 @@ def _run_receiver(
     ps = spec.page_size
     ch = spec.channel
     grids = [ram.pages(b.index) for b in ram.blocks]
-    datas = [memoryview(ram.view(b.index)).cast("B") for b in ram.blocks]
+    datas = [ram.view(b.index).data.cast("B") for b in ram.blocks]
     roffs = received_offsets(ram)
     rmaps = [
         np.frombuffer(received.buf, dtype=np.uint8, count=b.npages, offset=roffs[b.index]) for b in ram.blocks
