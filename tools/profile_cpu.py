@@ -25,6 +25,9 @@ Stages (S: the source does it, D: the destination):
 - ``store, fresh shm`` / ``store, allocated`` (D): ``PageSink.store`` (``pwrite``
   into the destination's file) into pages never touched before and into pages
   already allocated; the difference is the page allocation.
+- ``store half the pages`` (D): the same for a random half of every packet's
+  pages (a half-zero region's data pages: one ``pwrite`` per run, runs of about
+  two pages); still per page of the region.
 - ``verify compare`` (D): comparing the destination's and the source's
   fingerprint arrays (``np.flatnonzero(a != b)``).
 
@@ -159,8 +162,14 @@ def stage_socket(ram: GuestRAM, npages: int, pp: int, ps: int) -> tuple[float, f
     return cpu["send"], cpu["recv"]
 
 
-def stage_store(size: int, npages: int, pp: int, ps: int, src: memoryview) -> tuple[float, float]:
-    """PageSink.store (pwrite) into a fresh region, then again into the same, now allocated, pages."""
+def stage_store(size: int, npages: int, pp: int, ps: int, src: memoryview, scattered: bool = False) -> tuple[float, float]:
+    """PageSink.store (pwrite) into a fresh region, then again into the same, now allocated, pages.
+
+    ``scattered``: only a random half of each packet's pages (a half-zero region's data pages, in runs of
+    about two pages), as many pwrite calls as runs; the CPU time is still given per page of the region."""
+    keep = None
+    if scattered:
+        keep = np.random.default_rng(5).random(npages) < 0.5
     with GuestRAM.create({"d": size}) as dst:
         fd = os.open(dst.blocks[0].path, os.O_RDWR)
         try:
@@ -170,6 +179,8 @@ def stage_store(size: int, npages: int, pp: int, ps: int, src: memoryview) -> tu
             for _ in range(2):
                 t = time.process_time()
                 for pages in packets(npages, pp):
+                    if keep is not None:
+                        pages = pages[keep[pages]]
                     sink.store(0, pages, src[: len(pages) * ps])
                 out.append(time.process_time() - t)
         finally:
@@ -227,6 +238,9 @@ def main() -> int:
             f, a = stage_store(size, npages, pp, ps, src)
             add("store, fresh shm", f)
             add("store, allocated", a)
+            f, a = stage_store(size, npages, pp, ps, src, scattered=True)
+            add("store half the pages, fresh shm", f)
+            add("store half the pages, allocated", a)
             add("verify compare", stage_compare(npages))
     med = {k: statistics.median(v) for k, v in res.items()}
     med["page allocation (fresh - allocated)"] = med["store, fresh shm"] - med["store, allocated"]
