@@ -70,7 +70,14 @@ def session_seed(auth_key: bytes | None, session_id: bytes, attempt: int) -> byt
     return hmac.new(auth_key or b"", msg, hashlib.sha256).digest()
 
 
-def fingerprint_rows(rows: np.ndarray, key: np.ndarray, out: np.ndarray, *, chunk: int = ROWS_PER_CALL) -> None:
+def fingerprint_rows(
+    rows: np.ndarray,
+    key: np.ndarray,
+    out: np.ndarray,
+    *,
+    chunk: int = ROWS_PER_CALL,
+    nonzero: np.ndarray | None = None,
+) -> None:
     """Fingerprint every row of the 2-D uint8 array ``rows`` (whole pages) into ``out`` (uint64).
 
     A zero page fingerprints as 0 without the multiplications: every page is
@@ -80,6 +87,12 @@ def fingerprint_rows(rows: np.ndarray, key: np.ndarray, out: np.ndarray, *, chun
     the fingerprint; a chunk of zero pages costs one read instead of the
     fingerprint's widening and products (about a third of it). Chunks where
     fewer than a third of the pages pass the probe are fingerprinted whole.
+
+    With ``nonzero`` (a bool array as long as ``rows``), it is filled with
+    which pages hold a non-zero byte, exactly as :func:`mpmultifd.zeropage.nonzero_pages`
+    would say, from the same pass while the chunk is in the cache: a caller
+    that needs both reads a zero page once instead of twice. (A fingerprint of
+    0 does not prove a page zero.)
     """
     n = rows.shape[0]
     if n == 0:
@@ -91,21 +104,32 @@ def fingerprint_rows(rows: np.ndarray, key: np.ndarray, out: np.ndarray, *, chun
     for s in range(0, n, chunk):
         e = min(s + chunk, n)
         m = e - s
-        if wide is not None:
-            w = wide[s:e]
-            candidates = np.flatnonzero((w[:, 0] | w[:, -1]) == 0)
-        if wide is None or len(candidates) * _ZERO_CHECK_DIV < m:
+        if wide is None:
+            _products_summed(words[s:e], key, tmp[:m], out[s:e])
+            if nonzero is not None:
+                nonzero[s:e] = np.bitwise_or.reduce(words[s:e], axis=1) != 0
+            continue
+        w = wide[s:e]
+        candidates = np.flatnonzero((w[:, 0] | w[:, -1]) == 0)
+        if len(candidates) * _ZERO_CHECK_DIV < m:
             # mostly data: finding the few zero pages would cost more than fingerprinting them
             _products_summed(words[s:e], key, tmp[:m], out[s:e])
+            if nonzero is not None:
+                nz = nonzero[s:e]
+                nz[:] = True
+                if len(candidates):
+                    nz[candidates] = np.bitwise_or.reduce(w[candidates], axis=1) != 0
             continue
         # as zeropage.nonzero_pages: an OR over the words, in place unless gathering the candidates is cheaper
         if 5 * len(candidates) >= 3 * m:
-            nonzero = np.bitwise_or.reduce(w, axis=1) != 0
+            nzc = np.bitwise_or.reduce(w, axis=1) != 0
         else:
-            nonzero = np.ones(m, dtype=bool)
-            nonzero[candidates] = np.bitwise_or.reduce(w[candidates], axis=1) != 0
+            nzc = np.ones(m, dtype=bool)
+            nzc[candidates] = np.bitwise_or.reduce(w[candidates], axis=1) != 0
+        if nonzero is not None:
+            nonzero[s:e] = nzc
         o = out[s:e]
-        idx = np.flatnonzero(nonzero)
+        idx = np.flatnonzero(nzc)
         k = len(idx)
         if k == m:
             _products_summed(words[s:e], key, tmp[:m], o)

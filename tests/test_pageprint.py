@@ -121,3 +121,9 @@ def test_fingerprint_rows_matches_the_definition_whatever_the_zero_pages(npages,
     expect = words.astype(np.uint64) @ key
     assert np.array_equal(out, expect)
     assert not out[~grid.any(axis=1)].any()  # a zero page prints as 0
+    # the zero pages found on the way, asked for, are exactly the zero pages; the prints do not change
+    nonzero = rng.random(npages) < 0.5  # garbage that must be overwritten
+    out2 = np.full(npages, 12345, dtype=np.uint64)
+    fingerprint_rows(grid, key, out2, chunk=chunk, nonzero=nonzero)
+    assert np.array_equal(out2, expect)
+    assert np.array_equal(nonzero, grid.any(axis=1))
