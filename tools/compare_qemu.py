@@ -253,8 +253,8 @@ def mpm_roles(sm: TreeSampler, dest_pid: int, fs_pid: int | None, before: set[in
                 receivers.append(used(pid))
             else:
                 other += used(pid)  # e.g. ldconfig run by ctypes.util.find_library in a preload
-        elif pid in before:
-            other += used(pid)  # e.g. the resource tracker
+        elif pid in before and ppid != fs_pid:
+            other += used(pid)  # e.g. the resource tracker (a warm pool's workers are the forkserver's children)
         else:
             senders.append(used(pid))
     fs = used(fs_pid) if fs_pid is not None and fs_pid in sm.last else 0.0
@@ -705,7 +705,7 @@ def main() -> int:
     if args.pool:
         from mpmultifd import WorkerPool
 
-        args.source_pool = WorkerPool(max(channels), start_method=args.start_method)
+        args.source_pool = WorkerPool(max(channels), start_method=args.start_method or MigrationConfig().start_method)
     contents = args.contents.split(",")
     comps = args.compression.split(",")
     for c in contents:
