@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from multiprocessing.connection import wait as mp_wait
 from typing import Any
 
 import numpy as np
@@ -25,27 +24,17 @@ from .errors import ConfigError, MigrationError, SaveFileError, WorkerDied
 from .file_worker import file_spec, loader_main, open_file
 from .methods import page_runs
 from .ram import GuestRAM
-from .ring import KIND_DATA, KIND_EOS, KIND_STOP, Ring
+from .ring import KIND_DATA, KIND_EOS, Ring
 from .savefile import SaveLayout, read_layout, unpack_bitmap, unpack_digests
-from .source import mp_context, nudge_worker, reap_workers, start_worker
+from .channels import Batch, Channel, ChannelGroup
+from .processes import mp_context
 from .stats import RestoreResult
-from .worker import C_WIRE_BYTES, error_from_report, forward_log
 
 __all__ = ["restore", "read_save_tables"]
 
 log = logging.getLogger("mpmultifd.checkpoint")
 
 _MAX_MISMATCHES = 32
-
-
-class _Loader:
-    def __init__(self, index: int, ring: Ring, proc: Any, conn: Any) -> None:
-        self.index = index
-        self.ring = ring
-        self.proc = proc
-        self.conn = conn
-        self.ready = False
-        self.done = False
 
 
 def _pread_exact(fd: int, size: int, offset: int, field: str, path: str) -> bytes:
@@ -170,110 +159,51 @@ def _load(
     if direct:
         os.close(open_file(path, os.O_RDONLY, direct=True))  # says why here, not from a worker
     ctx = mp_context(cfg.start_method)
-    loaders: list[_Loader] = []
+    group = ChannelGroup("restore worker")
     error: BaseException | None = None
     data_offsets = tuple(b.data_offset for b in layout.blocks)
     try:
         for i in range(cfg.channels):
             spec = file_spec(ram, data_offsets, path, i, packet_pages=cfg.packet_pages, direct=direct)
             ring = Ring.create(nslots=cfg.ring_slots, capacity=cfg.packet_pages)
-            try:
-                proc, conn = start_worker(ctx, loader_main, (spec, ram, ring), f"mpmultifd-restore-{i}", pool)
-            except BaseException:
-                ring.close()
-                ring.unlink()
-                raise
-            loaders.append(_Loader(i, ring, proc, conn))
-        deadline = time.monotonic() + cfg.timeout
-        while not all(ch.ready for ch in loaders):
-            if time.monotonic() > deadline:
-                raise WorkerDied("restore workers did not start in time")
-            _pump(loaders, 0.1)
-        for ch in loaders:
-            ch.ring.unlink()
+            group.start(i, ctx, loader_main, (spec, ram, ring), f"mpmultifd-restore-{i}", pool, ring=ring)
+        group.wait_ready(time.monotonic() + cfg.timeout, group.pump, "restore workers")
         num = 0
         for block, p in enumerate(present):
             pages = np.flatnonzero(p).astype(np.int64)
             for start in range(0, len(pages), cfg.packet_pages):
-                ch = min(loaders, key=lambda c: len(c.ring))
-                _push(loaders, ch, KIND_DATA, block, num, pages[start : start + cfg.packet_pages], cfg.timeout)
+                ch = min(group, key=lambda c: len(c.ring))
+                _push(group, ch, (KIND_DATA, block, 0, num, pages[start : start + cfg.packet_pages]), cfg.timeout)
                 num += 1
-        for ch in loaders:
-            _push(loaders, ch, KIND_EOS, 0, num, None, cfg.timeout)
+        for ch in group:
+            _push(group, ch, (KIND_EOS, 0, 0, num, None), cfg.timeout)
             num += 1
         last, moved = -1, time.monotonic()
-        while not all(ch.done for ch in loaders):
-            _pump(loaders, 0.25)
-            now_bytes = sum(int(ch.ring.counters[C_WIRE_BYTES]) for ch in loaders)
+        while not all(ch.done for ch in group):
+            group.pump(0.25)
+            now_bytes = group.wire_bytes()
             if now_bytes != last:
                 last, moved = now_bytes, time.monotonic()
             elif time.monotonic() - moved > cfg.timeout:
                 raise MigrationError(f"restore made no progress for {cfg.timeout:g} s: the file's disk stopped answering")
-        return sum(int(ch.ring.counters[C_WIRE_BYTES]) for ch in loaders)
+        return group.wire_bytes()
     except BaseException as exc:
         error = exc
+        group.fail(exc)
         raise
     finally:
-        for ch in loaders:
-            if not ch.done:
-                try:
-                    ch.ring.try_push(KIND_STOP, 0, 0, 0, None)
-                except MigrationError:
-                    pass
-                nudge_worker(ch.conn, None)
-            ch.ring.close_producer()
-        reap_workers([(ch.proc, ch.conn, None) for ch in loaders])
-        for ch in loaders:
-            if ch.proc.exitcode is not None:
-                ch.proc.close()
-            ch.ring.close()
-            ch.ring.unlink()
+        group.shutdown()
         if error is not None:
             log.warning("restore of %s failed: %s", path, error)
 
 
-def _push(
-    loaders: list[_Loader], ch: _Loader, kind: int, block: int, num: int, pages: np.ndarray | None, timeout: float
-) -> None:
+def _push(group: ChannelGroup, ch: Channel, batch: Batch, timeout: float) -> None:
+    """Hand a batch to a loader; one that takes nothing for ``timeout`` seconds has a stuck disk."""
     deadline = time.monotonic() + timeout
-    while True:
-        try:
-            ch.ring.push(kind, block, 0, num, pages, timeout=0.1)
-            return
-        except MigrationError:
-            _pump(loaders, 0)  # a full ring: is a worker failing?
-            if time.monotonic() > deadline:
-                raise WorkerDied(f"restore worker {ch.index} took no batch for {timeout:g} s", channel=ch.index)
 
+    def pump(wait: float) -> None:
+        group.pump(wait)  # a full ring: is a worker failing?
+        if time.monotonic() > deadline:
+            raise WorkerDied(f"restore worker {ch.index} took no batch for {timeout:g} s", channel=ch.index)
 
-def _pump(loaders: list[_Loader], timeout: float) -> None:
-    waitables: list[Any] = []
-    for ch in loaders:
-        if not ch.done:
-            waitables += [ch.conn, ch.proc.sentinel]
-    ready = mp_wait(waitables, timeout) if waitables else []
-    for ch in loaders:
-        if ch.conn in ready and not ch.done:
-            _message(ch)
-    for ch in loaders:
-        if ch.proc.sentinel in ready and not ch.done:
-            if ch.conn.poll(0.2):
-                _message(ch)
-            if not ch.done:
-                raise WorkerDied(f"restore worker exited with code {ch.proc.exitcode}", channel=ch.index)
-
-
-def _message(ch: _Loader) -> None:
-    try:
-        msg = ch.conn.recv()
-    except (EOFError, OSError):
-        ch.proc.join(0.5)
-        raise WorkerDied(f"restore worker exited with code {ch.proc.exitcode}", channel=ch.index) from None
-    if msg[0] == "log":
-        forward_log(msg)
-    elif msg[0] == "ready":
-        ch.ready = True
-    elif msg[0] == "done":
-        ch.done = True
-    elif msg[0] == "error":
-        raise error_from_report(ch.index, msg)
+    group.push(ch, batch, pump)

@@ -6,7 +6,6 @@ import logging
 import os
 import queue
 import socket
-import ssl
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,25 +26,18 @@ from .errors import (
     MigrationError,
     RemoteProtocolError,
     VerificationError,
-    WorkerDied,
 )
+from .channels import Channel, ChannelGroup
+from .messages import Log, Receive, Warm
 from .methods import get_method
 from .ram import GuestRAM, file_data_extents
 from .pool import WorkerPool
 from .admission import DropLog, PendingHandshakes
 from .peers import untrusted_peer
-from .source import (
-    mp_context,
-    nudge_worker,
-    read_available,
-    reap_workers,
-    start_worker,
-    verify_threads,
-    worker_start_method,
-)
+from .processes import JOIN_GRACE, mp_context, nudge_worker, reap_workers, start_worker, worker_start_method
 from .stats import EventHub, MigrationResult, RestoreResult
 from . import auth
-from .transport import Address, format_address, is_loopback, recv_exact, tune_accepted
+from .transport import Address, format_address, is_loopback, read_available, recv_exact, tune_accepted
 from .transport import listen as tcp_listen
 from .wire import (
     MAX_CONTROL_BODY,
@@ -82,8 +74,6 @@ from .worker import (
     STATS_WORDS,
     PageRecords,
     WorkerSpec,
-    error_from_report,
-    forward_log,
     receiver_main,
     received_offsets,
     warm_receiver_main,
@@ -96,8 +86,12 @@ log = logging.getLogger("mpmultifd.destination")
 _MAX_PENDING_HANDSHAKES = 64
 _MAX_PENDING_PER_PEER = 16
 _MAX_ROUNDS_AHEAD = 256  # ROUND_END markers kept for rounds the barrier has not reached
-_JOIN_GRACE = 2.0
 _MAX_MISMATCHES_REPORTED = 32
+
+
+def verify_threads(channels: int) -> int:
+    """Threads a destination fingerprints its whole region with (a top-up's starting point)."""
+    return max(1, min(channels, os.cpu_count() or 1))
 
 
 def _allocated_pages(path: str, npages: int, page_size: int, out: np.ndarray) -> None:
@@ -105,19 +99,6 @@ def _allocated_pages(path: str, npages: int, page_size: int, out: np.ndarray) ->
     out[:] = 0
     for first, end in file_data_extents(path, npages, page_size):
         out[first:end] = 1
-
-
-class _Receiver:
-    def __init__(self, index: int, sock: socket.socket, proc: Any, conn: Any) -> None:
-        self.index = index
-        self.sock = sock
-        self.proc = proc
-        self.conn = conn
-        self.at_sync: int | None = None  # round it is parked at
-        self.sync_count = 0
-        self.eos: tuple[int, int] | None = None
-        self.exited = False
-        self.ready = False
 
 
 class Destination:
@@ -219,7 +200,11 @@ class Destination:
         )
         self._drops = DropLog(log)
         self._session: Config | None = None
-        self._receivers: dict[int, _Receiver] = {}
+        # the receiver workers, one per data channel of the session
+        self._group = ChannelGroup("receiver", on_failure=self._receiver_failed)
+        self._names_dropped = False  # every receiver attached and the segments' names unlinked
+        self._final_counters: list[dict[str, int]] = []
+        self._decoder: ControlDecoder | None = None  # the control connection's, once it is there
         self._control: socket.socket | None = None
         self._received: Segment | None = None
         self._held: PageRecords | None = None  # fingerprints of what each page holds, written by the receivers
@@ -375,7 +360,7 @@ class Destination:
             self._prefaulter.join()
         if not self._done.is_set():
             self.cancel()
-        self._coordinator.join(self.config.timeout + 2 * _JOIN_GRACE)
+        self._coordinator.join(self.config.timeout + 2 * JOIN_GRACE)
         try:
             # wakes the accept loop out of its poll at once (a close alone would leave it to its timeout)
             self._lsock.shutdown(socket.SHUT_RDWR)
@@ -393,7 +378,7 @@ class Destination:
         self._acceptor.join(2.0)
         self._drop_unclaimed()
         for thread, _ in self._streams:
-            thread.join(_JOIN_GRACE)
+            thread.join(JOIN_GRACE)
         for fd in (self._wake_r, self._wake_w):
             try:
                 os.close(fd)
@@ -537,7 +522,7 @@ class Destination:
         cfg = self.config
         # 1. the control connection and the session's configuration
         while self._control is None:
-            self._wait([], None)
+            self._wait(None)
             self._take_incoming(accept_data=False)
         ctrl = self._control
         key = cfg.auth_key
@@ -648,9 +633,9 @@ class Destination:
                 except (EOFError, OSError):
                     reap_workers([(proc, conn, None)])
                     break
-                if msg[0] == "log":
-                    forward_log(msg)
-                elif msg[0] == "warm":
+                if isinstance(msg, Log):
+                    msg.emit()
+                elif isinstance(msg, Warm):
                     ready.append((proc, conn))
                     break
         with self._warm_lock:
@@ -742,10 +727,10 @@ class Destination:
                 if resumed:
                     # the source resends this channel's packets from our current round on
                     self._send(Resume(hello.channel, rnd))
-                self._receivers[hello.channel] = _Receiver(hello.channel, sock, proc, parent_conn)
+                self._group.add(Channel(hello.channel, proc, parent_conn, sock))
             now = time.monotonic()
-            if len(self._receivers) < c.channels and now > setup_deadline:
-                missing = sorted(set(range(c.channels)) - set(self._receivers) - set(self._broken))
+            if len(self._group) < c.channels and now > setup_deadline:
+                missing = sorted(set(range(c.channels)) - {r.index for r in self._group} - set(self._broken))
                 if missing:
                     raise ChannelBroken(f"data channels {missing} did not connect within {cfg.timeout} s")
             for ch, deadline in self._broken.items():
@@ -789,18 +774,16 @@ class Destination:
                     raise MigrationError(f"source failed: {msg.message}")
                 else:
                     raise RemoteProtocolError(f"unexpected {type(msg).__name__} on the control channel", field="type")
-            recv = self._receivers
+            recv = {r.index: r for r in self._group}
             # the round barrier: every channel parked at this round's SYNC, and the marker arrived
-            if len(recv) == c.channels and rnd in round_ends and all(r.at_sync == rnd for r in recv.values()):
+            if len(recv) == c.channels and rnd in round_ends and all(r.parked and r.synced == rnd for r in recv.values()):
                 expected = round_ends.pop(rnd)
-                got = tuple(recv[i].sync_count for i in range(c.channels))
+                got = tuple(recv[i].packets for i in range(c.channels))
                 if got != expected:
                     raise RemoteProtocolError(
                         f"round {rnd}: channels received {got} packets, the source sent {expected}", field="packets"
                     )
-                for r in recv.values():
-                    r.at_sync = None
-                    r.conn.send(("go",))
+                self._group.release()
                 self._send(RoundAck(rnd))
                 rnd += 1
                 self._rounds = rnd
@@ -819,18 +802,18 @@ class Destination:
             if (
                 complete is not None
                 and len(recv) == c.channels
-                and all(r.eos is not None for r in recv.values())
+                and all(r.done for r in recv.values())
                 and (not c.verify or len(verify) == len(self.ram.blocks))
             ):
-                got = tuple(recv[i].eos[1] for i in range(c.channels))
-                if got != complete.packets or any(r.eos[0] != complete.round for r in recv.values()):
+                got = tuple(recv[i].packets for i in range(c.channels))
+                if got != complete.packets or any(r.synced != complete.round for r in recv.values()):
                     raise RemoteProtocolError(
                         f"final round: channels received {got} packets, the source sent {complete.packets}",
                         field="packets",
                     )
                 self._finish_session(c, complete, verify, decoder)
                 return
-            self._wait([r for r in recv.values()], self._control)
+            self._wait(self._control)
             if self._control is not None:
                 self._read(self._control, decoder)
 
@@ -842,7 +825,7 @@ class Destination:
                 return None
             proc, conn = warm
             try:
-                conn.send(("receive", spec, self._received.name, self._stats.name, sock.family, sock.type, sock.proto))
+                conn.send(Receive(spec, self._received.name, self._stats.name, sock.family, sock.type, sock.proto))
                 conn.send_handle(sock.fileno())
             except (OSError, ValueError) as e:  # it died while waiting: try the next one
                 log.debug("prepared receiver gone (%s)", e)
@@ -871,7 +854,7 @@ class Destination:
                     if not self._streams_running():
                         raise ChannelBroken("the source did not commit the migration")
                     deadline = time.monotonic() + self.config.timeout
-                self._wait([], self._control, 0.5)
+                self._wait(self._control, 0.5)
                 self._take_incoming(accept_data=False)
                 self._read(self._control, decoder)
                 continue
@@ -1067,14 +1050,15 @@ class Destination:
             elif hello.nchannels != s.channels or hello.channel >= s.channels:
                 reason = f"channel {hello.channel}/{hello.nchannels} does not fit {s.channels} channels"
             elif any(h.channel == hello.channel for _, h in out):
-                # claimed earlier in this same batch: _receivers does not show it yet
+                # claimed earlier in this same batch: the group does not show it yet
                 reason = f"channel {hello.channel} is already connected"
-            elif hello.channel in self._receivers or hello.channel in self._broken:
+            elif self._receiver(hello.channel) is not None or hello.channel in self._broken:
                 if self._retries_left > 0:
                     # a replacement for a broken channel (the source saw it break, perhaps first)
                     self._retries_left -= 1
-                    if hello.channel in self._receivers:
-                        self._retire(self._receivers[hello.channel], "replaced by a new connection")
+                    replaced = self._receiver(hello.channel)
+                    if replaced is not None:
+                        self._retire(replaced, "replaced by a new connection")
                     self._broken.pop(hello.channel, None)
                     log.warning("channel %d reconnected; %d retries left", hello.channel, self._retries_left)
                 else:
@@ -1086,16 +1070,23 @@ class Destination:
                 continue
             out.append((sock, hello))
 
-    def _retire(self, r: _Receiver, why: str) -> None:
+    @property
+    def _receivers(self) -> dict[int, Channel]:
+        """The receivers by channel (tests watch channels connect)."""
+        return {r.index: r for r in self._group}
+
+    def _receiver(self, channel: int) -> Channel | None:
+        return next((r for r in self._group if r.index == channel), None)
+
+    def _retire(self, r: Channel, why: str) -> None:
         """Stop a receiver whose connection broke or is being replaced; its slot stays open."""
-        self._receivers.pop(r.index, None)
-        nudge_worker(r.conn, r.sock)
-        reap_workers([(r.proc, r.conn, r.sock)])
+        self._group.remove(r)
+        self._group.retire(r)
         log.info("channel %d retired: %s", r.index, why)
 
-    def _receiver_failed(self, r: _Receiver, err: MigrationError) -> None:
+    def _receiver_failed(self, r: Channel, err: MigrationError) -> None:
         """A receiver's connection broke: keep its slot open for the source's reconnect, or fail."""
-        if self._receivers.get(r.index) is not r:
+        if r not in self._group.channels:
             return  # a report from a receiver already retired (replaced by a reconnection)
         if self._retries_left <= 0 or not isinstance(err, ChannelError):
             if isinstance(err, ChannelError):
@@ -1117,7 +1108,7 @@ class Destination:
     def _raise_why_source_left(self, err: MigrationError, grace: float = 0.5) -> None:
         """A data channel closed: if the source said why on the control channel (a cancel, its own
         failure), that is the error to report, not the closed channel it caused."""
-        ctrl, decoder = self._control, getattr(self, "_decoder", None)
+        ctrl, decoder = self._control, self._decoder
         if ctrl is None or decoder is None:
             return
         deadline = time.monotonic() + grace
@@ -1143,18 +1134,10 @@ class Destination:
             except (MigrationError, OSError):
                 return
 
-    def _wait(self, receivers: list[_Receiver], ctrl: socket.socket | None, timeout: float | None = 1.0) -> None:
-        waitables: list[Any] = [self._wake_r]
-        for r in receivers:
-            if r.eos is None:  # after end of stream its pipe and sentinel stay ready: do not spin on them
-                waitables.append(r.conn)
-            if not r.exited and r.eos is None:
-                waitables.append(r.proc.sentinel)
-        if ctrl is not None:
-            waitables.append(ctrl)
-            if isinstance(ctrl, ssl.SSLSocket) and ctrl.pending():
-                timeout = 0  # decrypted bytes wait inside the TLS object, not on the socket
-        ready = mp_wait(waitables, timeout)
+    def _wait(self, ctrl: socket.socket | None, timeout: float | None = 1.0) -> None:
+        """Wait up to ``timeout`` for a receiver's report, the control connection, a new connection or a cancel."""
+        group = self._group
+        ready = group.wait([self._wake_r] + ([ctrl] if ctrl is not None else []), timeout)
         if self._wake_r in ready:
             try:
                 os.read(self._wake_r, 4096)
@@ -1162,52 +1145,21 @@ class Destination:
                 pass
         if self._cancel_requested:
             raise MigrationCancelled("cancelled")
-        for r in receivers:
-            if r.conn in ready and self._receivers.get(r.index) is r:
-                try:
-                    self._receiver_message(r)
-                except MigrationError as e:
-                    self._receiver_failed(r, e)
-        for r in receivers:
-            if not r.exited and r.proc.sentinel in ready and self._receivers.get(r.index) is r:
-                r.exited = True
-                try:
-                    if r.conn.poll(0.2):
-                        self._receiver_message(r)
-                    if r.eos is None:
-                        raise WorkerDied(f"receiver exited with code {r.proc.exitcode}", channel=r.index)
-                except MigrationError as e:
-                    self._receiver_failed(r, e)
+        group.handle_messages(ready)
+        self._drop_names_when_attached()
+        group.handle_exits(ready)
 
-    def _receiver_message(self, r: _Receiver) -> None:
-        try:
-            msg = r.conn.recv()
-        except (EOFError, OSError):
-            if r.eos is not None:
-                return
-            r.proc.join(0.5)
-            raise WorkerDied(f"receiver exited with code {r.proc.exitcode}", channel=r.index) from None
-        kind = msg[0]
-        if kind == "log":
-            forward_log(msg)
-        elif kind == "ready":
-            r.ready = True
-            if (
-                not self._session.channel_retries  # a replacement receiver would attach by name
-                and len(self._receivers) == self._session.channels
-                and all(x.ready for x in self._receivers.values())
-            ):
-                # every receiver is attached: drop the names, so a crash of this
-                # process leaves nothing of ours in /dev/shm
-                for seg in (self._received, self._stats, self._held.seg if self._held is not None else None):
-                    if seg is not None:
-                        seg.unlink()
-        elif kind == "sync":
-            r.at_sync, r.sync_count = msg[1], msg[2]
-        elif kind == "eos":
-            r.eos = (msg[1], msg[2])
-        elif kind == "error":
-            raise error_from_report(r.index, msg)
+    def _drop_names_when_attached(self) -> None:
+        """Once every receiver attached, unlink the segments' names: a crash of this process then
+        leaves nothing of ours in /dev/shm (a replacement receiver would attach by name: not with retries)."""
+        s = self._session
+        if self._names_dropped or s is None or s.channel_retries:
+            return
+        if len(self._group) == s.channels and all(r.ready for r in self._group):
+            self._names_dropped = True
+            for seg in (self._received, self._stats, self._held.seg if self._held is not None else None):
+                if seg is not None:
+                    seg.unlink()
 
     def _read(self, ctrl: socket.socket, decoder: ControlDecoder) -> None:
         data = read_available(ctrl, "the source")
@@ -1223,7 +1175,7 @@ class Destination:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise ChannelBroken(f"timed out waiting for {what}")
-            self._wait([], self._control, min(left, 1.0))
+            self._wait(self._control, min(left, 1.0))
             self._read(self._control, decoder)
 
     def _send(self, msg: Any) -> None:
@@ -1242,7 +1194,7 @@ class Destination:
     def _counters(self) -> list[dict[str, int]]:
         st = self._stats
         if st is None or st.closed or self._session is None:
-            return list(getattr(self, "_final_counters", []))
+            return list(self._final_counters)
         words = np.frombuffer(st.buf, dtype=np.uint64, count=self._session.channels * STATS_WORDS)
         out = []
         for i in range(self._session.channels):
@@ -1283,11 +1235,9 @@ class Destination:
         else:
             status = "completed"
         self._final_counters = self._counters()
-        recv, self._receivers = self._receivers, {}
-        for r in recv.values():
-            if r.proc.is_alive():
-                nudge_worker(r.conn, r.sock)
-        reap_workers([(r.proc, r.conn, r.sock) for r in recv.values()])
+        if error is not None:
+            self._group.fail(error)
+        self._group.shutdown()
         with self._warm_lock:
             self._warm_closed = True
             warm, self._warm = self._warm, []

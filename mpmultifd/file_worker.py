@@ -33,6 +33,7 @@ from .methods import page_runs
 from .ram import GuestRAM
 from .ring import KIND_DATA, KIND_EOS, KIND_STOP, KIND_SYNC, Ring
 from .zeropage import nonzero_pages
+from .messages import AtBarrier, Ready, StreamEnded
 from .worker import (
     C_BUSY_NS,
     C_NORMAL,
@@ -46,7 +47,7 @@ from .worker import (
     CoordinatorWatch,
     WorkerSpec,
     _child_setup,
-    _report,
+    report_failure,
     _Stopped,
 )
 
@@ -158,7 +159,7 @@ def _worker(kind: str, spec: FileSpec, ram: GuestRAM, ring: Ring, conn: Connecti
         fd = open_file(spec.path, flags, direct=spec.direct)
         if spec.present_name is not None:
             present = Segment.attach(spec.present_name)
-        conn.send(("ready",))
+        conn.send(Ready())
         if kind == "save":
             _run_saver(spec, ram, ring, conn, fd, present)
         else:
@@ -166,7 +167,7 @@ def _worker(kind: str, spec: FileSpec, ram: GuestRAM, ring: Ring, conn: Connecti
     except _Stopped:
         pass
     except BaseException as exc:
-        _report(conn, exc)
+        report_failure(conn, exc)
         raise SystemExit(1) from None
     finally:
         if fd >= 0:
@@ -193,9 +194,9 @@ def _round_marker(batch, ring: Ring, conn: Connection) -> bool:
     if batch.kind in (KIND_SYNC, KIND_EOS):
         ring.counters[C_ROUND_DONE] = batch.round + 1
         if batch.kind == KIND_EOS:
-            conn.send(("done", batch.round))
+            conn.send(StreamEnded(batch.round))
             return True
-        conn.send(("synced", batch.round))
+        conn.send(AtBarrier(batch.round))
         return False
     return batch.kind == KIND_STOP
 

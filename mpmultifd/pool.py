@@ -29,6 +29,9 @@ from multiprocessing import reduction
 from multiprocessing.connection import Connection
 from typing import Any, Callable
 
+from .messages import Idle, Job, Leave, Log
+from .processes import mp_context, start_worker
+
 __all__ = ["WorkerPool"]
 
 log = logging.getLogger("mpmultifd.pool")
@@ -78,12 +81,12 @@ def _pack(args: tuple) -> tuple[tuple, list[int]]:
 
 
 def _unpack(args: tuple, fds: list[int]) -> tuple:
-    from .ring import _rebuild_ring
+    from .ring import rebuild_ring
 
     out: list[Any] = []
     for a in args:
         if isinstance(a, _RingRef):
-            out.append(_rebuild_ring(a.name, _Passed(fds[a.data]), _Passed(fds[a.space]), a.spin))
+            out.append(rebuild_ring(a.name, _Passed(fds[a.data]), _Passed(fds[a.space]), a.spin))
         elif isinstance(a, _SocketRef):
             out.append(socket.socket(a.family, a.type, a.proto, fileno=fds[a.fd]))
         else:
@@ -104,28 +107,27 @@ def _pool_worker_main(conn: Connection) -> None:
             job = conn.recv()
         except (EOFError, OSError):
             return
-        if job is None:
+        if isinstance(job, Leave):
             return
-        if job == ("stop",):
-            continue  # a stop that reached us after the job it was meant for had ended
-        target, packed, nfds = job
-        fds = [reduction.recv_handle(conn) for _ in range(nfds)]
+        if not isinstance(job, Job):
+            continue  # a Stop that reached us after the job it was meant for had ended
+        fds = [reduction.recv_handle(conn) for _ in range(job.nfds)]
         try:
-            args = _unpack(packed, fds)
+            args = _unpack(job.args, fds)
         except BaseException as exc:
             for fd in fds:
                 os.close(fd)
-            from .worker import _report
+            from .worker import report_failure
 
-            _report(conn, exc)
+            report_failure(conn, exc)
             return
         try:
-            target(*args, conn)
+            job.target(*args, conn)
         except SystemExit as e:
             if e.code:
                 return  # the job failed and said so: a fresh process serves the next one
         try:
-            conn.send(("idle",))
+            conn.send(Idle())
         except (OSError, ValueError):
             return
 
@@ -202,8 +204,6 @@ class _BorrowedProcess:
         return 0 if self._idle else self._worker.exitcode
 
     def join(self, timeout: float | None = None) -> None:
-        from .worker import forward_log
-
         deadline = None if timeout is None else time.monotonic() + timeout
         conn = self._worker.conn
         while not self._idle and self._worker.exitcode is None:
@@ -215,11 +215,11 @@ class _BorrowedProcess:
             except (EOFError, OSError):
                 self._worker.proc.join(left)
                 return
-            if msg == ("idle",):
+            if isinstance(msg, Idle):
                 self._idle = True
                 self._worker.settled = True
-            elif isinstance(msg, tuple) and msg and msg[0] == "log":
-                forward_log(msg)
+            elif isinstance(msg, Log):
+                msg.emit()
 
     def is_alive(self) -> bool:
         return not self._idle and self._worker.alive()
@@ -263,8 +263,6 @@ class WorkerPool:
             self._idle.append(self._new_worker())
 
     def _new_worker(self) -> _Worker:
-        from .source import mp_context, start_worker
-
         proc, conn = start_worker(mp_context(self.start_method), _pool_worker_main, (), "mpmultifd-pool")
         w = _Worker(proc, conn)
         with self._lock:
@@ -273,7 +271,7 @@ class WorkerPool:
         return w
 
     def run(self, target: Callable[..., Any], args: tuple) -> tuple[_BorrowedProcess, _BorrowedConnection]:
-        """Start ``target(*args, conn)`` in an idle worker (or a new one); returns process and pipe handles."""
+        """Start ``job.target(*args, conn)`` in an idle worker (or a new one); returns process and pipe handles."""
         while True:
             with self._lock:
                 if self._closed:
@@ -291,7 +289,7 @@ class WorkerPool:
                     self.reused += 1
             packed, fds = _pack(args)
             try:
-                w.conn.send((target, packed, len(fds)))
+                w.conn.send(Job(target, packed, len(fds)))
                 for fd in fds:
                     reduction.send_handle(w.conn, fd, w.proc.pid)
             except (OSError, ValueError):
@@ -323,7 +321,7 @@ class WorkerPool:
         if w.ended is not None:
             return
         try:
-            w.conn.send(None)
+            w.conn.send(Leave())
         except (OSError, ValueError):
             pass
         w.proc.join(grace)

@@ -290,7 +290,7 @@ class Ring:
         if self._closed:
             raise RingError(f"ring {self.name!r} is closed")
         return (
-            _rebuild_ring,
+            rebuild_ring,
             (self.name, reduction.DupFd(self._data_efd), reduction.DupFd(self._space_efd), self.spin),
         )
 
@@ -780,7 +780,7 @@ class Ring:
         return f"<Ring {self.name!r} mode={self.mode} nslots={self.nslots} capacity={self.capacity} len={len(self)}>"
 
 
-def _rebuild_ring(name: str, data_fd: Any, space_fd: Any, spin: int) -> Ring:
+def rebuild_ring(name: str, data_fd: Any, space_fd: Any, spin: int) -> Ring:
     """Unpickle a :class:`Ring` in a child process: attach by name, adopt the passed eventfds."""
     data_efd = data_fd.detach()
     space_efd = space_fd.detach()

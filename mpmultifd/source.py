@@ -6,7 +6,6 @@ import hmac
 import ipaddress
 import logging
 import mmap
-import multiprocessing
 import os
 import secrets
 import socket
@@ -14,14 +13,13 @@ import ssl
 import statistics
 import threading
 import time
-import warnings
 from dataclasses import replace
 from multiprocessing.connection import wait as mp_wait
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from . import _mp, auth
+from . import auth
 from .config import MigrationConfig
 from ._shm import Segment, unique_name
 from .digest import fingerprint_pages, fingerprint_some
@@ -40,19 +38,21 @@ from .errors import (
     RingClosed,
     RingTimeout,
     VerificationError,
-    WorkerDied,
 )
+from .channels import Channel, ChannelGroup
+from .messages import Scanned
 from .methods import get_method
 from .pageprint import fingerprint_extents, fingerprint_rows, key_from_seed, session_seed, split_ranges
 from .pacing import AutoConverge, BandwidthWindow, StallDetector, TokenBucket, rounds_to_converge
 from .ram import GuestRAM
-from .ring import KIND_DATA, KIND_EOS, KIND_SCAN, KIND_STOP, KIND_SYNC, KIND_ZERO, Ring
+from .ring import KIND_DATA, KIND_EOS, KIND_SCAN, KIND_SYNC, KIND_ZERO, Ring
 from .pool import WorkerPool
+from .processes import JOIN_GRACE, mp_context, start_worker, worker_start_method
 from .savefile import STATE_OFFSET, SaveLayout, SaveState, encode_state, pack_bitmap, pack_digests
 from .stats import DirtyRateEstimate, EventHub, MigrationResult, SaveResult
 from .tracking import DirtyTracker, ScanningTracker, make_tracker
 from .peers import untrusted_peer
-from .transport import Address, connect, format_address, is_loopback, parse_address, recv_exact
+from .transport import Address, connect, format_address, is_loopback, parse_address, read_available, recv_exact
 from .wire import (
     CONTROL_CHANNEL,
     MAX_CONTROL_BODY,
@@ -88,11 +88,8 @@ from .worker import (
     C_NORMAL,
     C_WIRE_BYTES,
     C_ZERO,
-    COUNTERS,
     PageRecords,
     WorkerSpec,
-    error_from_report,
-    forward_log,
     sender_main,
 )
 
@@ -100,7 +97,6 @@ __all__ = ["Source"]
 
 log = logging.getLogger("mpmultifd.source")
 
-_JOIN_GRACE = 2.0
 # round trips and wake-ups of a switchover (EOS, RESULT, COMMIT and its acknowledgement)
 _SWITCH_LATENCY = 0.01
 # the VERIFY message and the destination's comparison, per page of the region
@@ -109,75 +105,6 @@ _COMPARE_SECONDS_PER_PAGE = 20e-9
 _CALIBRATION_PAGES = 4096
 # the pause's verification pass against its calibration (tools/bench_downtime.py, 1 GiB, map tracker)
 _PAUSE_CONTENTION = 1.25
-
-
-_START_LOCK = threading.Lock()
-
-
-def start_worker(
-    ctx: Any, target: Callable[..., Any], args: tuple, name: str, pool: Any = None
-) -> tuple[Any, Any]:
-    """Start a worker process with a connection to it; returns (process, our end of the connection).
-
-    With a :class:`~mpmultifd.pool.WorkerPool`, an idle pool worker runs the job
-    instead, and the handles returned give it back to the pool when joined and
-    closed.
-
-    One lock serialises every worker start in this process: a fork in one
-    thread must not copy the half-made pipes of a start in another thread (a
-    Source and a Destination in one process), or the copy would keep a dead
-    worker's pipes open and hide its death.
-
-    TLS workers are forked (their TLS session lives in this process's memory);
-    Python 3.12+ warns about forking a process that has threads. The child runs
-    only mpmultifd's worker code, which takes none of the parent threads' locks.
-    """
-    if pool is not None:
-        return pool.run(target, args)
-    with _START_LOCK:
-        parent_conn, child_conn = ctx.Pipe()
-        proc = ctx.Process(target=target, args=(*args, child_conn), name=name, daemon=True)
-        try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings(
-                    "ignore", message=".*use of fork\\(\\) may lead to deadlocks", category=DeprecationWarning
-                )
-                proc.start()
-        except BaseException:
-            parent_conn.close()
-            raise
-        finally:
-            child_conn.close()
-    return proc, parent_conn
-
-
-def nudge_worker(conn: Any, sock: socket.socket | None) -> None:
-    """Ask a worker to stop, and wake it if it is blocked on its socket (file workers have none)."""
-    try:
-        conn.send(("stop",))
-    except (OSError, ValueError):
-        pass  # it already left
-    if sock is None:
-        return
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-
-
-def reap_workers(workers: list[tuple[Any, Any, socket.socket | None]]) -> None:
-    """Join ``(process, connection, socket)`` workers within one grace period, kill the
-    ones still running, and close this side's connection and socket of each."""
-    deadline = time.monotonic() + _JOIN_GRACE
-    for proc, _, _ in workers:
-        proc.join(max(0.0, deadline - time.monotonic()))
-    for proc, conn, sock in workers:
-        if proc.is_alive():
-            proc.kill()
-            proc.join(5.0)
-        conn.close()
-        if sock is not None:
-            sock.close()
 
 
 _FINGERPRINT_COST: dict[int, float] = {}
@@ -204,11 +131,6 @@ def _fingerprint_seconds_per_page(page_size: int) -> float:
             best = min(best, time.perf_counter() - t0)
         cost = _FINGERPRINT_COST[page_size] = best / n
     return cost
-
-
-def verify_threads(channels: int) -> int:
-    """Threads a destination fingerprints its whole region with (a top-up's starting point)."""
-    return max(1, min(channels, os.cpu_count() or 1))
 
 
 def _skip_pages(extents: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:
@@ -286,16 +208,6 @@ def _fsync_dir(path: str) -> None:
         os.close(dfd)
 
 
-def worker_start_method(config: MigrationConfig) -> str:
-    return "fork" if config.tls is not None else config.start_method
-
-
-def mp_context(method: str) -> multiprocessing.context.BaseContext:
-    """The multiprocessing context for workers: their children never run the caller's ``__main__``,
-    and forkserver ones come from a server of ours that preloads numpy and the worker modules."""
-    return _mp.context(method)
-
-
 def _compression_stats(per_channel: list[dict[str, int]]) -> dict[str, Any]:
     """How many data packets went compressed and how many raw, and the ratio achieved."""
     encoded = sum(c["compressed-packets"] for c in per_channel)
@@ -309,56 +221,12 @@ def _host_of(address: Any) -> str | None:
     return address[0] if isinstance(address, tuple) else None
 
 
-def read_available(sock: socket.socket, peer: str) -> bytes:
-    """Whatever the non-blocking control socket has now (TLS: every decrypted byte)."""
-    chunks = []
-    while True:
-        try:
-            data = sock.recv(1 << 20)
-        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
-            break
-        except OSError as e:
-            raise ChannelBroken(f"control connection failed: {e}") from e
-        if not data:
-            if chunks:
-                break  # report the EOF on the next read, after these bytes are decoded
-            raise ChannelClosed(f"{peer} closed the control connection")
-        chunks.append(data)
-        if not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
-            break
-    return b"".join(chunks)
-
-
 class _AdmissionDropped(Exception):
     """The destination closed a connection before welcoming it: worth another try (``error`` if not)."""
 
     def __init__(self, error: MigrationError) -> None:
         super().__init__(str(error))
         self.error = error
-
-
-class _Channel:
-    """The source's handle on one data channel: ring, socket, worker and its connection."""
-
-    def __init__(self, index: int, ring: Ring, sock: socket.socket | None, proc: Any, conn: Any) -> None:
-        self.index = index
-        self.ring = ring
-        self.sock = sock
-        self.proc = proc
-        self.conn = conn
-        self.synced = -1  # last round whose SYNC this worker sent
-        self.done = False
-        self.packets_in_round = 0
-        self.ready = False  # the worker attached to its ring
-        # every batch pushed since the last round the destination confirmed, for resending
-        self.log: list[tuple[int, int, int, int, np.ndarray | None]] = []
-        self.generation = 0  # bumped when a broken channel is replaced
-        self.reconnecting = False
-        self.awaiting_resume = False  # reconnecting, and the destination has not admitted the new connection yet
-        self.lost = False  # the destination lost the new connection while it was being resent on
-        self.counter_base: dict[str, int] = {}
-        self.progress_bytes = -1  # wire bytes at the last check, and when they last moved
-        self.progress_at = time.monotonic()
 
 
 class Source:
@@ -386,15 +254,11 @@ class Source:
         self._pool = pool if self.config.tls is None else None
         self._events = EventHub(on_event)
         self._lock = threading.Lock()
-        # held while channel counters are read and while a channel's ring is swapped or closed,
-        # so query() never meets a closed ring nor counts a retired worker twice
-        self._rings_lock = threading.Lock()
         self._progress_lock = threading.Lock()
         self._status = "none"
         self._cancel_requested = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
-        self._channels: list[_Channel] = []
         self._control: socket.socket | None = None
         self._opening: socket.socket | None = None  # a connection in its handshake
         self._decoder = ControlDecoder(max_verify=MAX_CONTROL_BODY)  # a source receives no VERIFY
@@ -597,13 +461,7 @@ class Source:
             os.pwrite(fd, layout.encode_header(), 0)  # state INCOMPLETE, from the first byte on
             self._save_resume = resume
             self._start_file_channels(tmp, layout, direct)
-            deadline = time.monotonic() + cfg.timeout
-            while not all(ch.ready for ch in self._channels):
-                if time.monotonic() > deadline:
-                    raise WorkerDied("save workers did not start in time")
-                self._pump(0.1)
-            for ch in self._channels:
-                ch.ring.unlink()
+            self._group.wait_ready(time.monotonic() + cfg.timeout, self._pump, "save workers")
             assert self._present is not None
             self._present.unlink()
             self._setup_time = time.monotonic() - self._t_start
@@ -689,13 +547,7 @@ class Source:
                 present_name=self._present.name,
             )
             ring = Ring.create(nslots=cfg.ring_slots, capacity=cfg.packet_pages)
-            try:
-                proc, conn = start_worker(self._ctx, saver_main, (spec, ram, ring), f"mpmultifd-save-{i}", self._pool)
-            except BaseException:
-                ring.close()
-                ring.unlink()
-                raise
-            self._channels.append(_Channel(i, ring, None, proc, conn))
+            self._group.start(i, self._ctx, saver_main, (spec, ram, ring), f"mpmultifd-save-{i}", self._pool, ring=ring)
 
     def _finish_save(
         self,
@@ -944,7 +796,7 @@ class Source:
         """Release workers and shared memory; idempotent. Cancels a running migration first."""
         if self._running:
             self.cancel()
-            deadline = time.monotonic() + self.config.timeout + _JOIN_GRACE
+            deadline = time.monotonic() + self.config.timeout + JOIN_GRACE
             while self._running and time.monotonic() < deadline:
                 time.sleep(0.01)
         with self._lock:
@@ -967,6 +819,11 @@ class Source:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
+    @property
+    def _channels(self) -> list[Channel]:
+        """This run's channels (fault-injection tests pick a worker to kill from them)."""
+        return self._group.channels
+
     # ------------------------------------------------------------------ state
 
     def _reset_stats(self) -> None:
@@ -981,7 +838,10 @@ class Source:
         self._dirty_syncs = 0
         self._round = 0
         self._error: BaseException | None = None
-        self._final_channels: list[dict[str, int]] = []
+        # the channel workers of this run (a fresh group each run: the last one's counts stay readable)
+        self._group = ChannelGroup(
+            "worker process", on_failure=self._channel_failed, on_scanned=self._scanned, keep_log=bool(self.config.channel_retries)
+        )
         self._progress_max = 0.0
         self._round_end_bytes: dict[int, int] = {}
         self._retries_left = self.config.channel_retries
@@ -1002,7 +862,7 @@ class Source:
         self._repair_passes = 0
         self._pause_phases: dict[str, float] = {}
         # scan jobs handed to workers and not reported done: id -> (block, extents, channel, generation)
-        self._scan_pending: dict[int, tuple[int, list[tuple[int, int]], _Channel, int]] = {}
+        self._scan_pending: dict[int, tuple[int, list[tuple[int, int]], Channel, int]] = {}
         self._scan_job_seq = 0
         self._scan_seconds_per_page: float | None = None  # measured by the latest scan
         self._worker_spp: dict[int, list[float]] = {}  # channel -> seconds per page of its latest scan jobs
@@ -1048,12 +908,11 @@ class Source:
         return self._events.subscribe(timeout)
 
     def _channel_counters(self) -> list[dict[str, int]]:
-        if not self._channels:
-            return [dict(c) for c in self._final_channels]  # the last migration's, after teardown
+        group = self._group
         try:
-            return self._channel_counters_of(list(self._channels))
+            return group.counters()  # the last run's after its teardown
         except (ValueError, AttributeError):  # a ring closed under us: teardown is running
-            return [dict(c) for c in self._final_channels]
+            return [dict(c) for c in group.final_counters]
 
     def _raised(self, exc: BaseException) -> MigrationError:
         """The error to raise for ``exc``: a MigrationError keeps the cause it was raised with
@@ -1121,15 +980,8 @@ class Source:
         self._records = PageRecords(Segment.create(unique_name("prt"), PageRecords.size(npages)), npages)
         tracker = self._migration_tracker(top_up)
         self._start_channels(address, session)
-        deadline = time.monotonic() + cfg.timeout
-        while not all(ch.ready for ch in self._channels):
-            if time.monotonic() > deadline:
-                raise WorkerDied("channel workers did not start in time")
-            self._pump(0.1)
-        for ch in self._channels:
-            # every worker is attached: drop the names, so a crash of this process
-            # leaves no ring behind in /dev/shm
-            ch.ring.unlink()
+        # every worker attached: the rings' names are dropped, so a crash of this process leaves none behind
+        self._group.wait_ready(time.monotonic() + cfg.timeout, self._pump, "channel workers")
         if not cfg.channel_retries:
             self._records.seg.unlink()  # a replacement worker would attach by name
         self._setup_time = time.monotonic() - self._t_start
@@ -1334,10 +1186,9 @@ class Source:
         self._session = session
         for i in range(cfg.channels):
             self._check_cancel()
-            ring, sock, proc, parent_conn = self._spawn_channel(i)
-            self._channels.append(_Channel(i, ring, sock, proc, parent_conn))
+            self._group.add(Channel(i, *self._spawn_channel(i)))
 
-    def _spawn_channel(self, i: int) -> tuple[Ring, socket.socket, Any, Any]:
+    def _spawn_channel(self, i: int) -> tuple[Any, Any, socket.socket, Ring]:
         """Ring, admitted connection and worker process for data channel ``i``."""
         cfg = self.config
         ring = Ring.create(nslots=cfg.ring_slots, capacity=cfg.packet_pages)
@@ -1360,9 +1211,9 @@ class Source:
             ring.unlink()
             sock.close()
             raise
-        return ring, sock, proc, parent_conn
+        return proc, parent_conn, sock, ring
 
-    def _channel_failed(self, ch: _Channel, err: MigrationError) -> None:
+    def _channel_failed(self, ch: Channel, err: MigrationError) -> None:
         """A data channel broke: reconnect it while the retry budget lasts, else fail."""
         while True:
             if self._retries_left <= 0 or ch.reconnecting or not isinstance(err, ChannelError):
@@ -1387,56 +1238,35 @@ class Source:
             # came while this channel was left out of event handling, so act on it now
             err = ChannelBroken("the destination lost the reconnected channel", channel=ch.index)
 
-    def _replace_channel(self, ch: _Channel) -> None:
+    def _replace_channel(self, ch: Channel) -> None:
         # retire the old worker first: once it exited, its counters are final
-        nudge_worker(ch.conn, ch.sock)
-        ch.ring.close_producer()
-        reap_workers([(ch.proc, ch.conn, ch.sock)])
+        self._group.retire(ch)
         self._resumes.pop(ch.index, None)
         ch.awaiting_resume = True
         ch.ready = False
         # the old ring stays in place until the new one is there: if connecting fails,
         # teardown and query() still find an open ring (a closed one raised ValueError)
-        ring, sock, proc, conn = self._spawn_channel(ch.index)
-        with self._rings_lock:  # keep its counters so totals never run backwards, nor count twice
-            old = self._channel_counters_of([ch], locked=True)[0]
-            ch.counter_base = {name: value for name, value in old.items() if name != "channel"}
-            old_ring, ch.ring = ch.ring, ring
-            ch.sock, ch.proc, ch.conn = sock, proc, conn
-            old_ring.close()
-        ch.generation += 1
+        proc, conn, sock, ring = self._spawn_channel(ch.index)
+        self._group.replace(ch, ring, sock, proc, conn)
         # the destination names the round it stands at; everything from there is resent
         deadline = time.monotonic() + self.config.timeout
         while ch.index not in self._resumes or not ch.ready:
             if time.monotonic() > deadline:
                 raise ChannelBroken("the destination did not take the reconnected channel back", channel=ch.index)
             if not ch.ready and ch.conn.poll(0):
-                self._worker_message(ch)  # "ready" (this channel is left out of _pump while it reconnects)
+                self._group.read_message(ch)  # Ready (this channel is left out of _pump while it reconnects)
             self._pump(0.05)
         ring.unlink()
         # a CHANNEL_LOST for this channel from here on is about the new connection
         ch.awaiting_resume = False
         start = self._resumes.pop(ch.index)
-        ch.log = [e for e in ch.log if e[2] >= start]
-        ch.synced = min(ch.synced, start - 1)
-        ch.done = False
-        ch.progress_bytes, ch.progress_at = -1, time.monotonic()
-        gen = ch.generation
-        for kind, block, rnd, num, pages in list(ch.log):
-            while True:
-                try:
-                    ch.ring.push(kind, block, rnd, num, pages, timeout=0.1)
-                    break
-                except RingTimeout:
-                    self._pump(0)
-                    if ch.generation != gen:
-                        return  # replaced again while resending: that replacement resent everything
-                except RingClosed:
-                    # the new worker stopped already (its connection broke too): its report, or
-                    # its exit, is handled once this replacement returns, and that resends all
-                    log.info("channel %d: the new worker stopped while packets were resent", ch.index)
-                    return
-        log.info("channel %d reconnected; resent %d packets from round %d", ch.index, len(ch.log), start)
+        resent = self._group.resend(ch, start, self._pump)
+        if resent < 0:
+            # replaced again while resending, or the new worker stopped already (its connection
+            # broke too): that replacement, or the handling of its exit, resends everything
+            log.info("channel %d: the new worker stopped while packets were resent", ch.index)
+            return
+        log.info("channel %d reconnected; resent %d packets from round %d", ch.index, resent, start)
 
     def _fingerprint_cost(self, save: bool) -> float:
         """Seconds the pause will spend fingerprinting pages, beyond the last dirty sync.
@@ -1858,8 +1688,8 @@ class Source:
 
     # ------------------------------------------------------------------ scans
 
-    def _usable_for_scans(self) -> list[_Channel]:
-        return [ch for ch in self._channels if ch.ready and not ch.done and not ch.reconnecting and ch.sock is not None]
+    def _usable_for_scans(self) -> list[Channel]:
+        return [ch for ch in self._group.channels if ch.ready and not ch.done and not ch.reconnecting and ch.sock is not None]
 
     def _parallel_scan(self, block: int, out: np.ndarray) -> None:
         """Fingerprint every page of ``block`` that holds data into ``out`` (the shared scan record),
@@ -1891,7 +1721,7 @@ class Source:
             for ch, part in zip(usable, parts):
                 self._queue_scan(ch, b.index, part)
 
-    def _queue_scan(self, ch: _Channel, block: int, extents: list[tuple[int, int]]) -> list[int]:
+    def _queue_scan(self, ch: Channel, block: int, extents: list[tuple[int, int]]) -> list[int]:
         """Hand ``extents`` of ``block`` to ``ch``'s worker as scan jobs; returns their ids."""
         per_job = max(1, ch.ring.capacity // 2)
         ids = []
@@ -1932,7 +1762,7 @@ class Source:
     # ------------------------------------------------------------------ rounds
 
     def _wire_bytes(self) -> int:
-        return sum(c["bytes"] for c in self._channel_counters_of(self._channels))
+        return self._group.wire_bytes()
 
     def _split_holes(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Every page of every block, as (pages with data, holes) per block."""
@@ -1955,7 +1785,7 @@ class Source:
         known_zero: list[np.ndarray] | None = None,
     ) -> None:
         """Cut the round's pages into batches and hand them to the emptiest rings, then SYNC (or EOS)."""
-        chans = self._channels
+        chans = self._group.channels
         n = self.config.packet_pages
         for ch in chans:
             ch.packets_in_round = 0
@@ -1991,7 +1821,7 @@ class Source:
         ps = self.ram.page_size
         while self._max_bandwidth is not None:
             wire = done = 0
-            for ch in self._channels:
+            for ch in self._group.channels:
                 c, base = ch.ring.counters, ch.counter_base
                 wire += int(c[C_WIRE_BYTES]) + base.get("bytes", 0)
                 done += int(c[C_NORMAL]) + int(c[C_ZERO]) + base.get("normal", 0) + base.get("duplicate", 0)
@@ -2003,27 +1833,13 @@ class Source:
                 return
             self._pump(min(wait, 0.05))
 
-    def _push(self, ch: _Channel, kind: int, block: int, rnd: int, pages: np.ndarray | None) -> None:
+    def _push(self, ch: Channel, kind: int, block: int, rnd: int, pages: np.ndarray | None) -> None:
         num = self._packet_num
         self._packet_num += 1
-        if self.config.channel_retries and ch.sock is not None:
-            ch.log.append((kind, block, rnd, num, pages))
-        gen = ch.generation
-        while True:
-            try:
-                ch.ring.push(kind, block, rnd, num, pages, timeout=0.1)
-                return
-            except RingTimeout:
-                self._pump(0)  # full ring: is anyone failing, or cancelling?
-            except RingClosed:
-                self._pump(0.5)
-                if ch.generation == gen:
-                    self._channel_failed(ch, WorkerDied("worker stopped taking batches", channel=ch.index))
-            if ch.generation != gen:
-                return  # the channel was replaced and this batch resent from the log
+        self._group.push(ch, (kind, block, rnd, num, pages), self._pump)
 
     def _wait_synced(self, rnd: int) -> None:
-        while any(ch.synced < rnd for ch in self._channels):
+        while any(ch.synced < rnd for ch in self._group.channels):
             self._pump(1.0)
 
     def _wait_confirmed(self, rnd: int) -> None:
@@ -2037,7 +1853,7 @@ class Source:
             self._pump(0.05)
 
     def _wait_done(self) -> None:
-        while not all(ch.done for ch in self._channels):
+        while not all(ch.done for ch in self._group.channels):
             self._pump(1.0)
 
     # ------------------------------------------------------------------ events
@@ -2049,18 +1865,9 @@ class Source:
     def _pump(self, timeout: float) -> None:
         """Wait up to ``timeout`` for worker, control or cancel events and handle them; raises on failure."""
         self._check_cancel()
-        waitables: list[Any] = [self._wake_r]
-        for ch in self._channels:
-            if not ch.done and not ch.reconnecting:  # a finished worker's pipe stays ready: no spinning
-                waitables.append(ch.conn)
-                waitables.append(ch.proc.sentinel)
-        if self._control is not None:
-            waitables.append(self._control)
-            if isinstance(self._control, ssl.SSLSocket) and self._control.pending():
-                timeout = 0  # decrypted bytes wait inside the TLS object, not on the socket
-        ready = mp_wait(waitables, timeout)
-        if self._control is not None and isinstance(self._control, ssl.SSLSocket) and self._control.pending():
-            ready.append(self._control)
+        group = self._group
+        ctrl = self._control
+        ready = group.wait([self._wake_r] + ([ctrl] if ctrl is not None else []), timeout)
         self._check_progress()
         if not ready:
             return
@@ -2070,35 +1877,15 @@ class Source:
             except OSError:
                 pass
         self._check_cancel()
-        for ch in self._channels:
-            if ch.conn in ready and not ch.done and not ch.reconnecting:
-                try:
-                    self._worker_message(ch)
-                except MigrationError as e:
-                    if e.channel is None:
-                        raise
-                    self._channel_failed(ch, e)
+        group.handle_messages(ready)
         if self._control is not None and self._control in ready:
             self._read_control()
             msg = self._decoder.next_message()
             while msg is not None:
                 self._control_message(msg)
                 msg = self._decoder.next_message()
-        for ch in self._channels:
-            if ch.proc.sentinel in ready and not ch.done and not ch.reconnecting:
-                # give its last report a moment to arrive, then blame the death
-                try:
-                    # its last reports (say "scanned", then "done") may all still be in the pipe
-                    wait = 0.2
-                    while not ch.done and ch.conn.poll(wait):
-                        self._worker_message(ch)
-                        wait = 0.0
-                    if not ch.done:
-                        raise WorkerDied(f"worker process exited with code {ch.proc.exitcode}", channel=ch.index)
-                except MigrationError as e:
-                    if e.channel is None:
-                        raise
-                    self._channel_failed(ch, e)
+        # give a dead worker's last reports a moment to arrive, then blame the death
+        group.handle_exits(ready)
 
     def _check_progress(self) -> None:
         """Fail a channel that has work queued but moved no byte for ``timeout`` seconds.
@@ -2106,54 +1893,25 @@ class Source:
         That is what a destination that stopped reading, or a half-open
         connection, looks like from here: the worker sits in ``sendmsg``.
         """
-        now = time.monotonic()
-        for ch in self._channels:
-            if ch.done or ch.reconnecting:
-                continue
-            sent = int(ch.ring.counters[C_WIRE_BYTES])
-            if sent != ch.progress_bytes:
-                ch.progress_bytes, ch.progress_at = sent, now
-                continue
-            busy = len(ch.ring) > 0 or ch.synced < self._round
-            if not busy:
-                ch.progress_at = now
-            elif now - ch.progress_at > self.config.timeout:
-                self._channel_failed(
-                    ch,
-                    ChannelBroken(
-                        f"no progress for {self.config.timeout:g} s with data queued: "
-                        "the destination stopped reading or the connection is dead",
-                        channel=ch.index,
-                    ),
-                )
+        timeout = self.config.timeout
+        busy = lambda ch: len(ch.ring) > 0 or ch.synced < self._round  # noqa: E731
+        for ch in self._group.stalled(timeout, busy):
+            self._channel_failed(
+                ch,
+                ChannelBroken(
+                    f"no progress for {timeout:g} s with data queued: "
+                    "the destination stopped reading or the connection is dead",
+                    channel=ch.index,
+                ),
+            )
 
-    def _worker_message(self, ch: _Channel) -> None:
-        try:
-            msg = ch.conn.recv()
-        except (EOFError, OSError):
-            if ch.done:
-                return
-            ch.proc.join(0.5)
-            raise WorkerDied(f"worker process exited with code {ch.proc.exitcode}", channel=ch.index) from None
-        kind = msg[0]
-        if kind == "log":
-            forward_log(msg)
-        elif kind == "ready":
-            ch.ready = True
-        elif kind == "synced":
-            ch.synced = msg[1]
-        elif kind == "done":
-            ch.synced = msg[1]
-            ch.done = True
-        elif kind == "scanned":
-            self._scan_pending.pop(msg[1], None)
-            if len(msg) > 3 and msg[2] > 0:
-                # seconds per page as that worker ran it; its last three, so one preempted job does not count alone
-                samples = self._worker_spp.setdefault(ch.index, [])
-                samples.append(msg[3] / msg[2])
-                del samples[:-3]
-        elif kind == "error":
-            raise error_from_report(ch.index, msg)
+    def _scanned(self, ch: Channel, msg: Scanned) -> None:
+        self._scan_pending.pop(msg.job, None)
+        if msg.pages > 0:
+            # seconds per page as that worker ran it; its last three, so one preempted job does not count alone
+            samples = self._worker_spp.setdefault(ch.index, [])
+            samples.append(msg.seconds / msg.pages)
+            del samples[:-3]
 
     def _read_control(self) -> None:
         assert self._control is not None
@@ -2164,19 +1922,17 @@ class Source:
             raise MigrationError(f"destination failed: {msg.message}", channel=msg.channel)
         if isinstance(msg, RoundAck):
             self._confirmed_round = max(self._confirmed_round, msg.round)
-            for ch in self._channels:  # the destination holds those rounds: no resend needed
-                if ch.log and ch.log[0][2] <= msg.round:
-                    ch.log = [e for e in ch.log if e[2] > msg.round]
+            self._group.confirm(msg.round)  # the destination holds those rounds: no resend needed
             return
         if isinstance(msg, Resume):
-            if not 0 <= msg.channel < len(self._channels):
+            if not 0 <= msg.channel < len(self._group):
                 raise RemoteProtocolError(f"RESUME for channel {msg.channel}", field="channel")
             self._resumes[msg.channel] = msg.round
             return
         if isinstance(msg, ChannelLost):
-            if not 0 <= msg.channel < len(self._channels):
+            if not 0 <= msg.channel < len(self._group):
                 raise RemoteProtocolError(f"CHANNEL_LOST for channel {msg.channel}", field="channel")
-            ch = self._channels[msg.channel]
+            ch = self._group.channels[msg.channel]
             if ch.awaiting_resume:
                 return  # about the connection being replaced already (it comes before the RESUME)
             if ch.reconnecting:
@@ -2221,11 +1977,9 @@ class Source:
     # ------------------------------------------------------------------ teardown
 
     def _shutdown(self, error: BaseException | None) -> None:
-        """Stop workers, close sockets, release rings: every path ends here."""
-        chans, self._channels = self._channels, []
-        if chans:
-            # keep the last counters for query() after the rings are gone
-            self._final_channels = self._channel_counters_of(chans)
+        """Tell the destination why (if it is not committed), stop the workers, release everything."""
+        if error is not None:
+            self._group.fail(error)
         ctrl, self._control = self._control, None
         if error is not None and ctrl is not None and not self._commit_sent:
             msg = Cancel() if isinstance(error, MigrationCancelled) or self._cancel_requested else ErrorMessage(
@@ -2237,46 +1991,12 @@ class Source:
                 ctrl.sendall(encode_control(msg, self._mac))
             except OSError:
                 pass
-        for ch in chans:
-            if not ch.done:
-                try:
-                    ch.ring.try_push(KIND_STOP, 0, 0, 0, None)
-                except RingClosed:
-                    pass  # the worker already left
-                nudge_worker(ch.conn, ch.sock)
-            ch.ring.close_producer()
-        reap_workers([(ch.proc, ch.conn, ch.sock) for ch in chans])
-        for ch in chans:
-            if ch.proc.exitcode is not None:
-                ch.proc.close()
-            with self._rings_lock:
-                ch.ring.close()
-            ch.ring.unlink()
+        self._group.shutdown()  # keeps the last counters for query()
         if ctrl is not None:
             ctrl.close()
         self._decoder = ControlDecoder(max_verify=MAX_CONTROL_BODY)  # a source receives no VERIFY
         self._mac = None
         self._early = []
-
-    def _channel_counters_of(self, chans: list[_Channel], *, locked: bool = False) -> list[dict[str, int]]:
-        if not locked:
-            with self._rings_lock:
-                return self._channel_counters_of(chans, locked=True)
-        out = []
-        for ch in chans:
-            base = ch.counter_base
-            ring = ch.ring
-            # a ring is closed only at teardown (under this lock): its worker's counters are gone,
-            # and what is left is the base of the workers before it
-            c = None if ring.closed else ring.counters
-            out.append(
-                {
-                    "channel": ch.index,
-                    **{name: (int(c[i]) if c is not None else 0) + base.get(name, 0) for name, i in COUNTERS.items()},
-                }
-            )
-            del c
-        return out
 
 
 _KEYLESS_HINT = (

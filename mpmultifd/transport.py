@@ -28,6 +28,7 @@ __all__ = [
     "parse_address",
     "format_address",
     "is_loopback",
+    "read_available",
 ]
 
 IOV_MAX = 1024
@@ -233,3 +234,23 @@ def tune_accepted(sock: socket.socket) -> None:
     """Options for an accepted data or control connection."""
     sock.settimeout(None)
     _tune(sock)
+
+
+def read_available(sock: socket.socket, peer: str) -> bytes:
+    """Whatever the non-blocking control socket has now (TLS: every decrypted byte)."""
+    chunks = []
+    while True:
+        try:
+            data = sock.recv(1 << 20)
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            break
+        except OSError as e:
+            raise ChannelBroken(f"control connection failed: {e}") from e
+        if not data:
+            if chunks:
+                break  # report the EOF on the next read, after these bytes are decoded
+            raise ChannelClosed(f"{peer} closed the control connection")
+        chunks.append(data)
+        if not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
+            break
+    return b"".join(chunks)

@@ -7,7 +7,7 @@ the pages into the destination's shared RAM; at a SYNC it parks until its
 coordinator says every channel got there.
 
 Workers talk to their coordinator through a ``multiprocessing`` connection
-(rare events: synced, done, error) and publish counters in shared memory (the
+(rare events, :mod:`mpmultifd.messages`) and publish counters in shared memory (the
 ring's counter words), which the coordinator reads at any time for ``query()``.
 """
 
@@ -18,16 +18,15 @@ import os
 import signal
 import socket
 import time
-import traceback
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
 import numpy as np
 
-from . import errors
 from ._shm import Segment
-from .errors import ChannelBroken, ChannelClosed, MigrationError
+from .errors import ChannelClosed, MigrationError
+from .messages import AtBarrier, Failed, Go, Leave, Log, Ready, Receive, Scanned, Stop, StreamEnded, Warm
 from .methods import PageBatch, PageSink, Prepared, get_method
 from .ram import GuestRAM
 from .pageprint import fingerprint_extents, fingerprint_rows
@@ -44,7 +43,7 @@ from .wire import (
     DataHeaderEncoder,
 )
 
-__all__ = ["WorkerSpec", "PageRecords", "sender_main", "receiver_main", "warm_receiver_main", "COUNTERS", "error_from_report", "forward_log"]
+__all__ = ["WorkerSpec", "PageRecords", "sender_main", "receiver_main", "warm_receiver_main", "COUNTERS", "report_failure"]
 
 log = logging.getLogger("mpmultifd.worker")
 
@@ -151,7 +150,7 @@ class _ForwardHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            self.conn.send(("log", record.levelno, record.name, f"channel {self.channel}: {record.getMessage()}"))
+            self.conn.send(Log(record.levelno, record.name, f"channel {self.channel}: {record.getMessage()}"))
         except (OSError, ValueError):
             pass
 
@@ -170,34 +169,12 @@ def _child_setup(spec: WorkerSpec, conn: Connection) -> None:
     root.propagate = False
 
 
-def forward_log(report: tuple) -> None:
-    """Log a record a worker forwarded (``("log", level, name, message)``)."""
-    _, level, name, message = report
-    logging.getLogger(name).log(level, "%s", message)
-
-
-def _report(conn: Connection, exc: BaseException) -> None:
-    field_name = getattr(exc, "field", None)
+def report_failure(conn: Connection, exc: BaseException) -> None:
+    """Send the coordinator this worker's last word: what it failed with."""
     try:
-        conn.send(("error", type(exc).__name__, str(exc), field_name, traceback.format_exc(limit=8)))
+        conn.send(Failed.of(exc))
     except (OSError, ValueError):
         pass  # the coordinator is gone; it will notice our exit instead
-
-
-def error_from_report(channel: int, report: tuple) -> MigrationError:
-    """Rebuild a worker's error report as a typed exception naming the channel."""
-    _, cls_name, message, field_name, tb = report
-    cls = getattr(errors, cls_name, None)
-    if isinstance(cls, type) and issubclass(cls, errors.ProtocolError):
-        err: MigrationError = cls(message, field=field_name, channel=channel)
-    elif isinstance(cls, type) and issubclass(cls, MigrationError) and cls is not errors.VerificationError:
-        err = cls(message, channel=channel)
-    elif cls_name in ("ConnectionResetError", "BrokenPipeError", "ConnectionAbortedError", "TimeoutError", "OSError"):
-        err = ChannelBroken(f"{cls_name}: {message}", channel=channel)
-    else:
-        err = MigrationError(f"worker failed with {cls_name}: {message}", channel=channel)
-    err.worker_traceback = tb  # type: ignore[attr-defined]
-    return err
 
 
 class _Stopped(Exception):
@@ -222,7 +199,7 @@ class CoordinatorWatch:
             return True
         try:
             if self.conn.poll():
-                return self.conn.recv() == ("stop",)
+                return isinstance(self.conn.recv(), Stop)
         except (EOFError, OSError):
             return True
         return False
@@ -243,13 +220,13 @@ def sender_main(spec: WorkerSpec, ram: GuestRAM, ring: Ring, sock: socket.socket
         if spec.prints_name is not None:
             records = PageRecords(Segment.attach(spec.prints_name), tuple(s // spec.page_size for s in spec.block_sizes))
         # attached to the ring, the RAM and the records: the coordinator may unlink their names
-        conn.send(("ready",))
+        conn.send(Ready())
         log.debug("sender worker %d started (pid %d, method %s)", spec.channel, os.getpid(), spec.method)
         _run_sender(spec, ram, ring, sock, conn, records)
     except _Stopped:
         pass
     except BaseException as exc:  # every failure is reported, then the process ends
-        _report(conn, exc)
+        report_failure(conn, exc)
         raise SystemExit(1) from None
     finally:
         if records is not None:
@@ -378,9 +355,9 @@ def _run_sender(
                 counters[C_ROUND_DONE] = batch.round + 1
                 if batch.kind == KIND_EOS:
                     counters[C_BUSY_NS] += time.perf_counter_ns() - t0
-                    conn.send(("done", batch.round))
+                    conn.send(StreamEnded(batch.round))
                     return
-                conn.send(("synced", batch.round))
+                conn.send(AtBarrier(batch.round))
             elif batch.kind == KIND_ZERO:
                 # holes of the source's file: zero without reading them (a read would allocate them)
                 blk = batch.block
@@ -400,7 +377,7 @@ def _run_sender(
                 extents = batch.pages.reshape(-1, 2)
                 t_scan = time.perf_counter()
                 scanned = fingerprint_extents(grids[batch.block], extents, key, records.scanned[batch.block])
-                conn.send(("scanned", batch.round, scanned, time.perf_counter() - t_scan))
+                conn.send(Scanned(batch.round, scanned, time.perf_counter() - t_scan))
             elif batch.kind == KIND_STOP:
                 return
             counters[C_BUSY_NS] += time.perf_counter_ns() - t0
@@ -443,12 +420,12 @@ def receiver_main(
             npages = tuple(size // spec.page_size for size in spec.block_sizes)
             records = PageRecords(Segment.attach(spec.prints_name), npages)
     except BaseException as exc:
-        _report(conn, exc)
+        report_failure(conn, exc)
         ram.close()
         sock.close()
         raise SystemExit(1) from None
     try:
-        conn.send(("ready",))  # attached: the coordinator may unlink the segment names
+        conn.send(Ready())  # attached: the coordinator may unlink the segment names
         log.debug(
             "receiver worker %d started (pid %d, method %s%s)",
             spec.channel,
@@ -460,7 +437,7 @@ def receiver_main(
     except _Stopped:
         pass
     except BaseException as exc:
-        _report(conn, exc)
+        report_failure(conn, exc)
         raise SystemExit(1) from None
     finally:
         if records is not None:
@@ -479,11 +456,11 @@ def warm_receiver_main(ram: GuestRAM, conn: Connection) -> None:
 
     It maps every page of ``ram`` into this process (:meth:`GuestRAM.populate`,
     in steps, stopping early if its coordinator speaks), reports
-    ``("warm", populated_all, seconds)``, then waits for its channel:
-    ``("receive", spec, received_name, stats_name, family, type, proto)``
-    followed by the socket's descriptor. It then runs :func:`receiver_main`
-    receiving straight into the mapping, which costs no page faults now. A
-    ``("stop",)`` instead hands it back to the pool unused.
+    a :class:`~mpmultifd.messages.Warm`, then waits for its channel: a
+    :class:`~mpmultifd.messages.Receive` followed by the socket's descriptor.
+    It then runs :func:`receiver_main` receiving straight into the mapping,
+    which costs no page faults now. A :class:`~mpmultifd.messages.Stop`
+    instead hands it back to the pool unused.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     t0 = time.perf_counter()
@@ -500,22 +477,22 @@ def warm_receiver_main(ram: GuestRAM, conn: Connection) -> None:
                     break
         except OSError as e:  # no MADV_POPULATE_WRITE here: the pages fault in as they arrive
             whole = False
-            conn.send(("log", logging.DEBUG, log.name, f"warm receiver: populate failed: {e}"))
-        conn.send(("warm", whole, time.perf_counter() - t0))
+            conn.send(Log(logging.DEBUG, log.name, f"warm receiver: populate failed: {e}"))
+        conn.send(Warm(whole, time.perf_counter() - t0))
         ppid = os.getppid()
         while not conn.poll(_POLL):
             if os.getppid() != ppid:
                 raise SystemExit(1)  # the coordinator is gone
         msg = conn.recv()
-        if msg is None:
+        if isinstance(msg, Leave):
             raise SystemExit(1)  # the pool is closing: leave
-        if not (isinstance(msg, tuple) and msg and msg[0] == "receive"):
+        if not isinstance(msg, Receive):
             ram.close()
             return  # not needed after all: back to the pool
-        _, spec, received_name, stats_name, family, type_, proto = msg
         from multiprocessing import reduction
 
-        sock = socket.socket(family, type_, proto, fileno=reduction.recv_handle(conn))
+        sock = socket.socket(msg.family, msg.type, msg.proto, fileno=reduction.recv_handle(conn))
+        spec, received_name, stats_name = msg.spec, msg.received_name, msg.stats_name
     except (EOFError, OSError):
         ram.close()
         raise SystemExit(1) from None
@@ -589,11 +566,11 @@ def _run_receiver(
             counters[C_WIRE_BYTES] += decoder.size + header.payload_len
             if header.is_eos:
                 counters[C_ROUND_DONE] = header.round + 1
-                conn.send(("eos", header.round, state.packets_in_round))
+                conn.send(StreamEnded(header.round, state.packets_in_round))
                 return
             if header.is_sync:
                 counters[C_ROUND_DONE] = header.round + 1
-                conn.send(("sync", header.round, state.packets_in_round))
+                conn.send(AtBarrier(header.round, state.packets_in_round))
                 _wait_release(watch, ch)
                 state.next_round()
                 continue
@@ -632,8 +609,8 @@ def _wait_release(watch: CoordinatorWatch, ch: int) -> None:
             msg = conn.recv()
         except (EOFError, OSError):
             raise _Stopped() from None
-        if msg == ("go",):
+        if isinstance(msg, Go):
             return
-        if msg == ("stop",):
+        if isinstance(msg, Stop):
             raise _Stopped()
         raise MigrationError(f"unexpected coordinator message {msg!r}", channel=ch)
