@@ -21,7 +21,9 @@ Stages (S: the source does it, D: the destination):
 - ``sendmsg`` (S) / ``recv_into`` (D): one ``send_buffers`` (header + IOVs, one
   ``sendmsg``) over loopback TCP, and the receiver's ``recv_exact_into`` into its
   bounce buffer: each thread's own CPU time (loopback's softirq work lands on
-  either side).
+  either side). ``recvmsg_into, populated mapping`` (D): what a prepared receiver
+  does instead, ``recv_exact_into_views`` straight into pages already allocated
+  and mapped.
 - ``store, fresh shm`` / ``store, allocated`` (D): ``PageSink.store`` (``pwrite``
   into the destination's file) into pages never touched before and into pages
   already allocated; the difference is the page allocation.
@@ -54,11 +56,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from mpmultifd import GuestRAM  # noqa: E402
 from mpmultifd.cli import parse_size  # noqa: E402
-from mpmultifd.methods import PageBatch, PageSink  # noqa: E402
+from mpmultifd.methods import PageBatch, PageSink, page_runs  # noqa: E402
 from mpmultifd.methods.nocomp import NoCompression  # noqa: E402
 from mpmultifd.pageprint import fingerprint_rows, random_key  # noqa: E402
 from mpmultifd.ring import KIND_DATA, Ring  # noqa: E402
-from mpmultifd.transport import recv_exact_into, send_buffers  # noqa: E402
+from mpmultifd.transport import recv_exact_into, recv_exact_into_views, send_buffers  # noqa: E402
 from mpmultifd.wire import DataHeaderDecoder, DataHeaderEncoder  # noqa: E402
 from mpmultifd.zeropage import nonzero_pages  # noqa: E402
 
@@ -121,8 +123,11 @@ def stage_fingerprint(grid: np.ndarray, npages: int, pp: int, key: np.ndarray) -
     return time.process_time() - t
 
 
-def stage_socket(ram: GuestRAM, npages: int, pp: int, ps: int) -> tuple[float, float]:
-    """sendmsg (header + IOVs) and recv_exact_into, each thread's CPU time."""
+def stage_socket(ram: GuestRAM, npages: int, pp: int, ps: int, into: GuestRAM | None = None) -> tuple[float, float]:
+    """sendmsg (header + IOVs) and recv_exact_into, each thread's CPU time.
+
+    With ``into`` (a region whose pages are allocated and mapped), the payload is received as a
+    prepared receiver does: ``recv_exact_into_views`` (``recvmsg_into``) straight into its pages."""
     lsock = socket.socket()
     lsock.bind(("127.0.0.1", 0))
     lsock.listen(1)
@@ -139,11 +144,17 @@ def stage_socket(ram: GuestRAM, npages: int, pp: int, ps: int) -> tuple[float, f
     cpu: dict[str, float] = {}
     pk = packets(npages, pp)
 
+    dview = memoryview(into.view(0)).cast("B") if into is not None else None
+
     def receive() -> None:
         t = time.thread_time()
         for pages in pk:
             recv_exact_into(ssock, hbuf)
-            recv_exact_into(ssock, bounce[: len(pages) * ps])
+            if dview is None:
+                recv_exact_into(ssock, bounce[: len(pages) * ps])
+            else:
+                starts, lengths = page_runs(pages)
+                recv_exact_into_views(ssock, [dview[a * ps : (a + n) * ps] for a, n in zip(starts, lengths)])
         cpu["recv"] = time.thread_time() - t
 
     th = threading.Thread(target=receive)
@@ -214,13 +225,15 @@ def main() -> int:
         res.setdefault(name, []).append(v)
 
     key = random_key(ps)
-    with GuestRAM.create({"s": size}, ) as ram, GuestRAM.create({"z": size}) as zram:
+    with GuestRAM.create({"s": size}) as ram, GuestRAM.create({"z": size}) as zram, \
+            GuestRAM.create({"p": size}) as pram:
         grid = ram.pages(0)
         rng = np.random.default_rng(7)
         for s in range(0, npages, 4096):
             e = min(s + 4096, npages)
             grid[s:e] = rng.integers(0, 256, (e - s, ps), dtype=np.uint8)
         zram.view(0)[::ps] = 0  # allocated zero pages, as a written-then-cleared guest's
+        pram.view(0)[::ps] = 0  # allocated and mapped, as a prepared receiver's region
         words = grid.view(np.uint64)
         zwords = zram.pages(0).view(np.uint64)
         src = memoryview(np.ascontiguousarray(grid[:pp])).cast("B")
@@ -235,6 +248,8 @@ def main() -> int:
             s, r = stage_socket(ram, npages, pp, ps)
             add("sendmsg", s)
             add("recv_into", r)
+            _, r = stage_socket(ram, npages, pp, ps, into=pram)
+            add("recvmsg_into, populated mapping", r)
             f, a = stage_store(size, npages, pp, ps, src)
             add("store, fresh shm", f)
             add("store, allocated", a)
