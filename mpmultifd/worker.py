@@ -306,10 +306,15 @@ def _run_sender(
                     assert records is not None and key is not None
                     snap = grids[blk][pages]
                     prints = np.empty(n, dtype=np.uint64)
-                    fingerprint_rows(snap, key, prints)
+                    if detect_zero:
+                        # one pass finds the zero pages and fingerprints the others, chunk by chunk in the cache
+                        nonzero = np.empty(n, dtype=bool)
+                        fingerprint_rows(snap, key, prints, nonzero=nonzero)
+                    else:
+                        fingerprint_rows(snap, key, prints)
+                        nonzero = np.ones(n, dtype=bool)
                     records.sent[blk][pages] = prints
                     rows = np.arange(n, dtype=np.intp)
-                    nonzero = nonzero_pages(snap.view(np.uint64), rows) if detect_zero else np.ones(n, dtype=bool)
                     normal = pages[nonzero]
                     zero = pages[~nonzero]
                     src = PageBatch(blk, ps, rows[nonzero], snap.data.cast("B"), snap)

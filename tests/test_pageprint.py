@@ -94,3 +94,36 @@ def test_split_ranges_covers_every_page_once_in_balanced_parts(ranges, nparts):
     if parts:
         sizes = [sum(e - f for f, e in part) for part in parts]
         assert max(sizes) == -(-total // nparts) or len(parts) == 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    npages=st.integers(1, 300),
+    dense=st.floats(0.0, 1.0),
+    marks=st.lists(st.tuples(st.integers(0, 299), st.integers(0, PS // 4 - 1), st.integers(1, 2**32 - 1)), max_size=40),
+    chunk=st.sampled_from([1, 7, 64, 256]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_fingerprint_rows_matches_the_definition_whatever_the_zero_pages(npages, dense, marks, chunk, seed):
+    # zero pages are skipped, not multiplied: the prints must still be sum(K[i] * x[i]) mod 2**64 for every
+    # page, including pages whose only data is a word the first/last-word probe does not see
+    rng = np.random.default_rng(seed)
+    key = key_from_seed(rng.bytes(32), PS)
+    grid = np.zeros((npages, PS), dtype=np.uint8)
+    full = rng.random(npages) < dense
+    grid[full] = rng.integers(0, 256, size=(int(full.sum()), PS), dtype=np.uint8)
+    words = grid.view(np.uint32)
+    for page, word, value in marks:
+        if page < npages:
+            words[page, word] = value
+    out = np.full(npages, 12345, dtype=np.uint64)
+    fingerprint_rows(grid, key, out, chunk=chunk)
+    expect = words.astype(np.uint64) @ key
+    assert np.array_equal(out, expect)
+    assert not out[~grid.any(axis=1)].any()  # a zero page prints as 0
+    # the zero pages found on the way, asked for, are exactly the zero pages; the prints do not change
+    nonzero = rng.random(npages) < 0.5  # garbage that must be overwritten
+    out2 = np.full(npages, 12345, dtype=np.uint64)
+    fingerprint_rows(grid, key, out2, chunk=chunk, nonzero=nonzero)
+    assert np.array_equal(out2, expect)
+    assert np.array_equal(nonzero, grid.any(axis=1))
