@@ -18,6 +18,7 @@ import numpy as np
 from ._shm import Segment, unique_name
 from .channels import Channel, ChannelGroup
 from .config import MigrationConfig
+from .control import ControlConnection
 from .errors import (
     ChannelBroken,
     ChannelError,
@@ -35,9 +36,9 @@ from .pool import WorkerPool
 from .prepared import Prefaulter, allocated_pages
 from .processes import JOIN_GRACE, mp_context, start_worker, worker_start_method
 from .ram import GuestRAM, file_data_extents
-from .session import DestinationPhase, DestinationSession, classify_failure, tell_peer
+from .session import DestinationSession, classify_failure, tell_peer
 from .stats import EventHub, MigrationResult, RestoreResult
-from .transport import Address, read_available
+from .transport import Address
 from .wire import (
     KIND_CONTROL,
     KIND_STREAM,
@@ -45,6 +46,7 @@ from .wire import (
     MAX_REPAIR_PAGES,
     Cancel,
     ChannelLost,
+    Commit,
     CommitAck,
     Complete,
     Config,
@@ -58,7 +60,6 @@ from .wire import (
     Result,
     Resume,
     RoundAck,
-    encode_control,
     repair_pages_body_limit,
     verify_body_limit,
 )
@@ -169,7 +170,7 @@ class Destination:
         self._group = ChannelGroup("receiver", on_failure=self._receiver_failed)
         self._names_dropped = False  # every receiver attached and the segments' names unlinked
         self._final_counters: list[dict[str, int]] = []
-        self._decoder: ControlDecoder | None = None  # the control connection's, once it is there
+        self._ctl: ControlConnection | None = None  # the control connection, once the session began
         self._dsession: DestinationSession | None = None  # the session's rules, from its CONFIG on
         self._control: socket.socket | None = None
         self._received: Segment | None = None
@@ -183,8 +184,6 @@ class Destination:
         self._retries_left = 0
         self._broken: dict[int, float] = {}  # channel -> deadline for its reconnection
         self._connected: set[int] = set()
-        self._control_bytes = 0
-        self._mac: ControlMac | None = None
         self._on_stream = on_stream
         self._streams: list[tuple[threading.Thread, socket.socket]] = []
         self._committed = False
@@ -355,21 +354,15 @@ class Destination:
         while self._control is None:
             self._wait(None)
             self._take_incoming(accept_data=False)
-        ctrl = self._control
         key = cfg.auth_key
         # with a key every control frame is authenticated, from CONFIG on (the hello's proof binds the session)
-        self._mac = ControlMac(key, self._control_hello.session_id, "destination") if key is not None else None
-        decoder = ControlDecoder(
-            max_verify=MAX_CONTROL_BODY, mac=self._mac
-        )  # no VERIFY is due before the session is known
-        self._decoder = decoder  # a failing receiver may need to read why the source left
-        ctrl.setblocking(False)
-        deadline = time.monotonic() + cfg.timeout
-        msg = self._next_message(decoder, deadline)
+        mac = ControlMac(key, self._control_hello.session_id, "destination") if key is not None else None
+        decoder = ControlDecoder(max_verify=MAX_CONTROL_BODY, mac=mac)  # no VERIFY is due before the session is known
         # the session's rules: CONFIG first, then rounds, COMPLETE, VERIFY, repairs, COMMIT
         self._dsession = DestinationSession(tuple(b.npages for b in self.ram.blocks))
-        self._dsession.receive(msg)
-        assert isinstance(msg, Config)
+        self._ctl = ControlConnection(self._control, "the source", self._dsession, decoder=decoder, mac=mac)
+        msg = self._next_message(time.monotonic() + cfg.timeout)
+        assert isinstance(msg, Config)  # the session refused anything else
         with self._restore_lock:  # a restore still running finishes first
             try:
                 self._check_config(msg)
@@ -377,15 +370,16 @@ class Destination:
                 self._send(ErrorMessage("config-refused", str(e)))
                 raise
             self._session = msg
-        decoder.max_verify = verify_body_limit(max(b.npages for b in self.ram.blocks))
-        decoder.max_repair = repair_pages_body_limit(self.ram.page_size)
+        ctl = self._ctl
+        ctl.decoder.max_verify = verify_body_limit(max(b.npages for b in self.ram.blocks))
+        ctl.decoder.max_repair = repair_pages_body_limit(self.ram.page_size)
         self._retries_left = msg.channel_retries
         self._make_segments(msg)
         self._send(ConfigAck())
         self._set_status("active")
         log.info("session %s: %d channels, method %s", msg.session_id.hex(), msg.channels, msg.method)
         # 2. data channels, rounds and the final result
-        self._serve_session(msg, decoder)
+        self._serve_session(msg)
 
     def _check_config(self, c: Config) -> None:
         ram = self.ram
@@ -439,7 +433,7 @@ class Destination:
                 for block, prints in enumerate(self._fingerprint_held(key, c.channels)):
                     self._held.sent[block][:] = prints
 
-    def _serve_session(self, c: Config, decoder: ControlDecoder) -> None:
+    def _serve_session(self, c: Config) -> None:
         cfg = self.config
         ctx = mp_context(worker_start_method(cfg))
         spec_base: dict[str, Any] = dict(
@@ -455,15 +449,15 @@ class Destination:
             prints_name=self._held.seg.name if self._held is not None else None,
         )
         session = self._dsession
-        received, stats = self._received, self._stats
-        assert session is not None and received is not None and stats is not None
+        received, stats, ctl = self._received, self._stats, self._ctl
+        assert session is not None and received is not None and stats is not None and ctl is not None
         setup_deadline = time.monotonic() + cfg.timeout
         last_seen = (-1, -1)
         last_progress = time.monotonic()
         while True:
             # a source that sends nothing for `timeout` seconds (dead, frozen, or a
             # half-open connection) fails the migration instead of hanging it
-            seen = (sum(c["bytes"] for c in self._counters()), decoder.pending + self._control_bytes)
+            seen = (sum(c["bytes"] for c in self._counters()), ctl.decoder.pending + ctl.bytes_read)
             now = time.monotonic()
             if seen != last_seen:
                 last_seen, last_progress = seen, now
@@ -495,8 +489,8 @@ class Destination:
                 if now > deadline:
                     raise ChannelBroken(f"the source did not reconnect within {cfg.timeout:g} s", channel=ch)
             # control messages: the session checks each is legal now (CANCEL and ERROR end it)
-            while (msg := decoder.next_message()) is not None:
-                if session.receive(msg) is DestinationPhase.FINAL and isinstance(msg, Complete):
+            while (msg := ctl.next_message()) is not None:
+                if isinstance(msg, Complete):
                     self._set_status("device")
             recv = {r.index: r for r in self._group}
             # the round barrier: every channel parked at this round's SYNC, and the marker arrived
@@ -520,11 +514,10 @@ class Destination:
             # the end: every channel at end of stream, counts match, fingerprints all here
             if session.stream_complete({r.index: (r.synced, r.packets) for r in recv.values() if r.done}):
                 assert session.complete is not None
-                self._finish_session(c, session.complete, session.verify, decoder)
+                self._finish_session(c, session.complete, session.verify)
                 return
-            self._wait(self._control)
-            if self._control is not None:
-                self._read(self._control, decoder)
+            self._wait(ctl.sock)
+            ctl.read()
 
     def _hand_to_warm(self, spec: WorkerSpec, sock: socket.socket) -> tuple[Any, Any] | None:
         """Give a data channel to a prepared receiver, if one is left; returns its handles."""
@@ -532,31 +525,31 @@ class Destination:
         return self._prepared.hand(spec, sock, self._received.name, self._stats.name)
 
     def _finish_session(
-        self, c: Config, complete: Complete, verify: dict[int, np.ndarray], decoder: ControlDecoder
+        self, c: Config, complete: Complete, verify: dict[int, np.ndarray]
     ) -> None:
         verified: bool | None = None
         if c.verify:
-            self._verify_and_repair(c, verify, decoder)
+            self._verify_and_repair(c, verify)
             verified = True
         self._send(Result(True, verified, None, {}))
         # the region is ours only once the source commits (it then will not resume
         # its copy); a CANCEL, an error or silence leaves it invalid. A stream the
         # source opened before committing (a VM's device state) may take its time.
+        ctl = self._ctl
+        assert ctl is not None
         deadline = time.monotonic() + self.config.timeout
         while True:
-            msg = decoder.next_message()
+            msg = ctl.next_message()  # only COMMIT is legal now (the session checks)
             if msg is None:
                 if time.monotonic() > deadline:
                     if not self._streams_running():
                         raise ChannelBroken("the source did not commit the migration")
                     deadline = time.monotonic() + self.config.timeout
-                assert self._control is not None
-                self._wait(self._control, 0.5)
+                self._wait(ctl.sock, 0.5)
                 self._take_incoming(accept_data=False)
-                self._read(self._control, decoder)
+                ctl.read()
                 continue
-            assert self._dsession is not None
-            if self._dsession.receive(msg) is DestinationPhase.COMMITTED:
+            if isinstance(msg, Commit):
                 break
         # from here on nothing undoes the migration: not a cancel, not a lost connection
         self._committed = True
@@ -588,7 +581,7 @@ class Destination:
             # the source will report that it does not know who owns the region; we do
             log.warning("COMMIT_ACK could not be sent (%s); the region is this destination's all the same", e)
 
-    def _verify_and_repair(self, c: Config, verify: dict[int, np.ndarray], decoder: ControlDecoder) -> None:
+    def _verify_and_repair(self, c: Config, verify: dict[int, np.ndarray]) -> None:
         """Compare every page with the source's fingerprints; have differing pages resent and check them again."""
         ram = self.ram
         assert self._held is not None
@@ -614,11 +607,11 @@ class Destination:
             self._repair_passes = attempt
             log.warning("%d pages differ at switchover; asking the source for them (repair pass %d)", total, attempt)
             self._send(Repair(attempt, tuple(sorted(bad.items()))))
-            bad = self._receive_repair(c, attempt, bad, decoder)
+            bad = self._receive_repair(c, attempt, bad)
             self._repaired_pages += total
 
     def _receive_repair(
-        self, c: Config, attempt: int, asked: dict[int, np.ndarray], decoder: ControlDecoder
+        self, c: Config, attempt: int, asked: dict[int, np.ndarray]
     ) -> dict[int, np.ndarray]:
         """Write the resent pages; returns those whose bytes still do not match their fingerprints."""
         ram = self.ram
@@ -630,9 +623,8 @@ class Destination:
         still: dict[int, list[np.ndarray]] = {}
         got = 0
         while True:
-            msg = self._next_message(decoder, time.monotonic() + self.config.timeout, "the resent pages")
-            assert self._dsession is not None
-            self._dsession.receive(msg)  # only this pass's REPAIR_PAGES and REPAIR_DONE are legal now
+            # only this pass's REPAIR_PAGES and REPAIR_DONE are legal now (the session checks)
+            msg = self._next_message(time.monotonic() + self.config.timeout, "the resent pages")
             if isinstance(msg, RepairPages):
                 n = len(msg.pages)
                 if msg.block not in outstanding or len(msg.data) != n * ps:
@@ -796,9 +788,10 @@ class Destination:
     def _raise_why_source_left(self, err: MigrationError, grace: float = 0.5) -> None:
         """A data channel closed: if the source said why on the control channel (a cancel, its own
         failure), that is the error to report, not the closed channel it caused."""
-        ctrl, decoder = self._control, self._decoder
-        if ctrl is None or decoder is None:
+        ctl = self._ctl
+        if ctl is None:
             return
+        decoder = ctl.decoder  # read here without the session: only CANCEL or ERROR matter now
         deadline = time.monotonic() + grace
         while True:
             try:
@@ -816,9 +809,9 @@ class Destination:
             if left <= 0:
                 return
             try:
-                if not mp_wait([ctrl], left):
+                if not mp_wait([ctl.sock], left):
                     return
-                decoder.feed(read_available(ctrl, "the source"))
+                ctl.read()
             except (MigrationError, OSError):
                 return
 
@@ -849,37 +842,23 @@ class Destination:
                 if seg is not None:
                     seg.unlink()
 
-    def _read(self, ctrl: socket.socket, decoder: ControlDecoder) -> None:
-        data = read_available(ctrl, "the source")
-        self._control_bytes += len(data)
-        decoder.feed(data)
-
-    def _next_message(self, decoder: ControlDecoder, deadline: float, what: str = "the source's configuration") -> Any:
-        assert self._control is not None
+    def _next_message(self, deadline: float, what: str = "the source's configuration") -> Any:
+        """The next control message (checked by the session), waiting until ``deadline``."""
+        ctl = self._ctl
+        assert ctl is not None
         while True:
-            msg = decoder.next_message()
+            msg = ctl.next_message()
             if msg is not None:
                 return msg
             left = deadline - time.monotonic()
             if left <= 0:
                 raise ChannelBroken(f"timed out waiting for {what}")
-            self._wait(self._control, min(left, 1.0))
-            self._read(self._control, decoder)
+            self._wait(ctl.sock, min(left, 1.0))
+            ctl.read()
 
     def _send(self, msg: Any) -> None:
-        ctrl = self._control
-        if ctrl is None:
-            return
-        if self._dsession is not None:
-            self._dsession.sending(msg)  # REPAIR opens a repair pass, RESULT waits for COMMIT
-        ctrl.setblocking(True)
-        ctrl.settimeout(self.config.timeout)
-        try:
-            ctrl.sendall(encode_control(msg, self._mac))
-        except OSError as e:
-            raise ChannelBroken(f"control connection failed: {e}") from e
-        finally:
-            ctrl.setblocking(False)
+        if self._ctl is not None:
+            self._ctl.send(msg, timeout=self.config.timeout)  # REPAIR opens a repair pass, RESULT awaits COMMIT
 
     def _counters(self) -> list[dict[str, int]]:
         st = self._stats
@@ -920,9 +899,11 @@ class Destination:
             self._group.fail(error)
         self._group.shutdown()
         self._prepared.close()  # prepared receivers no channel took
-        if self._control is not None:
-            self._control.close()
-            self._control = None
+        if self._ctl is not None:
+            self._ctl.close()
+        elif self._control is not None:
+            self._control.close()  # a control connection whose session never began
+        self._control = None
         if error is not None:
             for _, sock in self._streams:  # wake handlers blocked on a stream of a failed session
                 try:

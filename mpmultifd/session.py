@@ -178,10 +178,6 @@ class SourceSession:
         if nxt is not None:
             self.phase = nxt
 
-    def end(self) -> None:
-        if self.phase is not SourcePhase.COMMITTED:
-            self.phase = SourcePhase.ENDED
-
 
 class DestinationSession:
     """The destination's side: CONFIG, the round markers and barrier, COMPLETE, VERIFY, repair, COMMIT."""

@@ -6,7 +6,6 @@ import logging
 import os
 import secrets
 import socket
-import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,6 +18,7 @@ from ._shm import Segment, unique_name
 from .channels import Channel, ChannelGroup
 from .config import MigrationConfig
 from .connect import Connector
+from .control import ControlConnection
 from .errors import (
     ChannelBroken,
     ChannelError,
@@ -46,7 +46,7 @@ from .scans import ScanScheduler
 from .session import SourceSession, classify_failure
 from .stats import DirtyRateEstimate, EventHub, MigrationResult, SaveResult
 from .tracking import DirtyTracker, ScanningTracker, make_tracker
-from .transport import Address, connect, is_loopback, parse_address, read_available
+from .transport import Address, connect, is_loopback, parse_address
 from .wire import (
     CONTROL_CHANNEL,
     KIND_CONTROL,
@@ -73,7 +73,6 @@ from .wire import (
     RoundAck,
     RoundEnd,
     Verify,
-    encode_control,
 )
 from .wire import (
     KIND_DATA as HELLO_DATA,
@@ -156,13 +155,10 @@ class Source:
         self._cancel_requested = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
-        self._control: socket.socket | None = None
+        self._ctl: ControlConnection | None = None  # the control connection, while a migration runs
         # admission: `connect` is looked up now, so a test may replace this module's transport function
         self._connector = Connector(lambda: self.config, connect, self._check_cancel)
-        self._decoder = ControlDecoder(max_verify=MAX_CONTROL_BODY)  # a source receives no VERIFY
-        self._mac: ControlMac | None = None  # authenticates control frames when there is a key
-        self._early: list[Any] = []
-        self._sess: SourceSession | None = None  # the control conversation's rules, while one runs
+        self._early: list[Any] = []  # control messages that came before anyone asked for them
         self._running = False
         self._closed = False
         self._tracker: DirtyTracker | None = None
@@ -747,8 +743,6 @@ class Source:
 
     def _fail(self, exc: BaseException) -> MigrationError:
         err, status = classify_failure(exc, cancel_requested=self._cancel_requested)
-        if self._sess is not None:
-            self._sess.end()
         self._error = err
         self._set_status(status)
         if status == "commit-unknown":
@@ -764,12 +758,12 @@ class Source:
         ram = self.ram
         session = secrets.token_bytes(16)
         self._check_cancel()
-        ctrl = self._open(address, Hello(KIND_CONTROL, session, CONTROL_CHANNEL, cfg.channels))
-        self._control = ctrl
+        sock = self._open(address, Hello(KIND_CONTROL, session, CONTROL_CHANNEL, cfg.channels))
         # with a key every control frame is authenticated: a relay cannot change VERIFY, RESULT or COMMIT
-        self._mac = ControlMac(cfg.auth_key, session, "source") if cfg.auth_key is not None else None
-        self._decoder = ControlDecoder(mac=self._mac)
-        self._sess = SourceSession(cfg.channels)  # what the destination may say when
+        mac = ControlMac(cfg.auth_key, session, "source") if cfg.auth_key is not None else None
+        # a source receives no VERIFY: the decoder's default limit on a frame holds
+        decoder = ControlDecoder(max_verify=MAX_CONTROL_BODY, mac=mac)
+        self._ctl = ControlConnection(sock, "the destination", SourceSession(cfg.channels), decoder=decoder, mac=mac)
         config_msg = Config(
             session_id=session,
             page_size=ram.page_size,
@@ -783,8 +777,7 @@ class Source:
             channel_retries=cfg.channel_retries,
             base=self._save_base if top_up else None,
         )
-        ctrl.sendall(encode_control(config_msg, self._mac))
-        ctrl.setblocking(False)
+        self._ctl.send(config_msg, timeout=cfg.timeout)
         reply = self._next_control(time.monotonic() + cfg.timeout, "the destination's answer to the configuration")
         if not isinstance(reply, ConfigAck):
             raise RemoteProtocolError(f"expected CONFIG_ACK, got {type(reply).__name__}", field="type")
@@ -1330,8 +1323,8 @@ class Source:
         Cancelling no longer applies once COMMIT is out: the destination may own the region.
         """
         cfg = self.config
-        ctrl = self._control
-        assert ctrl is not None
+        ctl = self._ctl
+        assert ctl is not None
         try:
             self._control_send(Commit())
         except MigrationError as e:
@@ -1342,20 +1335,15 @@ class Source:
         deadline = time.monotonic() + cfg.timeout
         while True:
             try:
-                if self._early:
-                    msg = self._early.pop(0)
-                else:
-                    msg = self._decoder.next_message()
-                    if msg is None:
-                        left = deadline - time.monotonic()
-                        if left <= 0:
-                            raise ChannelBroken(f"no acknowledgement within {cfg.timeout:g} s")
-                        pending_tls = isinstance(ctrl, ssl.SSLSocket) and ctrl.pending()
-                        if pending_tls or mp_wait([ctrl], min(left, 0.5)):
-                            self._read_control()
-                        continue
-                    assert self._sess is not None
-                    self._sess.receive(msg)  # only COMMIT_ACK, or news of the channels, is legal now
+                # only COMMIT_ACK, or news of the channels, is legal now (the session checks)
+                msg = self._early.pop(0) if self._early else ctl.next_message()
+                if msg is None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise ChannelBroken(f"no acknowledgement within {cfg.timeout:g} s")
+                    if ctl.pending() or mp_wait([ctl.sock], min(left, 0.5)):
+                        ctl.read()
+                    continue
             except MigrationError as e:
                 raise CommitUnknown(
                     f"COMMIT was sent but not acknowledged ({e}): the destination may or may not own the "
@@ -1427,7 +1415,7 @@ class Source:
         for ch in chans:
             self._push(ch, kind, 0, rnd, None)
         counts = tuple(ch.packets_in_round for ch in chans)
-        if self._control is not None:  # a save has no destination to tell
+        if self._ctl is not None:  # a save has no destination to tell
             self._control_send(Complete(rnd, counts) if final else RoundEnd(rnd, counts))
 
     def _wait_for_budget(self, nbytes: int) -> None:
@@ -1481,8 +1469,8 @@ class Source:
         """Wait up to ``timeout`` for worker, control or cancel events and handle them; raises on failure."""
         self._check_cancel()
         group = self._group
-        ctrl = self._control
-        ready = group.wait([self._wake_r] + ([ctrl] if ctrl is not None else []), timeout)
+        ctl = self._ctl
+        ready = group.wait([self._wake_r] + ([ctl.sock] if ctl is not None else []), timeout)
         self._check_progress()
         if not ready:
             return
@@ -1493,12 +1481,10 @@ class Source:
                 pass
         self._check_cancel()
         group.handle_messages(ready)
-        if self._control is not None and self._control in ready:
-            self._read_control()
-            msg = self._decoder.next_message()
-            while msg is not None:
+        if ctl is not None and ctl.sock in ready:
+            ctl.read()
+            while (msg := ctl.next_message()) is not None:
                 self._control_message(msg)
-                msg = self._decoder.next_message()
         # give a dead worker's last reports a moment to arrive, then blame the death
         group.handle_exits(ready)
 
@@ -1520,15 +1506,9 @@ class Source:
                 ),
             )
 
-    def _read_control(self) -> None:
-        assert self._control is not None
-        self._decoder.feed(read_available(self._control, "the destination"))
-
     def _control_message(self, msg: Any) -> None:
-        """Check a control message against the session and act on news of the channels; anything
-        else waits in order for whoever expects it."""
-        assert self._sess is not None
-        self._sess.receive(msg)  # an ERROR is PeerFailed, a message out of place a protocol error
+        """Act on news of the channels (the session already checked the message is legal now);
+        anything else waits in order for whoever expects it."""
         if isinstance(msg, RoundAck):
             self._confirmed_round = max(self._confirmed_round, msg.round)
             self._group.confirm(msg.round)  # the destination holds those rounds: no resend needed
@@ -1557,7 +1537,8 @@ class Source:
         while True:
             if self._early:
                 return self._early.pop(0)
-            msg = self._decoder.next_message()
+            assert self._ctl is not None
+            msg = self._ctl.next_message()
             if msg is not None:
                 self._control_message(msg)
                 continue
@@ -1567,18 +1548,8 @@ class Source:
             self._pump(min(left, 1.0))
 
     def _control_send(self, msg: Any) -> None:
-        assert self._control is not None and self._sess is not None
-        self._sess.sending(msg)
-        data = memoryview(encode_control(msg, self._mac))
-        while data:
-            try:
-                n = self._control.send(data)
-                data = data[n:]
-            except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
-                mp_wait([self._control], 0.1)  # a big VERIFY can fill the buffer
-                self._pump(0)
-            except OSError as e:
-                raise ChannelBroken(f"control connection failed: {e}") from e
+        assert self._ctl is not None
+        self._ctl.send(msg, self._pump)  # events are handled while a big VERIFY fills the buffer
 
     # ------------------------------------------------------------------ teardown
 
@@ -1586,22 +1557,12 @@ class Source:
         """Tell the destination why (if it is not committed), stop the workers, release everything."""
         if error is not None:
             self._group.fail(error)
-        ctrl, self._control = self._control, None
-        if error is not None and ctrl is not None and not self._commit_sent and not isinstance(error, PeerFailed):
-            msg = Cancel() if isinstance(error, MigrationCancelled) or self._cancel_requested else ErrorMessage(
-                "source-failed", str(error)[:1000]
-            )
-            try:
-                ctrl.setblocking(True)
-                ctrl.settimeout(0.5)
-                ctrl.sendall(encode_control(msg, self._mac))
-            except OSError:
-                pass
+        ctl, self._ctl = self._ctl, None
+        if error is not None and ctl is not None and not self._commit_sent and not isinstance(error, PeerFailed):
+            cancelled = isinstance(error, MigrationCancelled) or self._cancel_requested
+            ctl.last_word(Cancel() if cancelled else ErrorMessage("source-failed", str(error)[:1000]))
         self._group.shutdown()  # keeps the last counters for query()
-        if ctrl is not None:
-            ctrl.close()
-        self._decoder = ControlDecoder(max_verify=MAX_CONTROL_BODY)  # a source receives no VERIFY
-        self._mac = None
+        if ctl is not None:
+            ctl.close()
         self._early = []
-        self._sess = None
 
