@@ -39,7 +39,8 @@ from .pageprint import fingerprint_extents, fingerprint_rows, key_from_seed, ses
 from .pool import WorkerPool
 from .processes import JOIN_GRACE, mp_context, start_worker, worker_start_method
 from .ram import GuestRAM
-from .ring import KIND_DATA, KIND_EOS, KIND_SYNC, KIND_ZERO, Ring
+from .ring import Ring
+from .rounds import RoundDispatcher, split_holes
 from .savefile import STATE_OFFSET, SaveLayout, SaveState, encode_state, pack_bitmap, pack_digests
 from .saving import block_fingerprints, fsync_dir, save_temp, verify_save
 from .scans import ScanScheduler
@@ -77,14 +78,7 @@ from .wire import (
 from .wire import (
     KIND_DATA as HELLO_DATA,
 )
-from .worker import (
-    C_NORMAL,
-    C_WIRE_BYTES,
-    C_ZERO,
-    PageRecords,
-    WorkerSpec,
-    sender_main,
-)
+from .worker import PageRecords, WorkerSpec, sender_main
 
 __all__ = ["Source"]
 
@@ -125,6 +119,7 @@ class Source:
     _error: BaseException | None
     _group: ChannelGroup
     _scans: ScanScheduler
+    _rounds: RoundDispatcher
     _sync_seconds: float
     _dirty_syncs: int
     _throttle_max: int
@@ -442,7 +437,7 @@ class Source:
         self._dirty_syncs += 1
         self._round = rnd
         self._send_round(rnd, final, final=True)
-        self._wait_done()
+        self._rounds.wait_done()
         # the digests are of the paused guest's RAM itself: the file is checked against them
         # (here, with verify, and by every restore)
         prints = [block_fingerprints(ram, b.index) for b in ram.blocks]
@@ -677,8 +672,10 @@ class Source:
         self._throttle_max = 0
         self._throttle_cb = None
         self._sync_seconds = 0.0
-        self._pages_pushed = 0
-        self._next_channel = 0  # where the next tie between equally empty rings starts
+        # the run's rounds: batches to the emptiest rings, paced by the shared bucket, SYNC/EOS
+        self._rounds = RoundDispatcher(
+            self._group, self.ram, self.config.packet_pages, self._bucket, lambda: self._max_bandwidth, self._pump
+        )
         self._stall_reason = None
         self._before_commit = None
         self._commit_sent = False
@@ -994,7 +991,6 @@ class Source:
         cfg = self.config
         ram = self.ram
         ps = ram.page_size
-        self._packet_num = 0
         t_sync = time.perf_counter()
         holes: list[np.ndarray] | None = None  # round 0's pages known to be zero
         if top_up:
@@ -1012,7 +1008,7 @@ class Source:
             if not save:
                 # holes of the source's files (found after tracking started, so a page written since
                 # is seen again) go as zero pages without being read: a read would allocate them
-                pending, holes = self._split_holes()
+                pending, holes = split_holes(ram)
         self._sync_seconds += time.perf_counter() - t_sync
         rnd = 0
         fingerprint_cost = self._pause_cost(save) if (cfg.verify or save) else 0.0
@@ -1027,7 +1023,7 @@ class Source:
             before = self._wire_bytes()
             self._round = rnd
             self._send_round(rnd, pending, final=False, known_zero=holes if rnd == 0 else None)
-            self._wait_synced(rnd)
+            self._rounds.wait_synced(rnd)
             elapsed = time.monotonic() - t_round
             sent = self._wire_bytes() - before
             self._round_end_bytes[rnd] = before + sent
@@ -1206,7 +1202,7 @@ class Source:
         by_workers = cfg.verify and not reuse_scan and self._print_key() is self._verify_key
         # without a reusable scan the workers fingerprint the paused guest after their last pages
         self._send_round(rnd, final, final=True, before_end=self._scans.queue_verification if by_workers else None)
-        self._wait_done()
+        self._rounds.wait_done()
         t = self._phase("final-round", t)
         verified_prints: list[np.ndarray] = []
         if cfg.verify:
@@ -1366,17 +1362,6 @@ class Source:
     def _wire_bytes(self) -> int:
         return self._group.wire_bytes()
 
-    def _split_holes(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """Every page of every block, as (pages with data, holes) per block."""
-        data, holes = [], []
-        for b in self.ram.blocks:
-            mask = np.zeros(b.npages, dtype=bool)
-            for first, end in self.ram.data_extents(b.index):
-                mask[first:end] = True
-            data.append(np.flatnonzero(mask).astype(np.int64, copy=False))
-            holes.append(np.flatnonzero(~mask).astype(np.int64, copy=False))
-        return data, holes
-
     def _send_round(
         self,
         rnd: int,
@@ -1386,64 +1371,10 @@ class Source:
         before_end: Callable[[], None] | None = None,
         known_zero: list[np.ndarray] | None = None,
     ) -> None:
-        """Cut the round's pages into batches and hand them to the emptiest rings, then SYNC (or EOS)."""
-        chans = self._group.channels
-        n = self.config.packet_pages
-        for ch in chans:
-            ch.packets_in_round = 0
-        ps = self.ram.page_size
-        paced = not final  # the final round runs with the guest paused: no cap (as QEMU)
-        batches = [(KIND_DATA, block, pages) for block, pages in enumerate(pending)]
-        if known_zero is not None:
-            batches += [(KIND_ZERO, block, pages) for block, pages in enumerate(known_zero)]
-        for kind, block, pages in batches:
-            for first in range(0, len(pages), n):
-                batch = pages[first : first + n]
-                if paced and self._max_bandwidth is not None:
-                    self._wait_for_budget(len(batch) * ps if kind == KIND_DATA else 8 * len(batch))
-                # the emptiest ring; ties go round the channels, not always to channel 0 (a paced
-                # round would otherwise leave the others idle)
-                turn = self._next_channel % len(chans)
-                ch = min(chans[turn:] + chans[:turn], key=lambda c: c.queued())
-                self._next_channel = ch.index + 1
-                self._push(ch, kind, block, rnd, batch)
-                self._pages_pushed += len(batch)
-                ch.packets_in_round += 1
-        if before_end is not None:
-            before_end()
-        kind = KIND_EOS if final else KIND_SYNC
-        for ch in chans:
-            self._push(ch, kind, 0, rnd, None)
-        counts = tuple(ch.packets_in_round for ch in chans)
+        """Hand a round to the workers, then tell the destination how many packets each channel carries."""
+        counts = self._rounds.send_round(rnd, pending, final=final, before_end=before_end, known_zero=known_zero)
         if self._ctl is not None:  # a save has no destination to tell
             self._control_send(Complete(rnd, counts) if final else RoundEnd(rnd, counts))
-
-    def _wait_for_budget(self, nbytes: int) -> None:
-        """Hold the next batch until the shared token bucket has room for it."""
-        ps = self.ram.page_size
-        while self._max_bandwidth is not None:
-            wire = done = 0
-            for ch in self._group.channels:
-                assert ch.ring is not None
-                c, base = ch.ring.counters, ch.counter_base
-                wire += int(c[C_WIRE_BYTES]) + base.get("bytes", 0)
-                done += int(c[C_NORMAL]) + int(c[C_ZERO]) + base.get("normal", 0) + base.get("duplicate", 0)
-            # bytes sent, plus batches queued but not sent yet at their full size
-            # (resent batches after a reconnect make done run ahead: never negative)
-            used = wire + max(self._pages_pushed - done, 0) * ps + nbytes
-            wait = self._bucket.delay(used, time.monotonic())
-            if wait <= 0:
-                return
-            self._pump(min(wait, 0.05))
-
-    def _push(self, ch: Channel, kind: int, block: int, rnd: int, pages: np.ndarray | None) -> None:
-        num = self._packet_num
-        self._packet_num += 1
-        self._group.push(ch, (kind, block, rnd, num, pages), self._pump)
-
-    def _wait_synced(self, rnd: int) -> None:
-        while any(ch.synced < rnd for ch in self._group.channels):
-            self._pump(1.0)
 
     def _wait_confirmed(self, rnd: int) -> None:
         """Wait until the destination passed round ``rnd``'s barrier (its ROUND_ACK)."""
@@ -1454,10 +1385,6 @@ class Source:
                     f"the destination did not confirm round {rnd} within {self.config.timeout:g} s of it being sent"
                 )
             self._pump(0.05)
-
-    def _wait_done(self) -> None:
-        while not all(ch.done for ch in self._group.channels):
-            self._pump(1.0)
 
     # ------------------------------------------------------------------ events
 
