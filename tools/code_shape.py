@@ -379,18 +379,16 @@ def main(argv: list[str] | None = None) -> int:
     for c in got["largest_classes"]:
         name = f"{c['module'].removeprefix(PACKAGE + '.')}.{c['name']}"
         print(f"{name:<40} {c['lines']:>6} {c['methods']:>8} {c['attributes']:>11}")
-    print(f"\nimport cycles: {got['import_cycles']}")
-    for c in got["cycles"]:
-        print(f"  {c}")
-    print(f"cross-module private imports: {got['private_imports']}")
-    for i in got["private_import_list"]:
-        print(f"  {i}")
-    print(f"private attributes read through an imported package module: {len(got['private_attribute_uses'])}")
-    for i in got["private_attribute_uses"]:
-        print(f"  {i}")
-    print(f"imports of fuzz/tests/tools: {len(got['foreign_imports'])}")
-    for i in got["foreign_imports"]:
-        print(f"  {i}")
+    print()
+    for title, items in (
+        ("import cycles", got["cycles"]),
+        ("cross-module private imports", got["private_import_list"]),
+        ("private attributes read through an imported package module", got["private_attribute_uses"]),
+        ("imports of fuzz/tests/tools", got["foreign_imports"]),
+    ):
+        print(f"{title}: {len(items)}")
+        for item in items:
+            print(f"  {item}")
     print(f"string-tagged pipe messages (.send((\"tag\", ...)): {got['tagged_sends']} "
           f"(conn.send((\"...: {got['conn_send_tagged']})")
     return 0
