@@ -53,10 +53,8 @@ def test_migrate_and_wait_on_one_loop_with_coroutine_callbacks(regions):
 def test_task_cancellation_cancels_the_migration_and_waits_for_its_end(regions):
     src_ram, dst_ram = regions
     fill(src_ram, "random", 22)
-    # 7 MiB at 1 MiB/s: many seconds, so the cancellation lands mid-migration (1 MiB packets:
-    # the bandwidth bucket lets a packet per channel through at once, and the default ones
-    # are 4 MiB, more than half the region)
-    cfg = MigrationConfig(channels=2, max_bandwidth=1 << 20, packet_pages=256)
+    # 7 MiB at 1 MiB/s: many seconds, so the cancellation lands mid-migration
+    cfg = MigrationConfig(channels=2, max_bandwidth=1 << 20)
 
     async def main():
         with Destination(dst_ram, config=cfg) as dst, Source(src_ram, cfg) as src:
@@ -80,7 +78,7 @@ def test_task_cancellation_cancels_the_migration_and_waits_for_its_end(regions):
 def test_wait_for_timeout_cancels_the_migration(regions):
     src_ram, dst_ram = regions
     fill(src_ram, "random", 23)
-    cfg = MigrationConfig(channels=1, max_bandwidth=1 << 20, packet_pages=256)  # 1 MiB packets, as above
+    cfg = MigrationConfig(channels=1, max_bandwidth=1 << 20)
 
     async def main():
         with Destination(dst_ram, config=cfg) as dst, Source(src_ram, cfg) as src:

@@ -14,9 +14,7 @@ BLOCKS = {"a": 8 << 20}
 def test_expected_remaining_while_migrating_and_zero_at_the_end(regions):
     src_ram, dst_ram = regions
     fill(src_ram, "random", 41)
-    # about 2 s: many polls see it active (1 MiB packets: the bandwidth bucket lets a whole
-    # packet through at once, and the default 4 MiB ones are half the region)
-    cfg = MigrationConfig(channels=1, max_bandwidth=4 << 20, packet_pages=256)
+    cfg = MigrationConfig(channels=1, max_bandwidth=4 << 20)  # about 2 s: many polls see it active
     seen: list[int] = []
     with Destination(dst_ram, config=cfg) as dst, Source(src_ram, cfg) as src:
         assert "expected-remaining" not in src.query()  # nothing sent yet: no estimate
