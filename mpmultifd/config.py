@@ -77,11 +77,9 @@ class MigrationConfig:
             session cannot be handed to a spawned process; zero-copy is off.
         tls_hostname: the name the source checks the destination's certificate
             against; defaults to the host of the address.
-        packet_pages: pages per data packet (1023 × 4 KiB, just under 4 MiB: the
-            most a header IOV plus one IOV per page lets into one ``sendmsg``, whose
-            IOV_MAX is 1024). QEMU uses 128; each packet costs Python a fixed amount
-            on both ends, so larger packets go faster here (README, configuration
-            reference).
+        packet_pages: pages per data packet (512 × 4 KiB = 2 MiB). QEMU uses
+            128; each packet costs Python a fixed amount on both ends, so larger
+            packets go faster here (README, configuration reference).
         ring_slots: batches queued per channel (a power of two).
         start_method: how worker processes start: ``"forkserver"`` (default, with
             numpy preloaded), ``"spawn"`` or ``"fork"``.
@@ -117,7 +115,7 @@ class MigrationConfig:
     auth_key: bytes | None = field(default=None, repr=False)
     tls: Any = None
     tls_hostname: str | None = None
-    packet_pages: int = 1023
+    packet_pages: int = 512
     ring_slots: int = 32
     start_method: str = "forkserver"
     timeout: float = 10.0
