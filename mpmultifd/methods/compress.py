@@ -29,7 +29,7 @@ import zstandard
 from ..errors import ConfigError, RemoteProtocolError
 from ..transport import recv_exact_into
 from ..wire import ENCODING_RAW, DataHeader
-from . import Method, MethodReceiver, MethodSender, PageBatch, PageSink, Prepared, is_one_run
+from .base import Method, MethodReceiver, MethodSender, PageBatch, PageSink, Prepared, is_one_run
 
 __all__ = ["Lz4", "Zstd", "Zlib", "Auto", "ENCODING_LZ4", "ENCODING_ZSTD", "ENCODING_ZLIB"]
 

@@ -7,7 +7,7 @@ import socket
 import numpy as np
 
 from ..wire import ENCODING_RAW, DataHeader
-from . import Method, MethodReceiver, MethodSender, PageBatch, PageSink, Prepared
+from .base import Method, MethodReceiver, MethodSender, PageBatch, PageSink, Prepared
 
 __all__ = ["NoCompression"]
 
