@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import signal
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -286,6 +287,22 @@ class DirtyingWriter:
         self.close()
 
 
+@dataclass(frozen=True)
+class _Listening:
+    """The destination process listens at ``address``."""
+
+    address: Any
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """How the destination process's migration ended: its result, or its error."""
+
+    result: Any
+    error: MigrationError | None
+    valid: bool
+
+
 def _destination_main(
     ram_name: str,
     listen: tuple[str, int],
@@ -308,12 +325,12 @@ def _destination_main(
                 dst.restore(restore_from)
             elif prefault:
                 dst.wait_prepared()  # ready before the address is reported: the agent prepared ahead
-            conn.send(("address", dst.address))
+            conn.send(_Listening(dst.address))
             try:
                 res = dst.wait()
-                conn.send(("ok", res, dst.valid))
+                conn.send(_Outcome(res, None, dst.valid))
             except MigrationError as e:
-                conn.send(("error", e, dst.valid))
+                conn.send(_Outcome(None, e, dst.valid))
     finally:
         if pool is not None:
             pool.close()
@@ -368,17 +385,18 @@ class RemoteDestination:
         if not self._conn.poll(timeout):
             self.close()
             raise RuntimeError("destination process did not start")
-        _, self.address = self._conn.recv()
+        self.address = self._conn.recv().address
         self.valid: bool | None = None
 
     def result(self, timeout: float = 120.0):
         """The destination's MigrationResult; raises its MigrationError."""
         if not self._conn.poll(timeout):
             raise TimeoutError("destination did not report")
-        kind, value, self.valid = self._conn.recv()
-        if kind == "error":
-            raise value
-        return value
+        outcome = self._conn.recv()
+        self.valid = outcome.valid
+        if outcome.error is not None:
+            raise outcome.error
+        return outcome.result
 
     def close(self) -> None:
         if self._proc.is_alive():
