@@ -42,7 +42,7 @@ class TokenBucket:
     def delay(self, used: int, now: float) -> float:
         """Seconds to wait before ``used`` bytes fit the budget (0 when they do)."""
         if self._last_t is None:
-            self._last_t, self._last_used = now, used
+            self._last_t = now  # the first batch is charged too: used counts from 0
         spent = used - self._last_used
         self._last_used = used
         refill = 0.0 if self.rate is None else self.rate * max(now - self._last_t, 0.0)

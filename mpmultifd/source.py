@@ -672,6 +672,8 @@ class Source:
         self._throttle_max = 0
         self._throttle_cb = None
         self._sync_seconds = 0.0
+        # a fresh budget each run: the byte counts it is charged with start from 0 with the run
+        self._bucket = TokenBucket(self._max_bandwidth, self._burst())
         # the run's rounds: batches to the emptiest rings, paced by the shared bucket, SYNC/EOS
         self._rounds = RoundDispatcher(
             self._group, self.ram, self.config.packet_pages, self._bucket, lambda: self._max_bandwidth, self._pump
