@@ -32,7 +32,7 @@ from multiprocessing import popen_forkserver, popen_spawn_posix, spawn, util
 from multiprocessing.context import reduction, set_spawning_popen
 from typing import Any
 
-__all__ = ["context", "forkserver_pid"]
+__all__ = ["context", "forkserver_pid", "start_forkserver"]
 
 PRELOAD = ["numpy", "mpmultifd.worker", "mpmultifd.file_worker"]
 _MAIN_KEYS = ("init_main_from_path", "init_main_from_name")
@@ -74,6 +74,13 @@ def forkserver_pid() -> int | None:
     """The pid of the forkserver this process started for mpmultifd's workers, if any."""
     fs = _Server._server
     return getattr(fs, "_forkserver_pid", None) if fs is not None else None
+
+
+def start_forkserver() -> None:
+    """Start our forkserver now if it is not running. It returns once the server process
+    is launched; the server imports numpy and the worker modules in its own process
+    meanwhile, so the first worker started later does not wait for that."""
+    _Server.get().ensure_running()
 
 
 class _SpawnPopen(popen_spawn_posix.Popen):

@@ -19,7 +19,15 @@ from . import _mp
 from .config import MigrationConfig
 from .messages import Stop
 
-__all__ = ["JOIN_GRACE", "mp_context", "nudge_worker", "reap_workers", "start_worker", "worker_start_method"]
+__all__ = [
+    "JOIN_GRACE",
+    "mp_context",
+    "nudge_worker",
+    "reap_workers",
+    "start_forkserver",
+    "start_worker",
+    "worker_start_method",
+]
 
 # how long a stopped worker may take to exit before it is killed
 JOIN_GRACE = 2.0
@@ -96,6 +104,12 @@ def reap_workers(workers: list[tuple[Any, Any, socket.socket | None]]) -> None:
 
 def worker_start_method(config: MigrationConfig) -> str:
     return "fork" if config.tls is not None else config.start_method
+
+
+def start_forkserver() -> None:
+    """Launch the forkserver that forkserver workers come from, if it is not running yet,
+    so its imports happen before the first worker is needed."""
+    _mp.start_forkserver()
 
 
 def mp_context(method: str) -> Any:

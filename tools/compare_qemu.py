@@ -252,7 +252,7 @@ def mpm_roles(sm: TreeSampler, dest_pid: int, fs_pid: int | None, before: set[in
             continue
         if under(pid, dest_pid):
             if ppid == dest_pid and children_were_workers(sm, pid):
-                dst_fs += used(pid)  # the destination's forkserver (started at its first migration)
+                dst_fs += used(pid)  # the destination's forkserver (started when the Destination was made)
             elif comm.startswith("python"):
                 receivers.append(used(pid))
             else:
@@ -523,9 +523,10 @@ def mpm_once(src: GuestRAM, size: int, channels: int, compression: str, args: ar
                 sm.stop()
         coord = (r1.user - r0.user) + (r1.system - r0.system) - sm.own
         roles = mpm_roles(sm, dest_pid, _mp.forkserver_pid(), before)
-        # the destination's forkserver starts at its first migration (numpy and the worker modules imported
-        # once per destination process, ~0.5 CPU-s here), as the source's did when the tool's first Source was
-        # made, outside the window; QEMU's processes start outside it too. Reported apart, not in the total.
+        # the destination's forkserver starts when the Destination is made, just before the window here (numpy
+        # and the worker modules imported once per destination process, ~0.3-0.5 CPU-s), as the source's did when
+        # the tool's first Source was made, outside the window; QEMU's processes start outside it too. Reported
+        # apart, not in the total.
         procs = coord + sum(roles["senders"]) + roles["src_forkserver"] + roles["destination"] \
             + sum(roles["receivers"]) + roles["other"]
         out = {
@@ -928,7 +929,7 @@ def print_cpu_table(rows: list[dict]) -> None:
     print("window (includes anything else the machine ran). coord: the source's own process (os.times, minus")
     print("the sampler thread); send: the sender workers; dest: the destination process; recv: the receiver")
     print("workers; mpm = all of them. d fs: the destination's forkserver starting (once per destination process,")
-    print("at its first migration; the source's started before the window, QEMU's processes too): not in mpm;")
+    print("when it is made, just before the window; the source's started earlier, QEMU's processes too): not in mpm;")
     print("it is in m mach. Workers are")
     print("sampled every few ms until they exit (the last few ms of each may be missed). /GiB: CPU-s per GiB")
     print("of guest RAM; m/Q: mpm / QEMU (goal <= 0.33). floor: one read of the region + a loopback TCP copy")
