@@ -210,9 +210,15 @@ class ChannelGroup:
         return ready
 
     def handle_messages(self, ready: list[Any]) -> None:
-        """Read the reports of the workers whose pipes are ready."""
+        """Read the reports of the workers whose pipes are ready.
+
+        ``ready`` may be stale by the time a channel's turn comes: a failure hook that
+        reconnects one channel pumps events itself and may read the others' reports. So a
+        pipe is read only if it still holds a message (``recv`` would block otherwise, and
+        the coordinator with it).
+        """
         for ch in list(self.channels):
-            if ch.conn in ready and ch.listening():
+            if ch.conn in ready and ch.listening() and ch.conn.poll(0):
                 self._guarded(ch, self._read_message)
 
     def handle_exits(self, ready: list[Any]) -> None:
