@@ -11,8 +11,7 @@ sockets). The group
 * turns their :mod:`~mpmultifd.messages` into channel state (ready, the last
   round at its barrier, end of stream) and their failures into typed errors,
   handed to one failure hook, which may repair the channel (reconnect it) or
-  let the error end the run; the first error that ends it is kept in
-  :attr:`ChannelGroup.error`,
+  let the error end the run (the coordinator keeps that error),
 * pushes batches into the rings, keeping the resend log a reconnected
   channel is replayed from, and swaps a replaced channel's handles without
   losing its counters,
@@ -121,7 +120,6 @@ class ChannelGroup:
         self.on_failure = on_failure
         self.on_scanned = on_scanned
         self.keep_log = keep_log
-        self.error: BaseException | None = None  # the first error that ended the group's run
         # held while counters are read and while a ring is swapped or closed, so a reader on
         # another thread never meets a closed ring nor counts a retired worker twice
         self.lock = threading.Lock()
@@ -402,11 +400,6 @@ class ChannelGroup:
         return out
 
     # ---------------------------------------------------------------- teardown
-
-    def fail(self, error: BaseException) -> None:
-        """Record the error that ends the run (the first one wins)."""
-        if self.error is None:
-            self.error = error
 
     def retire(self, ch: Channel) -> None:
         """Stop and reap one worker whose connection broke or is replaced; its slot stays."""

@@ -194,7 +194,6 @@ def _load(
         return group.wire_bytes()
     except BaseException as exc:
         error = exc
-        group.fail(exc)
         raise
     finally:
         group.shutdown()

@@ -899,8 +899,6 @@ class Destination:
         else:
             status = "completed"
         self._final_counters = self._counters()
-        if error is not None:
-            self._group.fail(error)
         self._group.shutdown()
         self._prepared.close()  # prepared receivers no channel took
         if self._ctl is not None:

@@ -1022,12 +1022,12 @@ class Source:
         converged = True
         while True:
             t_round = time.monotonic()
-            before = self._wire_bytes()
+            before = self._group.wire_bytes()
             self._round = rnd
             self._send_round(rnd, pending, final=False, known_zero=holes if rnd == 0 else None)
             self._rounds.wait_synced(rnd)
             elapsed = time.monotonic() - t_round
-            sent = self._wire_bytes() - before
+            sent = self._group.wire_bytes() - before
             self._round_end_bytes[rnd] = before + sent
             window.add(sent, elapsed)
             bandwidth = window.rate
@@ -1361,9 +1361,6 @@ class Source:
 
     # ------------------------------------------------------------------ rounds
 
-    def _wire_bytes(self) -> int:
-        return self._group.wire_bytes()
-
     def _send_round(
         self,
         rnd: int,
@@ -1484,8 +1481,6 @@ class Source:
 
     def _shutdown(self, error: BaseException | None) -> None:
         """Tell the destination why (if it is not committed), stop the workers, release everything."""
-        if error is not None:
-            self._group.fail(error)
         ctl, self._ctl = self._ctl, None
         if error is not None and ctl is not None and not self._commit_sent and not isinstance(error, PeerFailed):
             cancelled = isinstance(error, MigrationCancelled) or self._cancel_requested
